@@ -1,0 +1,29 @@
+"""avalanche_si: Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for Avalanche.
+
+- :class:`SIPlugin`, an Avalanche ``SupervisedPlugin`` for any supervised strategy;
+- :mod:`avalanche_si.functional`, the framework-free core: the four functions
+  ``si_pre_optim_step``, ``si_post_optim_step``, ``si_compute_importance`` and
+  ``si_regularizer`` with state as named buffers on a module.
+"""
+
+from .functional import (
+    NonFiniteImportanceError,
+    si_compute_importance,
+    si_post_optim_step,
+    si_pre_optim_step,
+    si_regularizer,
+)
+from .plugin import IMPORTANCE_MODES, ParamGroup, SIPlugin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SIPlugin",
+    "ParamGroup",
+    "IMPORTANCE_MODES",
+    "NonFiniteImportanceError",
+    "si_pre_optim_step",
+    "si_post_optim_step",
+    "si_compute_importance",
+    "si_regularizer",
+]

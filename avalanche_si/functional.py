@@ -1,0 +1,346 @@
+r"""Synaptic Intelligence, framework-free: the maths on lists of tensors.
+
+Synaptic Intelligence (SI; Zenke, Poole & Ganguli, "Continual Learning Through
+Synaptic Intelligence", ICML 2017) gives every regularized weight
+:math:`\theta_k` an importance :math:`\Omega_k` and penalizes moving important
+weights away from where an earlier task left them:
+
+- after every optimizer step that moves :math:`\theta` by :math:`\Delta\theta`
+  with gradient :math:`g`: :math:`\omega \leftarrow \omega - g \odot \Delta\theta`
+  (the running importance, the path integral of the loss decrease);
+- at the end of a task, with :math:`\theta_\text{prev}` the weights at its start
+  and damping :math:`\xi > 0`:
+  :math:`\Omega \leftarrow \Omega + \max\bigl(0, \omega / ((\theta - \theta_\text{prev})^2 + \xi)\bigr)`,
+  then :math:`\theta_\text{prev} \leftarrow \theta` and :math:`\omega \leftarrow 0`;
+- while training later tasks the loss gets
+  :math:`c \sum_k \Omega_k (\theta_k - \theta_{\text{prev},k})^2`.
+
+Conventions (those of the design this module is a drop-in for, and of
+van de Ven et al. 2019, appendix A.2.3):
+
+- the clamp at 0 is applied to each task's contribution before it is added to
+  :math:`\Omega` (an importance never pushes a weight *away* from an old solution);
+- no :math:`\tfrac12` in the penalty, and the strength :math:`c` is applied by the
+  caller (:func:`si_regularizer` returns the bare sum);
+- :math:`\theta_\text{prev}` for the first task is the weights at the first call
+  of :func:`si_pre_optim_step`.
+
+Memory: :math:`\Omega`, :math:`\theta_\text{prev}`, :math:`\omega` and
+:math:`\theta_\text{pre\_step}`, i.e. ``4n`` extra numbers for ``n`` regularized
+weights (``3n`` when the step is passed as ``delta_params``).
+
+The module has two layers:
+
+1. The four functions :func:`si_pre_optim_step`, :func:`si_post_optim_step`,
+   :func:`si_compute_importance` and :func:`si_regularizer` keep their state as
+   buffers on a ``net`` named ``si_omega{_name}_weights_{i}``,
+   ``si_prev_theta{_name}_weights_{i}``, ``si_running_omega{_name}_weights_{i}``
+   and ``si_pre_step_theta{_name}_weights_{i}`` (``_name`` is ``_<params_name>``,
+   empty for ``params_name=None``; ``i`` is the position in ``params``), so that
+   several parameter groups of one network each carry their own SI. A script
+   written against that design runs unchanged against these.
+2. The list kernels (``accumulate_*``, :func:`consolidate`,
+   :func:`penalty_grad_`) that do the work with fused multi-tensor
+   (``torch._foreach_*``) operations. The four functions call them, and so does
+   :class:`avalanche_si.SIPlugin`, which holds the lists once per experience.
+
+Nothing here imports Avalanche.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "si_pre_optim_step",
+    "si_post_optim_step",
+    "si_compute_importance",
+    "si_regularizer",
+    "si_buffer_names",
+    "NonFiniteImportanceError",
+    "accumulate_from_step",
+    "accumulate_from_delta",
+    "penalty_grad_",
+    "consolidate",
+]
+
+# The public default for the damping ξ of the design this module follows
+# (van de Ven et al. use 0.1 and Zenke et al. 0.1 or 1e-3 depending on the benchmark).
+DEFAULT_EPS = 1e-3
+
+
+class NonFiniteImportanceError(FloatingPointError):
+    """Raised when consolidation would store a non-finite importance Ω.
+
+    Training diverged (or the damping ξ is too small for the weights' change):
+    the Ω stored from earlier tasks is left untouched.
+    """
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@torch.no_grad()
+def accumulate_from_step(running: Sequence[Tensor], grads: Sequence[Tensor],
+                         neg_delta: Sequence[Tensor]) -> None:
+    r"""ω ← ω + g ⊙ (−Δθ), in place, fused over the lists.
+
+    Args:
+        running: the running importances :math:`\omega`, updated in place.
+        grads: the gradients :math:`g` the importance is measured with.
+        neg_delta: :math:`\theta_\text{pre\_step} - \theta`, i.e. minus the step taken.
+    """
+    if running:
+        torch._foreach_addcmul_(running, grads, neg_delta)
+
+
+@torch.no_grad()
+def accumulate_from_delta(running: Sequence[Tensor], grads: Sequence[Tensor],
+                          delta: Sequence[Tensor]) -> None:
+    r"""ω ← ω − g ⊙ Δθ for a step Δθ given explicitly (``delta_params``)."""
+    if running:
+        torch._foreach_addcmul_(running, grads, delta, value=-1.0)
+
+
+@torch.no_grad()
+def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
+                  prev: Sequence[Tensor], scratch: Optional[Sequence[Tensor]], *,
+                  strength: float) -> tuple[list[Tensor], Tensor]:
+    r"""Add the gradient of :math:`c \sum \Omega (\theta - \theta_\text{prev})^2` to ``grads``.
+
+    The gradient is :math:`2c\,\Omega \odot (\theta - \theta_\text{prev})`, added in
+    closed form (no autograd graph, no second backward).
+
+    Args:
+        grads: the parameters' gradients, updated in place.
+        omega, params, prev: :math:`\Omega`, :math:`\theta`, :math:`\theta_\text{prev}`.
+        scratch: tensors shaped like ``params`` whose content may be destroyed
+            (the plugin passes its :math:`\theta_\text{pre\_step}` buffers, which it
+            overwrites right after), or None to allocate a second temporary.
+        strength: the SI strength :math:`c`.
+
+    Returns:
+        ``(omega_d, value)``: the list :math:`\Omega \odot (\theta - \theta_\text{prev})`
+        (the one temporary this allocates, handed back for the ``"task"``
+        importance) and the penalty :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
+        as a 0-d tensor on the parameters' device (no host synchronisation).
+    """
+    params = [p.detach() for p in params]
+    if scratch is None:
+        scratch = torch._foreach_sub(params, prev)        # d = θ − θ_prev
+    else:
+        torch._foreach_copy_(scratch, params)
+        torch._foreach_sub_(scratch, prev)
+    omega_d = torch._foreach_mul(omega, scratch)          # Ω d
+    torch._foreach_add_(grads, omega_d, alpha=2.0 * strength)
+    torch._foreach_mul_(scratch, omega_d)                 # Ω d² ≥ 0, so its L1 norm is its sum
+    value = torch.stack(torch._foreach_norm(scratch, 1)).sum() * strength
+    return omega_d, value
+
+
+@torch.no_grad()
+def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
+                params: Sequence[Tensor], *, eps: float,
+                names: Optional[Sequence[str]] = None) -> None:
+    r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
+
+    Checks the result before storing anything: if any new Ω would be NaN or
+    infinite, raises :class:`NonFiniteImportanceError` naming the parameter and
+    leaves ``omega``, ``prev`` and ``running`` untouched.
+
+    Args:
+        omega, prev, running, params: :math:`\Omega`, :math:`\theta_\text{prev}`,
+            :math:`\omega`, :math:`\theta` (lists of equal length and shapes).
+        eps: the damping :math:`\xi > 0`.
+        names: parameter names for the error message (default: positions).
+    """
+    if not omega:
+        return
+    params = [p.detach() for p in params]
+    denom = torch._foreach_sub(params, prev)
+    torch._foreach_mul_(denom, denom)
+    torch._foreach_add_(denom, eps)
+    contribution = torch._foreach_div(running, denom)
+    torch._foreach_clamp_min_(contribution, 0.0)
+    new_omega = torch._foreach_add(omega, contribution)
+    # One host synchronisation per task, not per step.
+    finite = torch.stack([torch.isfinite(t).all() for t in new_omega])
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        name = names[bad] if names is not None else f"#{bad}"
+        raise NonFiniteImportanceError(
+            f"SI importance for parameter {name!r} is not finite (running importance ω "
+            f"has {int((~torch.isfinite(running[bad])).sum())} non-finite entries): training "
+            "diverged. The importances Ω of earlier tasks are kept; lower the learning rate "
+            "or raise the damping eps (ξ) and retrain this task.")
+    torch._foreach_copy_(omega, new_omega)
+    torch._foreach_copy_(prev, params)
+    torch._foreach_zero_(running)
+
+
+# ----------------------------------------------------------------- the four functions
+
+
+def si_buffer_names(param_id: int, params_name: Optional[str] = None) -> tuple[str, str, str, str]:
+    """Buffer names of Ω, θ_prev, ω and θ_pre_step for the ``param_id``-th parameter.
+
+    Returns:
+        ``("si_omega{_name}_weights_{i}", "si_prev_theta{_name}_weights_{i}",
+        "si_running_omega{_name}_weights_{i}", "si_pre_step_theta{_name}_weights_{i}")``
+        with ``_name = "_" + params_name`` (empty when ``params_name`` is None).
+    """
+    suffix = f"{'' if params_name is None else '_' + params_name}_weights_{param_id}"
+    return (f"si_omega{suffix}", f"si_prev_theta{suffix}",
+            f"si_running_omega{suffix}", f"si_pre_step_theta{suffix}")
+
+
+def _set_buffer(net: torch.nn.Module, name: str, value: Optional[Tensor]) -> None:
+    if name in net._buffers:
+        net._buffers[name] = value
+    else:
+        net.register_buffer(name, value)
+
+
+def _active(params: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
+    return [(i, p) for i, p in enumerate(params) if p.requires_grad]
+
+
+def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
+                      params_name: Optional[str] = None, no_pre_step_ckpt: bool = False) -> None:
+    r"""Call right before ``optimizer.step()``: checkpoint :math:`\theta_\text{pre\_step}`.
+
+    On the very first call for a parameter it also stores
+    :math:`\theta_\text{prev} = \theta` (the weights at the start of the first task,
+    which normalize :math:`\Omega` at its end).
+
+    Args:
+        net: the module that holds the SI state as buffers.
+        params: the parameters to regularize; those with ``requires_grad=False``
+            are skipped (their position still counts for the buffer names).
+        params_name: the group's name, for several groups on one ``net``.
+        no_pre_step_ckpt: do not checkpoint :math:`\theta_\text{pre\_step}`; then
+            :func:`si_post_optim_step` must get ``delta_params`` (3n memory, not 4n).
+            One call is still needed before the first update of the first task.
+    """
+    for i, p in _active(params):
+        _, prev_name, _, pre_name = si_buffer_names(i, params_name)
+        if getattr(net, prev_name, None) is None:
+            _set_buffer(net, prev_name, p.detach().clone())
+        if not no_pre_step_ckpt:
+            _set_buffer(net, pre_name, p.detach().clone())
+
+
+def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
+                       params_name: Optional[str] = None,
+                       delta_params: Optional[Sequence[Tensor]] = None) -> None:
+    r"""Call right after ``optimizer.step()``: :math:`\omega \leftarrow \omega - g \odot \Delta\theta`.
+
+    :math:`g` is ``p.grad``; :math:`\Delta\theta = \theta - \theta_\text{pre\_step}`, or
+    ``delta_params[i]`` when given (then :math:`\theta_\text{pre\_step}` is not needed,
+    nor is the optimizer step itself: only the gradients must be there).
+
+    Raises:
+        ValueError: a parameter has no gradient, or :func:`si_pre_optim_step` was
+            not called before this step and no ``delta_params`` were given.
+    """
+    active = _active(params)
+    if delta_params is not None and len(delta_params) != len(params):
+        raise ValueError(f"delta_params has {len(delta_params)} entries but params has "
+                         f"{len(params)}: pass one step tensor per parameter, in the same order.")
+    running, grads, other = [], [], []
+    names = []
+    for i, p in active:
+        _, _, run_name, pre_name = si_buffer_names(i, params_name)
+        if p.grad is None:
+            raise ValueError(f"si_post_optim_step: parameter #{i} has no gradient; call "
+                             "loss.backward() before the optimizer step and this function.")
+        omega = getattr(net, run_name, None)
+        if omega is None:
+            omega = torch.zeros_like(p, memory_format=torch.preserve_format).detach()
+            _set_buffer(net, run_name, omega)
+        if delta_params is None:
+            pre = getattr(net, pre_name, None)
+            if pre is None:
+                raise ValueError("si_post_optim_step needs the weights from before the step: "
+                                 "call si_pre_optim_step(net, params) right before "
+                                 "optimizer.step(), or pass delta_params.")
+            other.append(pre)
+            names.append(pre_name)
+        else:
+            other.append(delta_params[i])
+        running.append(omega)
+        grads.append(p.grad)
+    if delta_params is None:
+        torch._foreach_sub_(other, [p.detach() for _, p in active])  # θ_pre − θ = −Δθ
+        accumulate_from_step(running, grads, other)
+        for name in names:  # a second post-step without a new pre-step is an error
+            _set_buffer(net, name, None)
+    else:
+        accumulate_from_delta(running, grads, [d.detach() for d in other])
+
+
+def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
+                          params_name: Optional[str] = None, epsilon: float = DEFAULT_EPS) -> None:
+    r"""Call after training a task: consolidate :math:`\Omega`.
+
+    :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta_\text{prev})^2 + \xi))`,
+    then :math:`\theta_\text{prev} \leftarrow \theta` and :math:`\omega` is reset.
+
+    Args:
+        epsilon: the damping :math:`\xi > 0` (default 1e-3).
+
+    Raises:
+        ValueError: no :func:`si_pre_optim_step` / :func:`si_post_optim_step` call
+            happened since the last consolidation, or ``epsilon <= 0``.
+        NonFiniteImportanceError: the new Ω would not be finite (state untouched).
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon (the damping ξ) must be > 0, got {epsilon!r}.")
+    omega, prev, running, live, names = [], [], [], [], []
+    for i, p in _active(params):
+        om_name, prev_name, run_name, _ = si_buffer_names(i, params_name)
+        if getattr(net, prev_name, None) is None:
+            raise ValueError("si_compute_importance: no SI state for this task; call "
+                             "si_pre_optim_step(net, params) before the first optimizer step.")
+        if getattr(net, run_name, None) is None:
+            raise ValueError("si_compute_importance: no running importance; call "
+                             "si_post_optim_step(net, params) after every optimizer step "
+                             "of the task before computing its importance.")
+        if getattr(net, om_name, None) is None:
+            _set_buffer(net, om_name, torch.zeros_like(p).detach())
+        omega.append(getattr(net, om_name))
+        prev.append(getattr(net, prev_name))
+        running.append(getattr(net, run_name))
+        live.append(p)
+        names.append(f"{params_name or ''}#{i}")
+    consolidate(omega, prev, running, live, eps=epsilon, names=names)
+    for i, _ in _active(params):  # ω is reset: the next task starts a new path integral
+        _set_buffer(net, si_buffer_names(i, params_name)[2], None)
+
+
+def si_regularizer(net: torch.nn.Module, params: Sequence[Tensor],
+                   params_name: Optional[str] = None) -> Tensor:
+    r"""The SI penalty :math:`\sum_k \Omega_k (\theta_k - \theta_{\text{prev},k})^2`.
+
+    No strength and no :math:`\tfrac12`: multiply by :math:`c` yourself. Differentiable
+    with respect to ``params``.
+
+    Raises:
+        ValueError: :func:`si_compute_importance` was never called.
+    """
+    reg: Tensor | float = 0.0
+    for i, p in _active(params):
+        om_name, prev_name, _, _ = si_buffer_names(i, params_name)
+        omega = getattr(net, om_name, None)
+        prev = getattr(net, prev_name, None)
+        if omega is None or prev is None:
+            raise ValueError("si_regularizer needs importances: call "
+                             "si_compute_importance(net, params) after training the first "
+                             "task before adding the penalty.")
+        reg = reg + (omega * (p - prev).pow(2)).sum()
+    if isinstance(reg, float):
+        return torch.zeros((), device=params[0].device if params else None)
+    return reg
