@@ -1,0 +1,124 @@
+"""Shared helpers: tiny in-memory Avalanche streams and a plain float64 SI reference."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets  # noqa: E402
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline  # noqa: E402
+from avalanche.benchmarks.scenarios.task_aware import with_task_labels  # noqa: E402
+from avalanche.benchmarks.utils.classification_dataset import (  # noqa: E402
+    _make_taskaware_tensor_classification_dataset as _tensor_dataset,
+)
+from avalanche.training import Naive  # noqa: E402
+
+
+def make_tasks(n_tasks=3, n=48, dim=6, *, dtype=torch.float64, seed=0, offset_labels=False):
+    """A list of (x, y, t) tensors: task t separates two classes along input axis t."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(n_tasks):
+        x = torch.randn(n, dim, generator=g, dtype=dtype)
+        y = (x[:, t % dim] + 0.3 * x[:, (t + 1) % dim] > 0).long() + (2 * t if offset_labels else 0)
+        tasks.append((x, y, t))
+    return tasks
+
+
+def make_stream(tasks):
+    """An ordinary Avalanche benchmark (train = test stream) over in-memory tensors."""
+    datasets = [_tensor_dataset(x, y, task_labels=t) for x, y, t in tasks]
+    return with_classes_timeline(with_task_labels(benchmark_from_datasets(
+        train=datasets, test=[_tensor_dataset(x, y, task_labels=t) for x, y, t in tasks])))
+
+
+def mlp(dim=6, hidden=8, out=2, *, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, out)).to(dtype)
+
+
+def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, **kwargs):
+    return Naive(model=model, optimizer=optimizer, train_mb_size=mb, train_epochs=epochs,
+                 plugins=list(plugins), evaluator=None, device="cpu", **kwargs)
+
+
+def train_stream(strat, bench, **kwargs):
+    for exp in bench.train_stream:
+        strat.train(exp, shuffle=False, num_workers=0, eval_streams=[], **kwargs)
+
+
+def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2):
+    """SI by the definition: a plain per-parameter loop with the penalty through autograd.
+
+    ``groups``: list of (list of parameter names, strength c, damping xi).
+    Returns ({name: Omega}, the trained model).
+    """
+    named = dict(model.named_parameters())
+    state = {n: dict(omega=torch.zeros_like(p), prev=p.detach().clone())
+             for names, _, _ in groups for n, p in named.items() if n in names}
+    consolidated = False
+    ce = torch.nn.CrossEntropyLoss()
+    for x_all, y_all, _ in tasks:
+        running = {n: torch.zeros_like(named[n]) for n in state}
+        for _ in range(epochs):
+            for i in range(0, len(x_all), mb):
+                x, y = x_all[i:i + mb], y_all[i:i + mb]
+                task_loss = ce(model(x), y)
+                penalty = 0.0
+                if consolidated:
+                    for names, c, _ in groups:
+                        for n in names:
+                            s = state[n]
+                            penalty = penalty + c * (s["omega"] * (named[n] - s["prev"]) ** 2).sum()
+                task_grads = dict(zip(named, torch.autograd.grad(
+                    task_loss, list(named.values()), retain_graph=True, allow_unused=True)))
+                optimizer.zero_grad()
+                (task_loss + penalty).backward()
+                before = {n: p.detach().clone() for n, p in named.items()}
+                if importance == "delta_params":
+                    predicted = predict_with_real_optimizer(optimizer, named, task_grads)
+                optimizer.step()
+                for n in state:
+                    if importance == "total":
+                        g, step = named[n].grad, named[n].detach() - before[n]
+                    elif importance == "task":
+                        g, step = task_grads[n], named[n].detach() - before[n]
+                    else:
+                        g, step = task_grads[n], predicted[n]
+                    running[n] -= g * step
+        for names, _, xi in groups:
+            for n in names:
+                s = state[n]
+                s["omega"] += torch.clamp(running[n] / ((named[n].detach() - s["prev"]) ** 2 + xi), min=0)
+                s["prev"] = named[n].detach().clone()
+        consolidated = True
+    return {n: s["omega"] for n, s in state.items()}, model
+
+
+def predict_with_real_optimizer(optimizer, named, grads):
+    """The step ``optimizer`` would take from ``grads``: take it on a copy and read it back."""
+    saved_params = {n: p.detach().clone() for n, p in named.items()}
+    saved_grads = {n: p.grad for n, p in named.items()}
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    for n, p in named.items():
+        p.grad = None if grads[n] is None else grads[n].clone()
+    optimizer.step()
+    steps = {n: p.detach() - saved_params[n] for n, p in named.items()}
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(saved_params[n])
+            p.grad = saved_grads[n]
+    optimizer.load_state_dict(saved_state)
+    return steps
+
+
+@pytest.fixture
+def tasks():
+    return make_tasks()
