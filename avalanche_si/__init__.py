@@ -6,14 +6,18 @@
   ``si_regularizer`` with state as named buffers on a module.
 """
 
-from .functional import (
+from ._compat import expose_torch_optim_submodules
+
+expose_torch_optim_submodules()  # so that Avalanche checkpoints can pickle optimizers
+
+from .functional import (  # noqa: E402
     NonFiniteImportanceError,
     si_compute_importance,
     si_post_optim_step,
     si_pre_optim_step,
     si_regularizer,
 )
-from .plugin import IMPORTANCE_MODES, ParamGroup, SIPlugin
+from .plugin import IMPORTANCE_MODES, ParamGroup, SIPlugin  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -155,7 +155,7 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
         omega, prev, running, params: :math:`\Omega`, :math:`\theta_\text{prev}`,
             :math:`\omega`, :math:`\theta` (lists of equal length and shapes).
         eps: the damping :math:`\xi > 0`.
-        names: parameter names for the error message (default: positions).
+        names: how the error message names each parameter (default: ``#<position>``).
     """
     if not omega:
         return
@@ -172,7 +172,7 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
         bad = int((~finite).nonzero()[0])
         name = names[bad] if names is not None else f"#{bad}"
         raise NonFiniteImportanceError(
-            f"SI importance for parameter {name!r} is not finite (running importance ω "
+            f"SI importance for parameter {name} is not finite (running importance ω "
             f"has {int((~torch.isfinite(running[bad])).sum())} non-finite entries): training "
             "diverged. The importances Ω of earlier tasks are kept; lower the learning rate "
             "or raise the damping eps (ξ) and retrain this task.")
@@ -315,7 +315,7 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
         prev.append(getattr(net, prev_name))
         running.append(getattr(net, run_name))
         live.append(p)
-        names.append(f"{params_name or ''}#{i}")
+        names.append(f"#{i}" + ("" if params_name is None else f" of group {params_name!r}"))
     consolidate(omega, prev, running, live, eps=epsilon, names=names)
     for i, _ in _active(params):  # ω is reset: the next task starts a new path integral
         _set_buffer(net, si_buffer_names(i, params_name)[2], None)

@@ -127,6 +127,10 @@ class _Group:
         self.omega_d: Optional[list[Tensor]] = None
         self.penalty: Optional[Tensor] = None
 
+    def pick(self, values: list) -> list:
+        """The entries of a per-parameter list for the parameters that take part in this step."""
+        return values if self.step_idx is None else [values[k] for k in self.step_idx]
+
     def covers(self, name: str, param: torch.nn.Parameter) -> bool:
         if callable(self.matcher):
             return bool(self.matcher(name, param))
@@ -381,34 +385,33 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     def _after_backward_group(self, g: _Group) -> None:
         grads = [p.grad for p in g.params]
-        missing = [k for k, gr in enumerate(grads) if gr is None]
-        task_idx = None if not missing else [k for k, gr in enumerate(grads) if gr is not None]
-        if self.importance == "delta_params" and (task_idx is None or task_idx):
-            sub = grads if task_idx is None else [grads[k] for k in task_idx]
-            delta = g.predictor.predict(sub, mask=task_idx)
-            accumulate_from_delta(g.running if task_idx is None
-                                  else [g.running[k] for k in task_idx], sub, delta)
-        g.step_idx, g.omega_d, g.penalty = task_idx, None, None
-        if not g.consolidated or g.si_lambda == 0.0:
-            g.step_grads = grads
+        idx = None
+        if any(gr is None for gr in grads):
+            # Parameters without a gradient this step (another task's head) are skipped:
+            # the optimizer does not move them, so neither their importance nor their
+            # penalty changes, and giving them a zero gradient would let a stateful
+            # optimizer move them on old momentum.
+            idx = [k for k, gr in enumerate(grads) if gr is not None]
+            grads = [grads[k] for k in idx]
+        g.step_idx, g.step_grads, g.omega_d, g.penalty = idx, grads, None, None
+        if not grads:
             return
-        for k in missing:  # the penalty reaches parameters the task loss did not
-            grads[k] = g.params[k].grad = torch.zeros_like(g.params[k])
-        omega_d, g.penalty = penalty_grad_(
-            grads, g.omega, g.params, g.prev, g.pre or None, strength=g.si_lambda)
-        g.step_grads = grads
-        if self.importance == "total":
-            g.step_idx = None
-        elif self.importance == "task":
-            g.omega_d = omega_d
+        if self.importance == "delta_params":  # measured before the penalty joins the gradient
+            accumulate_from_delta(g.pick(g.running), grads, g.predictor.predict(grads, mask=idx))
+        if g.consolidated and g.si_lambda != 0.0:
+            omega_d, g.penalty = penalty_grad_(grads, g.pick(g.omega), g.pick(g.params),
+                                               g.pick(g.prev), g.pick(g.pre) or None,
+                                               strength=g.si_lambda)
+            if self.importance == "task":
+                g.omega_d = omega_d
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs) -> None:
         if self.importance == "delta_params":
             return
         for g in self._groups:
-            if g.pre:
-                torch._foreach_copy_(g.pre, [p.detach() for p in g.params])
+            if g.step_grads:
+                torch._foreach_copy_(g.pick(g.pre), [p.detach() for p in g.pick(g.params)])
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs) -> None:
@@ -417,25 +420,18 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         for g in self._groups:
             if not g.step_grads:
                 continue
-            idx = g.step_idx
-            params = g.params if idx is None else [g.params[k] for k in idx]
-            pre = g.pre if idx is None else [g.pre[k] for k in idx]
-            running = g.running if idx is None else [g.running[k] for k in idx]
-            grads = g.step_grads if idx is None else [g.step_grads[k] for k in idx]
-            if not params:
-                continue
-            torch._foreach_sub_(pre, [p.detach() for p in params])    # θ_pre − θ = −Δθ
-            accumulate_from_step(running, grads, pre)
-            if g.omega_d is not None:  # "task": remove the penalty's 2cΩd from g
-                omega_d = g.omega_d if idx is None else [g.omega_d[k] for k in idx]
-                torch._foreach_addcmul_(running, omega_d, pre, value=-2.0 * g.si_lambda)
+            pre, running = g.pick(g.pre), g.pick(g.running)
+            torch._foreach_sub_(pre, [p.detach() for p in g.pick(g.params)])  # θ_pre − θ = −Δθ
+            accumulate_from_step(running, g.step_grads, pre)
+            if g.omega_d is not None:  # "task": take the penalty's 2cΩd out of g
+                torch._foreach_addcmul_(running, g.omega_d, pre, value=-2.0 * g.si_lambda)
             g.step_grads, g.omega_d = [], None
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
         for g in self._groups:
             consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps,
-                        names=[f"{n} (group {g.label})" for n in g.names])
+                        names=[f"{n!r} (SI group {g.label})" for n in g.names])
             g.consolidated = g.consolidated or bool(g.params)
             g.step_grads, g.omega_d = [], None
 
