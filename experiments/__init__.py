@@ -1,0 +1,1 @@
+"""Experiments on top of avalanche_si: benchmark streams, published protocols, reports."""

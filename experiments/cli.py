@@ -1,0 +1,176 @@
+"""Command line: ``python -m experiments [run|report] ...``.
+
+With no arguments it runs the project's main job: SI vs Naive vs Avalanche's SI on
+split-digits (real data bundled with scikit-learn, no download) in all three scenarios
+over three seeds, then writes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .presets import PRESETS
+from .streams import BENCHMARKS, SCENARIOS, DataError, default_data_root
+
+METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
+IMPORTANCES = ("total", "task", "delta_params")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says how to fix it."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="Synaptic Intelligence on continual-learning streams, through Avalanche.")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="train and evaluate; write one JSON per run, then the report")
+    r.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a published protocol (sets benchmark, network, optimizer, iterations, c)")
+    r.add_argument("--benchmark", choices=BENCHMARKS, default=None)
+    r.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    r.add_argument("--method", nargs="+", choices=METHOD_CHOICES,
+                   default=["naive", "si", "avalanche-si"])
+    r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=["total"],
+                   help="SIPlugin importance mode(s), for --method si")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
+    r.add_argument("--eps", type=float, default=None, help="SI damping xi")
+    r.add_argument("--ewc-lambda", type=float, default=None)
+    r.add_argument("--lr", type=float, default=None)
+    r.add_argument("--iterations", type=int, default=None, help="mini-batches per task")
+    r.add_argument("--epochs", type=int, default=None, help="epochs per task (instead of iterations)")
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes")
+    r.add_argument("--n-tasks", type=int, default=None)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--data-root", default=None,
+                   help=f"folder with torchvision's dataset folders (default ${'{'}AVALANCHE_SI_DATA{'}'} "
+                        "or ./data)")
+    r.add_argument("--out", default=None, help="results folder (default results/<preset>)")
+    r.add_argument("--force", action="store_true", help="rerun runs whose results exist")
+    r.add_argument("--wandb", action="store_true", help="log each run to Weights & Biases")
+    r.add_argument("--wandb-project", default="avalanche-si")
+    r.add_argument("--no-report", action="store_true", help="skip tables and plots")
+    rep = sub.add_parser("report", help="rebuild tables and plots from saved results")
+    rep.add_argument("--out", default="results/digits")
+    return p
+
+
+def _configs(args) -> list:
+    from .run import RunConfig
+
+    preset_name = args.preset or ("digits" if args.benchmark in (None, "split-digits") else None)
+    preset = dict(PRESETS[preset_name]) if preset_name else {}
+    if args.benchmark and preset and args.benchmark != preset["benchmark"]:
+        raise UsageError(f"--benchmark {args.benchmark} contradicts --preset {preset_name} "
+                         f"({preset['benchmark']}); drop one of them.")
+    if args.iterations is not None and args.epochs is not None:
+        raise UsageError("give --iterations or --epochs, not both.")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
+    if "si" not in args.method and args.si_importance != ["total"]:
+        raise UsageError("--si-importance applies to --method si only; add si to --method.")
+    if any(s < 0 for s in args.seeds):
+        raise UsageError("--seeds must be non-negative integers.")
+    for name in ("si_lambda", "ewc_lambda"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}.")
+    for name in ("eps", "lr"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name} must be > 0, got {v}.")
+    for name in ("iterations", "epochs", "batch_size", "n_tasks"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}.")
+    base = {k: v for k, v in preset.items() if k != "si_lambda"}
+    overrides = dict(si_eps=args.eps, ewc_lambda=args.ewc_lambda, lr=args.lr,
+                     batch_size=args.batch_size, n_tasks=args.n_tasks,
+                     hidden=tuple(args.hidden) if args.hidden else None)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.epochs is not None:
+        base.update(iterations=None, epochs=args.epochs)
+    if args.iterations is not None:
+        base["iterations"] = args.iterations
+    if args.benchmark:
+        base["benchmark"] = args.benchmark
+    if "benchmark" not in base:
+        raise UsageError("choose a --benchmark or a --preset.")
+    data_root = args.data_root or default_data_root()
+    configs = []
+    for scenario in args.scenario:
+        c = args.si_lambda
+        if c is None:
+            c = preset.get("si_lambda", 1.0)
+            c = c[scenario] if isinstance(c, dict) else c
+        for method in args.method:
+            for importance in (args.si_importance if method == "si" else ["total"]):
+                for seed in args.seeds:
+                    configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
+                                             si_lambda=c, si_importance=importance,
+                                             data_root=data_root, device=args.device,
+                                             preset=preset_name))
+    return configs
+
+
+def cmd_run(args) -> int:
+    from .report import write_report
+    from .run import result_path, run, save_result
+
+    configs = _configs(args)
+    out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
+    todo = [c for c in configs if args.force or not result_path(out, c).exists()]
+    print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
+          f"results go to {out}/", flush=True)
+    streams = {}
+    for k, cfg in enumerate(todo, 1):
+        print(f"[{k}/{len(todo)}] {cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}", flush=True)
+        key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad)
+        if key not in streams:  # one stream per (benchmark, scenario, seed), reused by methods
+            from .streams import make_stream
+            streams = {key: make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root,
+                                        seed=cfg.seed, n_tasks=cfg.n_tasks, pad=cfg.pad)}
+        loggers = []
+        if args.wandb:
+            from avalanche_si.wandb_logger import SIWandBLogger
+            loggers.append(SIWandBLogger(project=args.wandb_project, name=cfg.run_id(),
+                                         config=dataclasses.asdict(cfg), dir=str(out)))
+        result = run(cfg, stream=streams[key], loggers=loggers,
+                     log=lambda m: print(m, flush=True))
+        path = save_result(out, result)
+        for lg in loggers:
+            lg.log_result(result)
+            lg.finish()
+        print(f"    final mean accuracy {100 * result['final_average_accuracy']:.2f}%, "
+              f"forgetting {100 * result['average_forgetting']:.2f}%, "
+              f"{result['seconds']:.1f} s -> {path}", flush=True)
+    if not args.no_report:
+        write_report(out)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run"] + argv
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            from .report import write_report
+            write_report(Path(args.out))
+            return 0
+        return cmd_run(args)
+    except (UsageError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,99 @@
+"""Networks for the three scenarios: a ReLU MLP body with the scenario's output layer."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from torch import nn
+
+
+def mlp_body(input_dim: int, hidden: Sequence[int]) -> nn.Sequential:
+    layers, d = [], input_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return nn.Sequential(*layers)
+
+
+class TaskIncrementalNet(MultiTaskModule):
+    """Task-IL: a shared body and one ``classes_per_task``-unit head per task label."""
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], classes_per_task: int):
+        super().__init__()
+        self.body = mlp_body(input_dim, hidden)
+        self.heads = MultiHeadClassifier(hidden[-1], initial_out_features=classes_per_task,
+                                         masking=False)
+
+    def forward(self, x, task_labels):
+        # Fast path for the usual single-task mini-batch (Avalanche's generic path splits
+        # the batch by task and copies every output).
+        if isinstance(task_labels, torch.Tensor) and len(task_labels) and \
+                bool((task_labels == task_labels[0]).all()):
+            return self.forward_single_task(x, int(task_labels[0]))
+        return super().forward(x, task_labels)
+
+    def forward_single_task(self, x, task_label):
+        return self.heads(self.body(x), task_label)
+
+
+class SharedHeadNet(nn.Module):
+    """Domain-IL and Class-IL: one output layer; Class-IL trains only the units seen so far.
+
+    ``active_units`` (set by :class:`ActiveUnits`) limits the logits to the classes seen
+    so far, as van de Ven & Tolias do for Class-IL; ``None`` uses every unit.
+    """
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], n_outputs: int):
+        super().__init__()
+        self.body = mlp_body(input_dim, hidden)
+        self.head = nn.Linear(hidden[-1], n_outputs)
+        self.active_units = None
+
+    def forward(self, x):
+        out = self.head(self.body(x))
+        return out if self.active_units is None else out[:, : self.active_units]
+
+
+class ActiveUnits(SupervisedPlugin):
+    """Class-IL: before experience ``i``, activate the units of the classes of tasks 0..i."""
+
+    def __init__(self, model: SharedHeadNet, classes_per_task: int):
+        super().__init__()
+        self.model, self.classes_per_task = model, classes_per_task
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.model.active_units = (strategy.experience.current_experience + 1) * self.classes_per_task
+
+
+def build_model(scenario: str, input_dim: int, hidden: Sequence[int], classes_per_task: int,
+                n_outputs: int) -> nn.Module:
+    if scenario == "task":
+        return TaskIncrementalNet(input_dim, hidden, classes_per_task)
+    return SharedHeadNet(input_dim, hidden, n_outputs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task_label: int, *,
+             batch: int = 4096) -> Optional[float]:
+    """Accuracy of ``model`` on one task's test tensors (evaluation mode, in chunks).
+
+    None for a Task-IL model that has no head for ``task_label`` yet (a future task).
+    """
+    if isinstance(model, MultiTaskModule) and task_label not in model.known_train_tasks_labels:
+        return None
+    was_training = model.training
+    model.eval()
+    correct = 0
+    device = next(model.parameters()).device
+    for i in range(0, len(y), batch):
+        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+        if isinstance(model, MultiTaskModule):
+            out = model.forward_single_task(xb, task_label)
+        else:
+            out = model(xb)
+        correct += int((out.argmax(1) == yb).sum())
+    model.train(was_training)
+    return correct / len(y)

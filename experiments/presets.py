@@ -1,0 +1,51 @@
+"""Published protocols, as run settings, and the numbers they reported.
+
+Each preset fixes everything but the scenario, the method and the seed. ``si_lambda``
+may be a per-scenario mapping (the strengths c that the authors chose per scenario).
+"""
+
+from __future__ import annotations
+
+PRESETS = {
+    # The demo: real data that needs no download (scikit-learn's 8x8 digits), minutes on a CPU.
+    "digits": dict(benchmark="split-digits", hidden=(100, 100), lr=1e-3, batch_size=32,
+                   iterations=300, si_eps=0.1, si_lambda={"task": 1.0, "domain": 5.0, "class": 0.5}),
+    # van de Ven & Tolias 2019, "Three scenarios for continual learning", split MNIST.
+    "vandeven-split-mnist": dict(benchmark="split-mnist", hidden=(400, 400), lr=1e-3,
+                                 betas=(0.9, 0.999), batch_size=128, iterations=2000, si_eps=0.1,
+                                 si_lambda={"task": 50.0, "domain": 500.0, "class": 0.5}),
+    # ... and permuted MNIST (32x32 inputs, 10 tasks, all permuted).
+    "vandeven-permuted-mnist": dict(benchmark="permuted-mnist", hidden=(1000, 1000), lr=1e-4,
+                                    betas=(0.9, 0.999), batch_size=128, iterations=5000, pad=2,
+                                    n_tasks=10, si_eps=0.1,
+                                    si_lambda={"task": 5.0, "domain": 5.0, "class": 0.1}),
+    # Zenke, Poole & Ganguli 2017, permuted MNIST: 784-2000-2000, 20 epochs per task.
+    "zenke-permuted-mnist": dict(benchmark="permuted-mnist", hidden=(2000, 2000), lr=1e-3,
+                                 batch_size=256, iterations=None, epochs=20, pad=0, n_tasks=10,
+                                 si_eps=0.1, si_lambda=0.1),
+}
+# The Fashion-MNIST counterparts use the MNIST protocols unchanged (no published SI number).
+PRESETS["vandeven-split-fmnist"] = dict(PRESETS["vandeven-split-mnist"], benchmark="split-fmnist")
+PRESETS["vandeven-permuted-fmnist"] = dict(PRESETS["vandeven-permuted-mnist"],
+                                           benchmark="permuted-fmnist")
+
+# Mean accuracy (%) over all tasks after the last one; (mean, SEM or None).
+PUBLISHED = {
+    ("vandeven-split-mnist", "task", "si"): (99.09, 0.1),
+    ("vandeven-split-mnist", "domain", "si"): (65.36, 1.2),
+    ("vandeven-split-mnist", "class", "si"): (19.99, None),
+    ("vandeven-split-mnist", "task", "naive"): (87.19, None),
+    ("vandeven-split-mnist", "domain", "naive"): (59.21, None),
+    ("vandeven-split-mnist", "class", "naive"): (19.90, None),
+    ("vandeven-split-mnist", "task", "joint"): (99.64, None),
+    ("vandeven-split-mnist", "domain", "joint"): (98.41, None),
+    ("vandeven-split-mnist", "class", "joint"): (97.93, None),
+    ("vandeven-permuted-mnist", "task", "si"): (94.75, None),
+    ("vandeven-permuted-mnist", "domain", "si"): (95.33, None),
+    ("vandeven-permuted-mnist", "class", "si"): (29.31, None),
+    ("vandeven-permuted-mnist", "task", "naive"): (81.79, None),
+    ("vandeven-permuted-mnist", "domain", "naive"): (78.51, None),
+    ("vandeven-permuted-mnist", "class", "naive"): (17.26, None),
+    ("zenke-permuted-mnist", "domain", "si"): (96.9, None),
+    ("zenke-permuted-mnist", "domain", "naive"): (57.4, None),  # c = 0
+}

@@ -1,0 +1,179 @@
+"""Tables and plots from saved run results (no training): ``python -m experiments report``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .presets import PUBLISHED
+
+METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
+                "ewc", "joint")
+
+
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).rglob("seed*.json"))]
+
+
+def mean_sem(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, sd / math.sqrt(n)
+
+
+def _method_key(r: dict) -> str:
+    return r["run_id"].split("/")[2]
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r["config"]["benchmark"], r["config"]["scenario"], _method_key(r),
+                r["config"].get("preset"))].append(r)
+    rows = []
+    for (bench, scen, method, preset), rs in groups.items():
+        acc_m, acc_s = mean_sem([100 * r["final_average_accuracy"] for r in rs])
+        fgt_m, fgt_s = mean_sem([100 * r["average_forgetting"] for r in rs])
+        pub = PUBLISHED.get((preset, scen, method.split("-")[0] if method.startswith("si") else method))
+        rows.append(dict(benchmark=bench, scenario=scen, method=method, preset=preset or "",
+                         seeds=len(rs), accuracy=acc_m, accuracy_sem=acc_s, forgetting=fgt_m,
+                         forgetting_sem=fgt_s, si_lambda=rs[0]["config"]["si_lambda"],
+                         si_eps=rs[0]["config"]["si_eps"],
+                         minutes_per_run=sum(r["seconds"] for r in rs) / len(rs) / 60,
+                         published=pub[0] if pub else None,
+                         published_sem=pub[1] if pub else None))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
+                             order.get(r["method"], 99), r["method"]))
+    return rows
+
+
+def _pm(m, s) -> str:
+    return f"{m:.2f}" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{m:.2f} ± {s:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| benchmark | scenario | method | c | seeds | accuracy % (mean ± SEM) | "
+             "forgetting % | published | min/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pub = "" if r["published"] is None else _pm(r["published"], r["published_sem"])
+        c = f"{r['si_lambda']:g}" if "si" in r["method"] else ""
+        lines.append(f"| {r['benchmark']} | {r['scenario']} | {r['method']} | {c} | {r['seeds']} | "
+                     f"{_pm(r['accuracy'], r['accuracy_sem'])} | "
+                     f"{_pm(r['forgetting'], r['forgetting_sem'])} | {pub} | "
+                     f"{r['minutes_per_run']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path) -> dict:
+    """Write summary.csv, summary.md and the plots into ``out``; return the paths."""
+    out = Path(out)
+    results = load_results(out)
+    if not results:
+        raise FileNotFoundError(f"no results (seed*.json) under {out}; run `python -m experiments "
+                                f"run --out {out}` first.")
+    rows = summarize(results)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.md").write_text(markdown_table(rows))
+    plots = write_plots(out, results)
+    print(markdown_table(rows))
+    print(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}; plots: {len(plots)} PNG in "
+          f"{out / 'plots'}")
+    return {"summary_md": out / "summary.md", "summary_csv": out / "summary.csv", "plots": plots}
+
+
+def write_plots(out: Path, results: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    paths = []
+    by_setting = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_setting[(r["config"]["benchmark"], r["config"]["scenario"])][_method_key(r)].append(r)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for (bench, scen), methods in sorted(by_setting.items()):
+        # 1. average accuracy on the tasks seen so far, as tasks arrive
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted(methods, key=lambda m: order.get(m, 99)):
+            rs = methods[method]
+            T = len(rs[0]["accuracy_matrix"])
+            curves = [[100 * sum(r["accuracy_matrix"][i][: i + 1]) / (i + 1) for i in range(T)]
+                      for r in rs]
+            stats = [mean_sem([c[i] for c in curves]) for i in range(T)]
+            m = [s[0] for s in stats]
+            e = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+            xs = list(range(1, T + 1))
+            ax.plot(xs, m, marker="o", label=f"{method} (n={len(rs)})")
+            ax.fill_between(xs, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], alpha=0.2)
+        ax.set(xlabel="tasks trained", ylabel="mean accuracy on tasks seen (%)",
+               title=f"{bench}, {scen}-incremental", xticks=xs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
+        # 2. accuracy matrices, mean over seeds, one panel per method
+        names = sorted(methods, key=lambda m: order.get(m, 99))
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for ax, method in zip(axes[0], names):
+            rs = methods[method]
+            T = len(rs[0]["accuracy_matrix"])
+            mat = [[float("nan") if rs[0]["accuracy_matrix"][i][j] is None else
+                    100 * sum(r["accuracy_matrix"][i][j] for r in rs) / len(rs) for j in range(T)]
+                   for i in range(T)]
+            im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
+            for i in range(T):
+                for j in range(T):
+                    if math.isnan(mat[i][j]):
+                        continue
+                    ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if mat[i][j] < 60 else "black")
+            ax.set(title=method, xlabel="evaluated on task", ylabel="after training task",
+                   xticks=range(T), yticks=range(T), xticklabels=range(1, T + 1),
+                   yticklabels=range(1, T + 1))
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
+        fig.suptitle(f"{bench}, {scen}-incremental: accuracy matrix")
+        paths.append(_save(fig, plot_dir / f"{bench}_{scen}_accuracy_matrix.png"))
+        # 3. distribution of Ω per layer after each task (SIPlugin runs, first seed)
+        for method in names:
+            rs = [r for r in methods[method] if r.get("omega")]
+            if not rs:
+                continue
+            r = min(rs, key=lambda r: r["config"]["seed"])
+            layers = [k for k in r["omega"][0] if k.endswith("weight")] or list(r["omega"][0])
+            fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+            lo, hi = r["omega"][0][layers[0]]["log10_range"]
+            for ax, layer in zip(axes[0], layers):
+                for t, snap in enumerate(r["omega"]):
+                    if layer not in snap:
+                        continue
+                    h = snap[layer]["log10_hist"]
+                    edges = [lo + (hi - lo) * k / len(h) for k in range(len(h) + 1)]
+                    ax.stairs(h, edges, label=f"after task {t + 1}")
+                ax.set(title=layer, xlabel="log10 Ω", ylabel="weights")
+            axes[0][0].legend(fontsize=7)
+            fig.suptitle(f"{bench}, {scen}, {method} (seed {r['config']['seed']}): Ω per layer")
+            fig.tight_layout()
+            paths.append(_save(fig, plot_dir / f"{bench}_{scen}_{method}_omega.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,210 @@
+"""One run: a benchmark stream, a scenario, a method and a seed, trained through Avalanche."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from avalanche.training import Naive
+from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
+
+from avalanche_si import SIPlugin
+from .models import ActiveUnits, accuracy, build_model
+from .streams import FastTensorLoader, Stream, make_stream
+
+METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; saved with its results."""
+    benchmark: str = "split-digits"
+    scenario: str = "task"
+    method: str = "si"
+    seed: int = 0
+    si_lambda: float = 1.0          # c
+    si_eps: float = 0.1             # xi
+    si_importance: str = "total"
+    ewc_lambda: float = 5000.0
+    hidden: tuple[int, ...] = (400, 400)
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 128
+    iterations: Optional[int] = 2000  # per task; None: train `epochs` epochs instead
+    epochs: int = 1
+    n_tasks: Optional[int] = None
+    pad: int = 2                      # permuted benchmarks: 28x28 -> 32x32
+    data_root: str = "data"
+    device: str = "cpu"
+    preset: Optional[str] = None
+
+    def run_id(self) -> str:
+        method = self.method if self.method != "si" or self.si_importance == "total" \
+            else f"si-{self.si_importance}"
+        return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
+
+
+class FixedAvalancheSI(SynapticIntelligencePlugin):
+    """Avalanche 0.6.0's SI with only its aliasing bug fixed.
+
+    Avalanche's ``extract_weights`` stores ``param.detach().cpu().flatten()``, which on a
+    CPU is a *view* of the live parameter: its "old" weights move with the optimizer,
+    every step length is 0 and so is every importance (and θ* moves too). Here the
+    stored weights are copies; everything else (λ/2, the 0.001 cap, its ξ) is as shipped.
+    """
+
+    @staticmethod
+    @torch.no_grad()
+    def _copying_extract_weights(model, target, excluded_parameters):
+        for name, param in SynapticIntelligencePlugin.allowed_parameters(model, excluded_parameters):
+            target[name].data = param.detach().cpu().flatten().clone()
+
+    @contextmanager
+    def _fixed(self):
+        original = SynapticIntelligencePlugin.__dict__["extract_weights"]
+        SynapticIntelligencePlugin.extract_weights = staticmethod(self._copying_extract_weights)
+        try:
+            yield
+        finally:
+            SynapticIntelligencePlugin.extract_weights = original
+
+    def before_training_exp(self, strategy, **kwargs):
+        with self._fixed():
+            super().before_training_exp(strategy, **kwargs)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        with self._fixed():
+            super().before_training_iteration(strategy, **kwargs)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        with self._fixed():
+            super().after_training_iteration(strategy, **kwargs)
+
+    def after_training_exp(self, strategy, **kwargs):
+        with self._fixed():
+            super().after_training_exp(strategy, **kwargs)
+
+
+def method_plugins(cfg: RunConfig) -> list:
+    """The regularization plugins of a method (the data loader is added by :func:`run`)."""
+    if cfg.method in ("naive", "joint"):
+        return []
+    if cfg.method == "si":
+        return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance)]
+    if cfg.method == "avalanche-si":  # its penalty is (λ/2)·Σ Ω(θ−θ*)²: λ = 2c is the same c
+        return [SynapticIntelligencePlugin(si_lambda=2 * cfg.si_lambda, eps=cfg.si_eps)]
+    if cfg.method == "avalanche-si-fixed":
+        return [FixedAvalancheSI(si_lambda=2 * cfg.si_lambda, eps=cfg.si_eps)]
+    if cfg.method == "ewc":
+        return [EWCPlugin(ewc_lambda=cfg.ewc_lambda)]
+    raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}.")
+
+
+def omega_summary(plugin: SIPlugin, bins: int = 40) -> dict:
+    """Per-parameter histogram of log10 Ω (for the plots) and simple statistics."""
+    out = {}
+    for group in plugin.group_names:
+        for name, omega in plugin.importances(group).items():
+            o = omega.detach().double().flatten().cpu()
+            logs = torch.log10(o[o > 0])
+            hist = torch.histc(logs, bins=bins, min=-12, max=4) if len(logs) else torch.zeros(bins)
+            out[name if group is None else f"{group}/{name}"] = {
+                "mean": float(o.mean()), "max": float(o.max()), "zero_fraction": float((o == 0).double().mean()),
+                "log10_hist": hist.tolist(), "log10_range": [-12, 4]}
+    return out
+
+
+def forgetting(acc: list[list[float]]) -> float:
+    """Mean over tasks j < T-1 of (best accuracy on j before the last task) - (final accuracy)."""
+    T = len(acc)
+    if T < 2:
+        return 0.0
+    return sum(max(acc[i][j] for i in range(j, T - 1)) - acc[T - 1][j] for j in range(T - 1)) / (T - 1)
+
+
+def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str], None] = print,
+        loggers: Optional[list] = None) -> dict:
+    """Train ``cfg.method`` on the stream task by task; return the results dictionary."""
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    if stream is None:
+        stream = make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root, seed=cfg.seed,
+                             n_tasks=cfg.n_tasks, pad=cfg.pad)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.scenario, stream.input_dim, cfg.hidden, stream.classes_per_task,
+                        stream.n_outputs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    plugins = method_plugins(cfg)
+    plugins.append(FastTensorLoader(stream, cfg.batch_size, iterations=cfg.iterations,
+                                    seed=cfg.seed, joint=cfg.method == "joint"))
+    if cfg.scenario == "class":
+        plugins.append(ActiveUnits(model, stream.classes_per_task))
+    if loggers:
+        from avalanche.training.plugins import EvaluationPlugin
+        from avalanche.evaluation.metrics import loss_metrics
+        evaluator = EvaluationPlugin(loss_metrics(minibatch=True, epoch=True), loggers=loggers)
+    else:
+        evaluator = None
+    strategy = Naive(model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
+                     train_mb_size=cfg.batch_size,
+                     train_epochs=1 if cfg.iterations else cfg.epochs,
+                     plugins=plugins, evaluator=evaluator, device=cfg.device)
+    si = next((p for p in plugins if isinstance(p, SIPlugin)), None)
+    acc, omegas, task_seconds = [], [], []
+    for exp in stream.benchmark.train_stream:
+        t0 = time.perf_counter()
+        strategy.train(exp, eval_streams=[], num_workers=0)
+        task_seconds.append(time.perf_counter() - t0)
+        row = [accuracy(model, t.x_test, t.y_test, t.task_label) for t in stream.tasks]
+        acc.append(row)
+        if si is not None:
+            omegas.append(omega_summary(si))
+        i = exp.current_experience
+        seen = sum(row[: i + 1]) / (i + 1)
+        log(f"  [{cfg.run_id()}] task {i + 1}/{stream.n_tasks}: mean accuracy on tasks "
+            f"seen {seen:.4f} ({task_seconds[-1]:.1f} s)")
+        for lg in loggers or ():
+            if hasattr(lg, "log_accuracy_row"):
+                lg.log_accuracy_row(i, row)
+    final = acc[-1]
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "run_id": cfg.run_id(),
+        "accuracy_matrix": acc,
+        "final_average_accuracy": sum(final) / len(final),
+        "average_forgetting": forgetting(acc),
+        "omega": omegas,
+        "seconds": time.perf_counter() - started,
+        "train_seconds_per_task": task_seconds,
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments"]
+                            + sys.argv[1:]),
+        "torch": torch.__version__,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return result
+
+
+def result_path(out: Path, cfg: RunConfig) -> Path:
+    return Path(out) / (cfg.run_id() + ".json")
+
+
+def save_result(out: Path, result: dict) -> Path:
+    path = Path(out) / (result["run_id"] + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a run's file appears whole or not at all
+    return path
+
+
+def nan_to_none(x: float) -> Optional[float]:
+    return None if isinstance(x, float) and math.isnan(x) else x
