@@ -9,7 +9,7 @@ from __future__ import annotations
 PRESETS = {
     # The demo: real data that needs no download (scikit-learn's 8x8 digits), minutes on a CPU.
     "digits": dict(benchmark="split-digits", hidden=(100, 100), lr=1e-3, batch_size=32,
-                   iterations=300, si_eps=0.1, si_lambda={"task": 1.0, "domain": 5.0, "class": 0.5}),
+                   iterations=300, si_eps=0.1, si_lambda={"task": 10.0, "domain": 10.0, "class": 0.5}),
     # van de Ven & Tolias 2019, "Three scenarios for continual learning", split MNIST.
     "vandeven-split-mnist": dict(benchmark="split-mnist", hidden=(400, 400), lr=1e-3,
                                  betas=(0.9, 0.999), batch_size=128, iterations=2000, si_eps=0.1,

@@ -44,9 +44,9 @@ def mlp(dim=6, hidden=8, out=2, *, dtype=torch.float64, seed=0):
                                torch.nn.Linear(hidden, out)).to(dtype)
 
 
-def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, **kwargs):
+def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, evaluator=None, **kwargs):
     return Naive(model=model, optimizer=optimizer, train_mb_size=mb, train_epochs=epochs,
-                 plugins=list(plugins), evaluator=None, device="cpu", **kwargs)
+                 plugins=list(plugins), evaluator=evaluator, device="cpu", **kwargs)
 
 
 def train_stream(strat, bench, **kwargs):
