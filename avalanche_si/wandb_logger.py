@@ -158,6 +158,14 @@ class SIWandBLogger(BaseLogger):
             data[f"{prefix}/{Path(p).stem}"] = self._wandb.Image(str(p))
         self.run.log(data)
 
+    def log_markdown_table(self, path: Path, *, key: str = "results/summary") -> None:
+        """A Markdown table (as ``report`` writes it) as a wandb table."""
+        lines = [l for l in Path(path).read_text().splitlines() if l.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+        self.run.log({key: self._wandb.Table(columns=header, data=rows),
+                      "train/iteration": self.iteration})
+
     def finish(self) -> None:
         self.run.finish()
 

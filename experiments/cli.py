@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 from .presets import PRESETS
@@ -156,7 +153,14 @@ def cmd_run(args) -> int:
               f"forgetting {100 * result['average_forgetting']:.2f}%, "
               f"{result['seconds']:.1f} s -> {path}", flush=True)
     if not args.no_report:
-        write_report(out)
+        report = write_report(out)
+        if args.wandb:  # one more run that carries the tables and plots of the whole batch
+            from avalanche_si.wandb_logger import SIWandBLogger
+            lg = SIWandBLogger(project=args.wandb_project, name=f"report {out}", dir=str(out),
+                               config={"results": str(out)}, job_type="report")
+            lg.log_images(report["plots"])
+            lg.log_markdown_table(report["summary_md"])
+            lg.finish()
     return 0
 
 

@@ -1,0 +1,120 @@
+"""The experiments command line: a smoke run on split-digits, its files, plots, wandb, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import main
+from experiments.report import mean_sem
+from experiments.run import forgetting
+from experiments.streams import make_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--iterations", "20", "--hidden", "32", "--seeds", "0", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    code = main(["run", "--method", "naive", "si", "avalanche-si", "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_smoke_run_writes_every_result(digits_results, capsys):
+    files = sorted(digits_results.rglob("seed*.json"))
+    assert len(files) == 3 * 3 * 2  # scenarios x methods x seeds
+    r = json.loads((digits_results / "split-digits/domain/si/seed1.json").read_text())
+    assert r["config"]["si_lambda"] == 10.0 and r["config"]["iterations"] == 20
+    acc = r["accuracy_matrix"]
+    assert len(acc) == 5 and all(len(row) == 5 for row in acc)
+    assert all(0.0 <= a <= 1.0 for row in acc for a in row)
+    assert r["final_average_accuracy"] == pytest.approx(sum(acc[-1]) / 5)
+    assert r["average_forgetting"] == pytest.approx(forgetting(acc))
+    assert len(r["omega"]) == 5 and "body.0.weight" in r["omega"][0]
+    assert r["seconds"] > 0 and "experiments" in r["command"]
+    task = json.loads((digits_results / "split-digits/task/naive/seed0.json").read_text())
+    assert task["accuracy_matrix"][0][1:] == [None] * 4  # no head for future tasks in Task-IL
+
+
+def test_report_tables_and_plots(digits_results):
+    md = (digits_results / "summary.md").read_text()
+    assert md.count("| split-digits |") == 9
+    assert "| split-digits | task | si | 10 | 2 |" in md
+    rows = (digits_results / "summary.csv").read_text().splitlines()
+    assert len(rows) == 10
+    plots = sorted((digits_results / "plots").glob("*.png"))
+    names = {p.name for p in plots}
+    assert {"split-digits_task_average_accuracy.png", "split-digits_class_accuracy_matrix.png",
+            "split-digits_domain_si_omega.png"} <= names
+    for p in plots:
+        head = p.read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_rerun_skips_finished_runs_and_report_rebuilds(digits_results, capsys):
+    before = {p: p.stat().st_mtime_ns for p in digits_results.rglob("seed*.json")}
+    assert main(["run", "--method", "naive", "--scenario", "task", "--out", str(digits_results),
+                 "--no-report", *FAST]) == 0
+    assert "(2 already in" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in digits_results.rglob("seed*.json")} == before
+    (digits_results / "summary.md").unlink()
+    assert main(["report", "--out", str(digits_results)]) == 0
+    assert (digits_results / "summary.md").exists()
+
+
+def test_mean_sem():
+    m, s = mean_sem([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--benchmark", "nope"], "invalid choice: 'nope'"),
+    (["run", "--method", "lwf"], "invalid choice: 'lwf'"),
+    (["run", "--iterations", "5", "--epochs", "1"], "--iterations or --epochs, not both"),
+    (["run", "--si-lambda", "-1"], "--si-lambda must be >= 0"),
+    (["run", "--eps", "0"], "--eps must be > 0"),
+    (["run", "--method", "naive", "--si-importance", "task"], "applies to --method si only"),
+    (["run", "--preset", "vandeven-split-mnist", "--benchmark", "split-digits"], "contradicts"),
+    (["run", "--device", "cuda"], "CUDA is not available"),
+])
+def test_bad_input_gets_a_one_line_error(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors: usage line, then the error line
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_missing_dataset_names_the_folder(tmp_path, capsys):
+    code = main(["run", "--benchmark", "split-fmnist", "--data-root", str(tmp_path / "none"),
+                 "--seeds", "0", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "none" / "FashionMNIST") in err and "--data-root" in err
+
+
+def test_cli_wandb_offline_writes_runs(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "experiments", "run", "--scenario", "task",
+                           "--method", "si", "--seeds", "0", "--iterations", "10", "--hidden", "16",
+                           "--wandb", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(Path(out, "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # the run and the report
+    sys.path.insert(0, str(Path(__file__).parent))
+    from wandb_records import read_run
+
+    run = read_run(runs[0])
+    keys = set().union(*run["history"])
+    assert run["config"]["method"] == "si" and {"accuracy/task5", "si/all/omega_mean"} <= keys
+    assert 0 < run["summary"]["final_average_accuracy"] <= 1
+    report = read_run(runs[1])
+    assert "results/summary" in set().union(*report["history"])
