@@ -39,8 +39,8 @@ The module has two layers:
    empty for ``params_name=None``; ``i`` is the position in ``params``), so that
    several parameter groups of one network each carry their own SI. A script
    written against that design runs unchanged against these.
-2. The list kernels (``accumulate_*``, :func:`consolidate`,
-   :func:`penalty_grad_`) that do the work with fused multi-tensor
+2. The list kernels (``accumulate_*``, :func:`penalty_grad_`, :func:`penalty_value`,
+   :func:`consolidate`) that do the work with fused multi-tensor
    (``torch._foreach_*``) operations. The four functions call them, and so does
    :class:`avalanche_si.SIPlugin`, which holds the lists once per experience.
 
@@ -64,6 +64,7 @@ __all__ = [
     "accumulate_from_step",
     "accumulate_from_delta",
     "penalty_grad_",
+    "penalty_value",
     "consolidate",
 ]
 
@@ -107,38 +108,38 @@ def accumulate_from_delta(running: Sequence[Tensor], grads: Sequence[Tensor],
 
 @torch.no_grad()
 def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
-                  prev: Sequence[Tensor], scratch: Optional[Sequence[Tensor]], *,
-                  strength: float) -> tuple[list[Tensor], Tensor]:
+                  prev: Sequence[Tensor], *, strength: float) -> list[Tensor]:
     r"""Add the gradient of :math:`c \sum \Omega (\theta - \theta_\text{prev})^2` to ``grads``.
 
-    The gradient is :math:`2c\,\Omega \odot (\theta - \theta_\text{prev})`, added in
-    closed form (no autograd graph, no second backward).
+    The gradient :math:`2c\,\Omega \odot (\theta - \theta_\text{prev})` is added in closed
+    form (no autograd graph, no second backward), in two fused passes.
 
     Args:
         grads: the parameters' gradients, updated in place.
         omega, params, prev: :math:`\Omega`, :math:`\theta`, :math:`\theta_\text{prev}`.
-        scratch: tensors shaped like ``params`` whose content may be destroyed
-            (the plugin passes its :math:`\theta_\text{pre\_step}` buffers, which it
-            overwrites right after), or None to allocate a second temporary.
         strength: the SI strength :math:`c`.
 
     Returns:
-        ``(omega_d, value)``: the list :math:`\Omega \odot (\theta - \theta_\text{prev})`
-        (the one temporary this allocates, handed back for the ``"task"``
-        importance) and the penalty :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
-        as a 0-d tensor on the parameters' device (no host synchronisation).
+        :math:`d = \theta - \theta_\text{prev}` (the one temporary this allocates): pass it
+        to :func:`penalty_value` for the penalty's value, when it is wanted.
     """
-    params = [p.detach() for p in params]
-    if scratch is None:
-        scratch = torch._foreach_sub(params, prev)        # d = θ − θ_prev
-    else:
-        torch._foreach_copy_(scratch, params)
-        torch._foreach_sub_(scratch, prev)
-    omega_d = torch._foreach_mul(omega, scratch)          # Ω d
-    torch._foreach_add_(grads, omega_d, alpha=2.0 * strength)
-    torch._foreach_mul_(scratch, omega_d)                 # Ω d² ≥ 0, so its L1 norm is its sum
-    value = torch.stack(torch._foreach_norm(scratch, 1)).sum() * strength
-    return omega_d, value
+    d = torch._foreach_sub(params, prev)  # under no_grad: no graph, no detach needed
+    torch._foreach_addcmul_(grads, omega, d, value=2.0 * strength)
+    return d
+
+
+@torch.no_grad()
+def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: float) -> Tensor:
+    r""":math:`c \sum \Omega d^2` as a 0-d tensor on the tensors' device (no host sync).
+
+    Kept out of :func:`penalty_grad_` so that training pays for the value only when
+    somebody reads it (logging every k steps, say).
+    """
+    if not d:
+        return torch.zeros(())
+    sq = torch._foreach_mul(d, d)
+    torch._foreach_mul_(sq, omega)  # Ω d² ≥ 0, so its L1 norm is its sum
+    return torch.stack(torch._foreach_norm(sq, 1)).sum() * strength
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from .functional import (
     accumulate_from_step,
     consolidate,
     penalty_grad_,
+    penalty_value,
     si_buffer_names,
 )
 from .optim_step import StepPredictor, check_optimizer_supported
@@ -124,8 +125,9 @@ class _Group:
         self.predictor: Optional[StepPredictor] = None
         self.step_grads: list[Tensor] = []
         self.step_idx: Optional[list[int]] = None
-        self.omega_d: Optional[list[Tensor]] = None
-        self.penalty: Optional[Tensor] = None
+        self.d: Optional[list[Tensor]] = None       # θ − θ* at the last step (the temporary)
+        self.d_omega: list[Tensor] = []             # the Ω that go with it
+        self.penalty: Optional[Tensor] = None       # its value, computed when first read
 
     def pick(self, values: list) -> list:
         """The entries of a per-parameter list for the parameters that take part in this step."""
@@ -156,7 +158,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     The penalty's gradient :math:`2c\,\Omega \odot (\theta - \theta^*)` is added in closed
     form after the backward pass (``after_backward``), so no graph is built for it; its
-    value is kept in :attr:`penalty` for logging (it is not part of ``strategy.loss``).
+    value at the last step is :attr:`penalty` (computed when read, for logging; it is not
+    part of ``strategy.loss``).
     A plugin that rewrites gradients in its own ``after_backward`` sees the penalty's
     gradient if it comes after this plugin in the strategy's list, not if it comes before.
 
@@ -243,10 +246,16 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     @property
     def penalty(self) -> Optional[Tensor]:
-        """The SI penalty :math:`\\sum_g c_g \\sum \\Omega (\\theta - \\theta^*)^2` added at the
-        last step (0-d tensor on the parameters' device), or None before the first
-        consolidation or when every strength is 0."""
-        values = [g.penalty for g in self._groups if g.penalty is not None]
+        """The SI penalty :math:`\\sum_g c_g \\sum \\Omega (\\theta - \\theta^*)^2` at the last
+        step (0-d tensor on the parameters' device), or None before the first consolidation,
+        right after one, or when every strength is 0. Computed on first read (a few passes
+        over the weights), so a loop that never reads it does not pay for it."""
+        values = []
+        for g in self._groups:
+            if g.d is not None:
+                if g.penalty is None:  # computed on demand: training does not pay for it
+                    g.penalty = penalty_value(g.d_omega, g.d, strength=g.si_lambda)
+                values.append(g.penalty)
         return torch.stack(values).sum() if values else None
 
     @property
@@ -393,17 +402,15 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             # optimizer move them on old momentum.
             idx = [k for k, gr in enumerate(grads) if gr is not None]
             grads = [grads[k] for k in idx]
-        g.step_idx, g.step_grads, g.omega_d, g.penalty = idx, grads, None, None
+        g.step_idx, g.step_grads, g.d, g.penalty = idx, grads, None, None
         if not grads:
             return
         if self.importance == "delta_params":  # measured before the penalty joins the gradient
             accumulate_from_delta(g.pick(g.running), grads, g.predictor.predict(grads, mask=idx))
         if g.consolidated and g.si_lambda != 0.0:
-            omega_d, g.penalty = penalty_grad_(grads, g.pick(g.omega), g.pick(g.params),
-                                               g.pick(g.prev), g.pick(g.pre) or None,
-                                               strength=g.si_lambda)
-            if self.importance == "task":
-                g.omega_d = omega_d
+            g.d_omega = g.pick(g.omega)
+            g.d = penalty_grad_(grads, g.d_omega, g.pick(g.params), g.pick(g.prev),
+                                strength=g.si_lambda)
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs) -> None:
@@ -411,7 +418,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             return
         for g in self._groups:
             if g.step_grads:
-                torch._foreach_copy_(g.pick(g.pre), [p.detach() for p in g.pick(g.params)])
+                torch._foreach_copy_(g.pick(g.pre), g.pick(g.params))  # no_grad: no detach needed
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs) -> None:
@@ -421,11 +428,13 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             if not g.step_grads:
                 continue
             pre, running = g.pick(g.pre), g.pick(g.running)
-            torch._foreach_sub_(pre, [p.detach() for p in g.pick(g.params)])  # θ_pre − θ = −Δθ
+            torch._foreach_sub_(pre, g.pick(g.params))  # θ_pre − θ = −Δθ
             accumulate_from_step(running, g.step_grads, pre)
-            if g.omega_d is not None:  # "task": take the penalty's 2cΩd out of g
-                torch._foreach_addcmul_(running, g.omega_d, pre, value=-2.0 * g.si_lambda)
-            g.step_grads, g.omega_d = [], None
+            if self.importance == "task" and g.d is not None:
+                # take the penalty's 2cΩd out of g: ω += (g − 2cΩd)·(−Δθ)
+                omega_d = torch._foreach_mul(g.d_omega, g.d)
+                torch._foreach_addcmul_(running, omega_d, pre, value=-2.0 * g.si_lambda)
+            g.step_grads = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
@@ -433,7 +442,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps,
                         names=[f"{n!r} (SI group {g.label})" for n in g.names])
             g.consolidated = g.consolidated or bool(g.params)
-            g.step_grads, g.omega_d = [], None
+            g.step_grads, g.d, g.d_omega, g.penalty = [], None, [], None
 
     # ------------------------------------------------------------- saving and loading
 

@@ -1,0 +1,339 @@
+"""What SI costs per training step, and what a whole run costs through Avalanche.
+
+    python -m experiments.bench_overhead            # the full table (about 10 minutes)
+    python -m experiments.bench_overhead --quick    # a smaller one (about a minute)
+
+Part 1, per step: one training iteration of an MLP (Adam, batch 128, data already in
+memory) run exactly as Avalanche's ``SGDUpdate.training_epoch`` runs it (zero_grad,
+forward, ``before_backward``, backward, ``after_backward``, ``before_update``, step,
+``after_update``, ``after_training_iteration``), with the plugin's hooks called in that
+order. Every variant runs with the penalty active (after one consolidation), the worst
+case. Variants are interleaved, repeated, and the median is reported, so the ratios are
+measured side by side under the same machine load. Memory: persistent extra state (bytes
+the plugin keeps) and peak extra bytes allocated within one step beyond the plain step's
+peak (every tensor allocation traced with a ``TorchDispatchMode``).
+
+Part 2, end to end (target 4 of the performance issue): van de Ven's split-MNIST protocol
+(5 tasks x ``--iterations`` mini-batches, 784-400-400, Adam) through an Avalanche ``Naive``
+strategy with ``SIPlugin`` on the in-memory stream, against a bare PyTorch loop doing the
+same training on the same preloaded tensors with the same SI maths (the functional core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+warnings.filterwarnings("ignore")
+
+from avalanche.training.plugins import SynapticIntelligencePlugin  # noqa: E402
+
+from avalanche_si import SIPlugin  # noqa: E402
+
+
+def mlp(widths: list[int]) -> torch.nn.Sequential:
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+class LoopSI:
+    """The plain per-parameter Python loop (the obvious implementation), as a plugin."""
+
+    def __init__(self, c: float, eps: float):
+        self.c, self.eps = c, eps
+
+    def before_training_exp(self, s):
+        self.params = [p for p in s.model.parameters() if p.requires_grad]
+        self.prev = [p.detach().clone() for p in self.params]
+        self.omega = [torch.zeros_like(p) for p in self.params]
+        self.running = [torch.zeros_like(p) for p in self.params]
+
+    def before_backward(self, s):
+        s.loss = s.loss + self.c * sum((o * (p - q) ** 2).sum()
+                                       for o, p, q in zip(self.omega, self.params, self.prev))
+
+    def before_update(self, s):
+        self.pre = [p.detach().clone() for p in self.params]
+
+    def after_update(self, s):
+        for r, p, q in zip(self.running, self.params, self.pre):
+            r -= p.grad * (p.detach() - q)
+
+    def after_training_exp(self, s):
+        for o, r, p, q in zip(self.omega, self.running, self.params, self.prev):
+            o += torch.clamp(r / ((p.detach() - q) ** 2 + self.eps), min=0)
+            q.copy_(p.detach())
+            r.zero_()
+
+
+HOOKS = ("before_training_exp", "before_training_iteration", "before_backward", "after_backward",
+         "before_update", "after_update", "after_training_iteration", "after_training_exp")
+
+
+def _call(plugins, hook, strategy):
+    for p in plugins:
+        fn = getattr(p, hook, None)
+        if fn is not None:
+            fn(strategy)
+
+
+class Bench:
+    """A model, an optimizer, one preloaded batch and a plugin, stepped like Avalanche does."""
+
+    def __init__(self, widths, plugin_factory, *, batch=128, seed=0):
+        torch.manual_seed(seed)
+        self.model = mlp(widths)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.x = torch.randn(batch, widths[0])
+        self.y = torch.randint(0, widths[-1], (batch,))
+        self.plugins = [plugin_factory()] if plugin_factory else []
+        self.s = SimpleNamespace(model=self.model, optimizer=self.opt, loss=None, device="cpu",
+                                 plugins=self.plugins,
+                                 clock=SimpleNamespace(train_exp_counter=0, train_iterations=0))
+        _call(self.plugins, "before_training_exp", self.s)
+        self.steps(3)                                    # a short first task ...
+        _call(self.plugins, "after_training_exp", self.s)
+        self.s.clock.train_exp_counter = 1               # ... so the penalty is active now
+        _call(self.plugins, "before_training_exp", self.s)
+        self.steps(3)
+
+    def steps(self, n: int) -> None:
+        s, plugins, ce = self.s, self.plugins, torch.nn.functional.cross_entropy
+        for _ in range(n):
+            _call(plugins, "before_training_iteration", s)
+            self.opt.zero_grad()
+            s.loss = ce(self.model(self.x), self.y)
+            _call(plugins, "before_backward", s)
+            s.loss.backward()
+            _call(plugins, "after_backward", s)
+            _call(plugins, "before_update", s)
+            self.opt.step()
+            _call(plugins, "after_update", s)
+            _call(plugins, "after_training_iteration", s)
+            s.clock.train_iterations += 1
+
+    def persistent_bytes(self) -> int:
+        p = self.plugins[0] if self.plugins else None
+        if p is None:
+            return 0
+        if isinstance(p, SIPlugin):
+            return sum(b.numel() * b.element_size() for b in p._store.buffers())
+        if isinstance(p, LoopSI):
+            return sum(t.numel() * t.element_size() for t in p.prev + p.omega + p.running)
+        # Avalanche's: its dicts of ParamData; on a CPU most of them are views of the
+        # parameters or their gradients (its aliasing bug), which cost nothing extra.
+        shared = {t.untyped_storage().data_ptr() for q in self.model.parameters()
+                  for t in (q, q.grad) if t is not None}
+        seen, total = set(), 0
+        for d in list(p.ewc_data) + list(p.syn_data.values()):
+            for v in d.values():
+                ptr = v.data.untyped_storage().data_ptr()
+                if ptr not in seen and ptr not in shared:
+                    seen.add(ptr)
+                    total += v.data.untyped_storage().nbytes()
+        return total
+
+
+class PeakAllocations(TorchDispatchMode):
+    """Bytes of every tensor storage created inside the block; live total and its peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                storage = t.untyped_storage()
+                nbytes = storage.nbytes()
+                inputs.add(storage.data_ptr())
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+
+def peak_step_bytes(bench: Bench) -> int:
+    with PeakAllocations() as tracker:
+        bench.steps(1)
+    return tracker.peak
+
+
+VARIANTS = {
+    "no SI": None,
+    "SIPlugin total": lambda: SIPlugin(1.0, eps=0.1, importance="total"),
+    "SIPlugin task": lambda: SIPlugin(1.0, eps=0.1, importance="task"),
+    "SIPlugin delta_params": lambda: SIPlugin(1.0, eps=0.1, importance="delta_params"),
+    "Avalanche SI plugin": lambda: SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1),
+    "plain Python loop": lambda: LoopSI(1.0, 0.1),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    n: int
+    tensors: int
+    variant: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    overhead: float
+    persistent: int
+    peak_extra: int
+
+
+def bench_model(name, widths, *, repeats, steps) -> list[Row]:
+    benches = {v: Bench(widths, f) for v, f in VARIANTS.items()}
+    times = {v: [] for v in VARIANTS}
+    for _ in range(repeats):  # interleaved: every variant sees the same machine load
+        for v, b in benches.items():
+            t0 = time.perf_counter()
+            b.steps(steps)
+            times[v].append((time.perf_counter() - t0) / steps * 1e3)
+    base_peak = peak_step_bytes(benches["no SI"])
+    base = statistics.median(times["no SI"])
+    n = sum(p.numel() for p in benches["no SI"].model.parameters())
+    k = len(list(benches["no SI"].model.parameters()))
+    rows = []
+    for v, b in benches.items():
+        med = statistics.median(times[v])
+        rows.append(Row(name, n, k, v, med, min(times[v]), max(times[v]), med / base - 1,
+                        b.persistent_bytes(), max(0, peak_step_bytes(b) - base_peak)))
+    return rows
+
+
+def end_to_end(iterations: int, repeats: int, data_root: str) -> dict:
+    """Target 4: Avalanche + SIPlugin vs a bare loop, split MNIST (van de Ven), same run."""
+    from avalanche.training import Naive
+
+    from avalanche_si import functional as F
+    from .models import SharedHeadNet
+    from .streams import FastTensorLoader, make_stream
+
+    stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
+
+    def avalanche_run():
+        torch.manual_seed(0)
+        model = SharedHeadNet(784, (400, 400), 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        plugins = [SIPlugin(500.0, eps=0.1), FastTensorLoader(stream, 128, iterations=iterations)]
+        strat = Naive(model=model, optimizer=opt, train_mb_size=128, train_epochs=1,
+                      plugins=plugins, evaluator=None, device="cpu")
+        for exp in stream.benchmark.train_stream:
+            strat.train(exp, eval_streams=[], num_workers=0)
+
+    def bare_run():
+        from .streams import TensorBatches
+
+        torch.manual_seed(0)
+        model = SharedHeadNet(784, (400, 400), 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        params = list(model.parameters())
+        g = torch.Generator().manual_seed(0)
+        for t, task in enumerate(stream.tasks):
+            for x, y, _ in TensorBatches(task.x_train, task.y_train, t, 128,
+                                         iterations=iterations, generator=g):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if t:
+                    loss = loss + 500.0 * F.si_regularizer(model, params)
+                loss.backward()
+                F.si_pre_optim_step(model, params)
+                opt.step()
+                F.si_post_optim_step(model, params)
+            F.si_compute_importance(model, params, epsilon=0.1)
+
+    def naive_bare_run():
+        from .streams import TensorBatches
+
+        torch.manual_seed(0)
+        model = SharedHeadNet(784, (400, 400), 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        for t, task in enumerate(stream.tasks):
+            for x, y, _ in TensorBatches(task.x_train, task.y_train, t, 128,
+                                         iterations=iterations, generator=g):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    runs = {"Avalanche Naive + SIPlugin": avalanche_run,
+            "bare loop + functional SI": bare_run,
+            "bare loop, no SI": naive_bare_run}
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2 ** 20:.2f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_overhead",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, no H=2000, short e2e")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end comparison")
+    args = ap.parse_args(argv)
+    from .streams import default_data_root
+
+    models = [("MLP H=400", [784, 400, 400, 10]), ("MLP H=1000", [784, 1000, 1000, 10]),
+              ("MLP H=2000", [784, 2000, 2000, 10]),
+              ("deep MLP 32x256", [784] + [256] * 31 + [10])]
+    if args.quick:
+        models = [m for m in models if "2000" not in m[0]]
+    repeats = 5 if args.quick else 15
+    print(f"# SI per-step overhead, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; Adam, batch 128, penalty active; "
+          f"median of {repeats} interleaved repeats")
+    print("| model | n weights | tensors | variant | ms/iter median (min-max) | overhead | "
+          "persistent extra MiB (x n floats) | peak extra MiB/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, widths in models:
+        n = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        steps = 5 if args.quick else max(4, min(20, int(2e7 / n)))  # ~ the same time per variant
+        for r in bench_model(name, widths, repeats=repeats, steps=steps):
+            mult = r.persistent / (4 * r.n)
+            print(f"| {r.model} | {r.n / 1e6:.2f}M | {r.tensors} | {r.variant} | {r.median_ms:.2f} "
+                  f"({r.min_ms:.2f}-{r.max_ms:.2f}) | {100 * r.overhead:+.1f}% | "
+                  f"{_mib(r.persistent)} ({mult:.2f}n) | {_mib(r.peak_extra)} |", flush=True)
+    if not args.no_e2e:
+        iterations = 200 if args.quick else 2000
+        t = end_to_end(iterations, 1 if args.quick else 3, args.data_root or default_data_root())
+        base, plain = t["bare loop + functional SI"], t["bare loop, no SI"]
+        print(f"\n# End to end: split MNIST (van de Ven), 5 tasks x {iterations} iterations, "
+              "784-400-400, Adam, batch 128, SI on; median of "
+              f"{1 if args.quick else 3} interleaved runs")
+        print("| run | seconds | ratio to bare loop + SI | ratio to bare loop without SI |")
+        print("|---|---|---|---|")
+        for k, v in t.items():
+            print(f"| {k} | {v:.1f} | {v / base:.2f} | {v / plain:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
