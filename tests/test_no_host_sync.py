@@ -1,0 +1,108 @@
+"""The step path never synchronises with the host: no .item(), bool(tensor), .cpu(), printing."""
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from avalanche_si import SIPlugin
+
+FORBIDDEN = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+             "__repr__", "__str__", "__format__")
+STEP_HOOKS = ("before_training_iteration", "before_backward", "after_backward", "before_update",
+              "after_update", "after_training_iteration")
+
+
+@contextlib.contextmanager
+def no_host_sync(allowed_ids=frozenset()):
+    """Fail on any host-synchronising Tensor method, except on tensors in ``allowed_ids``."""
+    originals = {name: getattr(torch.Tensor, name) for name in FORBIDDEN}
+    calls = []
+
+    def guard(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            if id(self) not in allowed_ids:
+                calls.append(name)
+                raise AssertionError(f"host synchronisation in the step path: Tensor.{name}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in FORBIDDEN:
+        setattr(torch.Tensor, name, guard(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_step_hooks_never_sync(importance, optimizer):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01) if optimizer == "adam" else \
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    si = SIPlugin(1.0, importance=importance, groups={"a": ["0"], "b": ["2"]})
+    s = SimpleNamespace(model=model, optimizer=opt, loss=None,
+                        clock=SimpleNamespace(train_exp_counter=0))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    checked = 0
+    for exp in range(3):
+        si.before_training_exp(s)
+        for _ in range(4):
+            opt.zero_grad()
+            s.loss = torch.nn.functional.cross_entropy(model(x), y)
+            hooks = {h: getattr(si, h) for h in STEP_HOOKS}
+            # torch keeps Adam's step counters on the host (capturable=False): reading
+            # them is not a device synchronisation, and torch's own step reads them too.
+            host_scalars = {id(st["step"]) for st in opt.state.values() if "step" in st}
+            with no_host_sync(host_scalars):
+                hooks["before_training_iteration"](s)
+                hooks["before_backward"](s)
+            s.loss.backward()
+            with no_host_sync(host_scalars):
+                hooks["after_backward"](s)
+                hooks["before_update"](s)
+            opt.step()
+            with no_host_sync(host_scalars):
+                hooks["after_update"](s)
+                hooks["after_training_iteration"](s)
+            checked += 1
+        si.after_training_exp(s)
+    assert checked == 12 and si.importances("a")["0.weight"].sum() > 0
+
+
+def test_the_guard_catches_a_sync():
+    with pytest.raises(AssertionError, match="Tensor.item"):
+        with no_host_sync():
+            torch.ones(()).item()
+    with pytest.raises(AssertionError, match="__bool__"):
+        with no_host_sync():
+            bool(torch.ones(()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_sync_debug_mode_reports_nothing():
+    model = torch.nn.Linear(5, 3).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    si = SIPlugin(1.0)
+    s = SimpleNamespace(model=model, optimizer=opt, loss=None, clock=SimpleNamespace(train_exp_counter=0))
+    x, y = torch.randn(16, 5, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    for exp in range(2):
+        si.before_training_exp(s)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                si.after_backward(s)
+                si.before_update(s)
+                opt.step()
+                si.after_update(s)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        si.after_training_exp(s)
