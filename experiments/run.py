@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -205,6 +204,3 @@ def save_result(out: Path, result: dict) -> Path:
     tmp.replace(path)  # a run's file appears whole or not at all
     return path
 
-
-def nan_to_none(x: float) -> Optional[float]:
-    return None if isinstance(x, float) and math.isnan(x) else x

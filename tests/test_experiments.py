@@ -11,7 +11,6 @@ import pytest
 from experiments.cli import main
 from experiments.report import mean_sem
 from experiments.run import forgetting
-from experiments.streams import make_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--iterations", "20", "--hidden", "32", "--seeds", "0", "1"]

@@ -1,6 +1,5 @@
 """SIWandBLogger with current wandb, offline: read back what the run's files hold."""
 
-import os
 from pathlib import Path
 
 import pytest
