@@ -320,3 +320,28 @@ def test_errors_at_training_start_before_any_step(tasks):
     with pytest.raises(ValueError, match="'2.weight' is in SI groups.*one group only"):
         train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [si]),
                      make_stream(tasks))
+
+
+class StateSize(SupervisedPlugin):
+    def __init__(self, si):
+        super().__init__()
+        self.si, self.sizes = si, []
+
+    def after_training_iteration(self, strategy, **kwargs):
+        held = sum(b.numel() for b in self.si._store.buffers())
+        held += sum(t.numel() for g in self.si._groups for t in (g.d or []))
+        self.sizes.append(held)
+
+
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
+def test_nothing_grows_from_step_to_step(tasks, importance):
+    model = mlp()
+    si = SIPlugin(1.0, importance=importance)
+    probe = StateSize(si)
+    train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [si, probe]),
+                 make_stream(tasks))
+    n = sum(p.numel() for p in model.parameters())
+    per_state = 3 if importance == "delta_params" else 4
+    steps = len(probe.sizes) // 3
+    assert probe.sizes[:steps] == [per_state * n] * steps          # task 1: no penalty yet
+    assert probe.sizes[steps:] == [(per_state + 1) * n] * (2 * steps)  # + the one temporary d
