@@ -44,7 +44,7 @@ DATA = os.environ.get("AVALANCHE_SI_DATA", "data")
 def test_readme_usage_example_runs(capsys):
     usage = README.split("## Usage", 1)[1]
     code = re.search(r"```python\n(.*?)```", usage, flags=re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {"DATA_ROOT": DATA, "__name__": "readme"})
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "after task 5: SI penalty" in out
     accs = [float(x) for x in re.findall(r"'Exp\d+': ([0-9.]+)", out)]
