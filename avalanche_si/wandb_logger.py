@@ -140,7 +140,7 @@ class SIWandBLogger(BaseLogger):
         """The accuracy matrix as a table, the headline numbers as summary, the JSON as artifact."""
         acc = result["accuracy_matrix"]
         table = self._wandb.Table(columns=["after task"] + [f"task {j + 1}" for j in range(len(acc))],
-                                  data=[[i + 1] + [None if a is None else a for a in row]
+                                  data=[[i + 1] + list(row)
                                         for i, row in enumerate(acc)])
         self.run.log({"results/accuracy_matrix": table, "train/iteration": self.iteration})
         for key in ("final_average_accuracy", "average_forgetting", "seconds"):

@@ -133,7 +133,6 @@ def forgetting(acc: list[list[float]]) -> float:
 def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str], None] = print,
         loggers: Optional[list] = None) -> dict:
     """Train ``cfg.method`` on the stream task by task; return the results dictionary."""
-    torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     if stream is None:
         stream = make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root, seed=cfg.seed,
