@@ -6,6 +6,7 @@ wandb 0.31 no longer ships a Python reader: the file is a LevelDB-style log (a 7
 """
 
 import json
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -62,11 +63,25 @@ def _items(items):
     return out
 
 
-def read_run(run_dir):
-    """{"config": {...}, "history": [{...}, ...], "summary": {...}, "artifacts": [names]}."""
+def read_run(run_dir, *, timeout=60.0):
+    """{"config": {...}, "history": [{...}, ...], "summary": {...}, "artifacts": [names]}.
+
+    ``run.finish()`` returns once wandb's service has the run's last records, which is not
+    always once they are on disk; so read until the closing ``exit`` record is there (at most
+    ``timeout`` seconds) and fail loudly, with wandb's own error lines, if it never comes.
+    """
     (path,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in recs):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout:.0f} s; "
+                                 f"wandb's log says:\n{wandb_errors(run_dir)}")
+        time.sleep(0.2)
     out = {"config": {}, "history": [], "summary": {}, "artifacts": []}
-    for rec in records(path):
+    for rec in recs:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["config"].update(_items(rec.run.config.update))
@@ -79,3 +94,12 @@ def read_run(run_dir):
         elif kind == "artifact":
             out["artifacts"].append(rec.artifact.name)
     return out
+
+
+def wandb_errors(run_dir):
+    """The warning and error lines of the run's wandb logs, for assertion messages."""
+    lines = []
+    for log in sorted(Path(run_dir, "logs").glob("*.log")):
+        lines += [f"{log.name}: {l}" for l in log.read_text(errors="replace").splitlines()
+                  if "ERROR" in l or "WARN" in l]
+    return "\n".join(lines[-40:]) or "(no warnings or errors)"
