@@ -17,7 +17,7 @@ from .functional import (  # noqa: E402
     si_pre_optim_step,
     si_regularizer,
 )
-from .plugin import IMPORTANCE_MODES, ParamGroup, SIPlugin  # noqa: E402
+from .plugin import CLAMP_MODES, IMPORTANCE_MODES, ParamGroup, SIPlugin  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "SIPlugin",
     "ParamGroup",
     "IMPORTANCE_MODES",
+    "CLAMP_MODES",
     "NonFiniteImportanceError",
     "si_pre_optim_step",
     "si_post_optim_step",

@@ -66,6 +66,7 @@ __all__ = [
     "penalty_grad_",
     "penalty_value",
     "consolidate",
+    "CLAMP_MODES",
 ]
 
 # The public default for the damping ξ of the design this module follows
@@ -142,11 +143,19 @@ def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: flo
     return torch.stack(torch._foreach_norm(sq, 1)).sum() * strength
 
 
+CLAMP_MODES = ("task", "total", "none")
+
+
 @torch.no_grad()
 def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                 params: Sequence[Tensor], *, eps: float,
-                names: Optional[Sequence[str]] = None) -> None:
+                names: Optional[Sequence[str]] = None, clamp: str = "task") -> None:
     r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
+
+    ``clamp`` says where the max(0, ·) goes, following the conventions of the existing
+    implementations: ``"task"`` (default, above: each task's contribution), ``"total"``
+    (Ω ← max(0, Ω + ω / ((θ − θ_prev)² + ξ)), Zenke et al.'s code) or ``"none"`` (no clamp,
+    van de Ven's code; Ω may then be negative).
 
     Checks the result before storing anything: if any new Ω would be NaN or
     infinite, raises :class:`NonFiniteImportanceError` naming the parameter and
@@ -158,6 +167,8 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
         eps: the damping :math:`\xi > 0`.
         names: how the error message names each parameter (default: ``#<position>``).
     """
+    if clamp not in CLAMP_MODES:
+        raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
     if not omega:
         return
     params = [p.detach() for p in params]
@@ -165,8 +176,11 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
     torch._foreach_mul_(denom, denom)
     torch._foreach_add_(denom, eps)
     contribution = torch._foreach_div(running, denom)
-    torch._foreach_clamp_min_(contribution, 0.0)
+    if clamp == "task":
+        torch._foreach_clamp_min_(contribution, 0.0)
     new_omega = torch._foreach_add(omega, contribution)
+    if clamp == "total":
+        torch._foreach_clamp_min_(new_omega, 0.0)
     # One host synchronisation per task, not per step.
     finite = torch.stack([torch.isfinite(t).all() for t in new_omega])
     if not bool(finite.all()):

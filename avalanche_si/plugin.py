@@ -19,6 +19,7 @@ from torch import Tensor
 from avalanche.core import SupervisedPlugin
 
 from .functional import (
+    CLAMP_MODES,
     DEFAULT_EPS,
     accumulate_from_delta,
     accumulate_from_step,
@@ -29,7 +30,7 @@ from .functional import (
 )
 from .optim_step import StepPredictor, check_optimizer_supported
 
-__all__ = ["SIPlugin", "ParamGroup", "IMPORTANCE_MODES"]
+__all__ = ["SIPlugin", "ParamGroup", "IMPORTANCE_MODES", "CLAMP_MODES"]
 
 IMPORTANCE_MODES = ("total", "task", "delta_params")
 _STATE_FORMAT = "avalanche_si.SIPlugin/1"
@@ -189,6 +190,16 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             - ``"delta_params"``: the gradient without the SI penalty times the step the
               optimizer would take from that gradient alone, predicted from its state
               (SGD, Adam, AdamW, RMSprop; 3n memory).
+        clamp: where the consolidation's :math:`\max(0, \cdot)` goes, to match each
+            existing implementation:
+
+            - ``"task"`` (default, the design this package follows): on each experience's
+              contribution, :math:`\Omega \leftarrow \Omega + \max(0, \omega / (\Delta^2 + \xi))`;
+            - ``"total"`` (Zenke et al.'s code): on the running total,
+              :math:`\Omega \leftarrow \max(0, \Omega + \omega / (\Delta^2 + \xi))`;
+            - ``"none"`` (van de Ven's code): no clamp; :math:`\Omega` may become
+              negative, and the penalty then pushes those weights *away* from
+              :math:`\theta^*`.
 
     Raises:
         ValueError: on a bad option, here; on an unsupported optimizer for
@@ -206,13 +217,16 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, si_lambda: float = 1.0, *, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
-                 importance: str = "total"):
+                 importance: str = "total", clamp: str = "task"):
         super().__init__()
         self.si_lambda = _check_strength(si_lambda, "si_lambda")
         self.eps = _check_eps(eps, "eps")
         if importance not in IMPORTANCE_MODES:
             raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {importance!r}.")
         self.importance = importance
+        if clamp not in CLAMP_MODES:
+            raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
+        self.clamp = clamp
         self.excluded_parameters = _as_patterns(excluded_parameters or (), "excluded_parameters")
         self._groups = self._make_groups(groups)
         self._store = torch.nn.Module()  # the state, as buffers named like the functional API
@@ -439,7 +453,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
         for g in self._groups:
-            consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps,
+            consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps, clamp=self.clamp,
                         names=[f"{n!r} (SI group {g.label})" for n in g.names])
             g.consolidated = g.consolidated or bool(g.params)
             g.step_grads, g.d, g.d_omega, g.penalty = [], None, [], None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from .presets import PRESETS
 from .streams import BENCHMARKS, SCENARIOS, DataError, default_data_root
 
 METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
-IMPORTANCES = ("total", "task", "delta_params")
+IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
+CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
 
 
 class UsageError(ValueError):
@@ -37,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                    default=["naive", "si", "avalanche-si"])
     r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=["total"],
                    help="SIPlugin importance mode(s), for --method si")
+    r.add_argument("--si-clamp", nargs="+", choices=CLAMP_MODES, default=["task"],
+                   help="where SIPlugin clamps the importance at 0 (task: each task's part, "
+                        "the paper; total: the running sum, Zenke's code; none: van de Ven's "
+                        "code), for --method si")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -77,6 +83,8 @@ def _configs(args) -> list:
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
     if "si" not in args.method and args.si_importance != ["total"]:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
+    if "si" not in args.method and args.si_clamp != ["task"]:
+        raise UsageError("--si-clamp applies to --method si only; add si to --method.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
     for name in ("si_lambda", "ewc_lambda"):
@@ -112,10 +120,11 @@ def _configs(args) -> list:
             c = preset.get("si_lambda", 1.0)
             c = c[scenario] if isinstance(c, dict) else c
         for method in args.method:
-            for importance in (args.si_importance if method == "si" else ["total"]):
+            for importance, clamp in itertools.product(
+                    *((args.si_importance, args.si_clamp) if method == "si" else (["total"], ["task"]))):
                 for seed in args.seeds:
                     configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
-                                             si_lambda=c, si_importance=importance,
+                                             si_lambda=c, si_importance=importance, si_clamp=clamp,
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs

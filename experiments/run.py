@@ -33,6 +33,7 @@ class RunConfig:
     si_lambda: float = 1.0          # c
     si_eps: float = 0.1             # xi
     si_importance: str = "total"
+    si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
     lr: float = 1e-3
@@ -47,8 +48,10 @@ class RunConfig:
     preset: Optional[str] = None
 
     def run_id(self) -> str:
-        method = self.method if self.method != "si" or self.si_importance == "total" \
-            else f"si-{self.si_importance}"
+        method = self.method
+        if method == "si":
+            method += "".join([f"-{self.si_importance}"] * (self.si_importance != "total") +
+                              [f"-clamp_{self.si_clamp}"] * (self.si_clamp != "task"))
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
 
 
@@ -98,7 +101,8 @@ def method_plugins(cfg: RunConfig) -> list:
     if cfg.method in ("naive", "joint"):
         return []
     if cfg.method == "si":
-        return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance)]
+        return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance,
+                         clamp=cfg.si_clamp)]
     if cfg.method == "avalanche-si":  # its penalty is (λ/2)·Σ Ω(θ−θ*)²: λ = 2c is the same c
         return [SynapticIntelligencePlugin(si_lambda=2 * cfg.si_lambda, eps=cfg.si_eps)]
     if cfg.method == "avalanche-si-fixed":

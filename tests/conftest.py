@@ -54,7 +54,7 @@ def train_stream(strat, bench, **kwargs):
         strat.train(exp, shuffle=False, num_workers=0, eval_streams=[], **kwargs)
 
 
-def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2):
+def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2, clamp="task"):
     """SI by the definition: a plain per-parameter loop with the penalty through autograd.
 
     ``groups``: list of (list of parameter names, strength c, damping xi).
@@ -96,7 +96,13 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2)
         for names, _, xi in groups:
             for n in names:
                 s = state[n]
-                s["omega"] += torch.clamp(running[n] / ((named[n].detach() - s["prev"]) ** 2 + xi), min=0)
+                contribution = running[n] / ((named[n].detach() - s["prev"]) ** 2 + xi)
+                if clamp == "task":
+                    s["omega"] = s["omega"] + torch.clamp(contribution, min=0)
+                elif clamp == "total":
+                    s["omega"] = torch.clamp(s["omega"] + contribution, min=0)
+                else:
+                    s["omega"] = s["omega"] + contribution
                 s["prev"] = named[n].detach().clone()
         consolidated = True
     return {n: s["omega"] for n, s in state.items()}, model

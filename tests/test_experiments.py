@@ -78,6 +78,7 @@ def test_mean_sem():
     (["run", "--si-lambda", "-1"], "--si-lambda must be >= 0"),
     (["run", "--eps", "0"], "--eps must be > 0"),
     (["run", "--method", "naive", "--si-importance", "task"], "applies to --method si only"),
+    (["run", "--method", "naive", "--si-clamp", "none"], "--si-clamp applies to --method si only"),
     (["run", "--preset", "vandeven-split-mnist", "--benchmark", "split-digits"], "contradicts"),
     (["run", "--device", "cuda"], "CUDA is not available"),
 ])
@@ -117,3 +118,20 @@ def test_cli_wandb_offline_writes_runs(tmp_path):
     assert 0 < run["summary"]["final_average_accuracy"] <= 1
     report = read_run(runs[1])
     assert "results/summary" in set().union(*report["history"])
+
+
+def test_si_variants_get_their_own_results(tmp_path):
+    """--si-importance x --si-clamp: one results folder per variant, the option reaches SIPlugin."""
+    from experiments.run import RunConfig, method_plugins
+
+    out = tmp_path / "out"
+    code = main(["run", "--scenario", "domain", "--method", "si", "--si-clamp", "task", "none",
+                 "--si-importance", "total", "task", "--seeds", "0", "--iterations", "10",
+                 "--hidden", "16", "--out", str(out), "--no-report"])
+    assert code == 0
+    got = sorted(p.parent.name for p in out.rglob("seed0.json"))
+    assert got == ["si", "si-clamp_none", "si-task", "si-task-clamp_none"]
+    r = json.loads((out / "split-digits/domain/si-task-clamp_none/seed0.json").read_text())
+    assert r["config"]["si_clamp"] == "none" and r["config"]["si_importance"] == "task"
+    (plugin,) = method_plugins(RunConfig(si_clamp="total"))
+    assert plugin.clamp == "total"

@@ -90,3 +90,38 @@ def test_functional_api_matches_reference(tasks, importance):
             torch.testing.assert_close(got, ref_omega[n], rtol=1e-9, atol=1e-12)
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("clamp", ["total", "none"])
+def test_other_clamp_conventions_match_reference(tasks, clamp):
+    """clamp="total" (Zenke's code) and "none" (van de Ven's code) against the definition."""
+    ref_model = mlp()
+    ref_omega, _ = reference_si(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.05),
+                                tasks, list(GROUPS.values()), importance="total", clamp=clamp)
+    model = mlp()
+    plugin = SIPlugin(clamp=clamp, groups={
+        name: ParamGroup(params=names, si_lambda=c, eps=xi) for name, (names, c, xi) in GROUPS.items()})
+    train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [plugin]),
+                 make_stream(tasks))
+    got = {**plugin.importances("body"), **plugin.importances("head")}
+    for n, ref in ref_omega.items():
+        torch.testing.assert_close(got[n], ref, rtol=1e-9, atol=1e-12, msg=n)
+    smallest = min(float(o.min()) for o in got.values())
+    # The conventions differ on these tasks: without a clamp some Ω are negative.
+    assert smallest < 0 if clamp == "none" else smallest >= 0
+
+
+def test_clamp_conventions_differ_where_a_task_contributes_negatively():
+    omega = [torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)]
+    running = [torch.tensor([-3.0, 2.0, -1.0], dtype=torch.float64)]
+    params, prev = [torch.zeros(3, dtype=torch.float64)], [torch.zeros(3, dtype=torch.float64)]
+    out = {}
+    for clamp in ("task", "total", "none"):
+        o, r = [omega[0].clone()], [running[0].clone()]
+        F.consolidate(o, [prev[0].clone()], r, params, eps=1.0, clamp=clamp)
+        out[clamp] = o[0].tolist()
+    assert out == {"task": [1.0, 3.0, 0.0], "total": [0.0, 3.0, 0.0], "none": [-2.0, 3.0, -1.0]}
+    with pytest.raises(ValueError, match="clamp must be one of"):
+        F.consolidate(omega, prev, running, params, eps=1.0, clamp="relu")
+    with pytest.raises(ValueError, match="clamp must be one of"):
+        SIPlugin(clamp="relu")
