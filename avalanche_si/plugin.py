@@ -214,6 +214,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         ...     strategy.train(experience)
     """
 
+    clamp = "task"  # class default: a plugin pickled before the option existed still loads
+
     def __init__(self, si_lambda: float = 1.0, *, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,

@@ -125,3 +125,15 @@ def test_clamp_conventions_differ_where_a_task_contributes_negatively():
         F.consolidate(omega, prev, running, params, eps=1.0, clamp="relu")
     with pytest.raises(ValueError, match="clamp must be one of"):
         SIPlugin(clamp="relu")
+
+
+def test_plugin_pickled_before_the_clamp_option_still_consolidates(tasks):
+    import pickle
+
+    plugin = SIPlugin(2.0)
+    del plugin.__dict__["clamp"]  # what unpickling an older SIPlugin gives
+    plugin = pickle.loads(pickle.dumps(plugin))
+    model = mlp()
+    train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [plugin]),
+                 make_stream(tasks))
+    assert plugin.clamp == "task" and min(float(o.min()) for o in plugin.importances().values()) >= 0
