@@ -72,6 +72,43 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(results: list[dict]) -> list[dict]:
+    """Differences in final accuracy on the same seeds (same data order, same task split).
+
+    Every method against ``naive``, and every SI variant (``si-...``) against ``si``: the mean
+    ± SEM over seeds of (method − reference) in points, which is much less noisy than the
+    difference of two means when seeds vary a lot (Domain-IL).
+    """
+    acc = defaultdict(dict)
+    for r in results:
+        key = (r["config"]["benchmark"], r["config"]["scenario"], r["config"].get("preset"))
+        acc[key, _method_key(r)][r["config"]["seed"]] = 100 * r["final_average_accuracy"]
+    rows = []
+    for (key, method), by_seed in acc.items():
+        refs = ["naive"] + (["si"] if method.startswith("si-") else [])
+        for ref in refs:
+            base = acc.get((key, ref), {})
+            seeds = sorted(set(by_seed) & set(base))
+            if method == ref or not seeds:
+                continue
+            m, sem = mean_sem([by_seed[k] - base[k] for k in seeds])
+            rows.append(dict(benchmark=key[0], scenario=key[1], method=method, reference=ref,
+                             seeds=len(seeds), difference=m, difference_sem=sem))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
+                             r["reference"] != "naive", order.get(r["method"], 99), r["method"]))
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| benchmark | scenario | method | minus | seeds | accuracy difference, points "
+             "(mean ± SEM over seeds) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['benchmark']} | {r['scenario']} | {r['method']} | {r['reference']} | "
+                     f"{r['seeds']} | {_pm(r['difference'], r['difference_sem'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path) -> dict:
     """Write summary.csv, summary.md and the plots into ``out``; return the paths."""
     out = Path(out)
@@ -85,11 +122,16 @@ def write_report(out: Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     (out / "summary.md").write_text(markdown_table(rows))
+    pairs = paired(results)
+    (out / "paired.md").write_text(paired_table(pairs))
     plots = write_plots(out, results)
     print(markdown_table(rows))
-    print(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}; plots: {len(plots)} PNG in "
-          f"{out / 'plots'}")
-    return {"summary_md": out / "summary.md", "summary_csv": out / "summary.csv", "plots": plots}
+    if pairs:
+        print(paired_table(pairs))
+    print(f"tables: {out / 'summary.md'}, {out / 'paired.md'}, {out / 'summary.csv'}; plots: "
+          f"{len(plots)} PNG in {out / 'plots'}")
+    return {"summary_md": out / "summary.md", "summary_csv": out / "summary.csv",
+            "paired_md": out / "paired.md", "plots": plots}
 
 
 def write_plots(out: Path, results: list[dict]) -> list[Path]:

@@ -46,6 +46,8 @@ def test_report_tables_and_plots(digits_results):
     assert "| split-digits | task | si | 10 | 2 |" in md
     rows = (digits_results / "summary.csv").read_text().splitlines()
     assert len(rows) == 10
+    paired_md = (digits_results / "paired.md").read_text()
+    assert paired_md.count("| split-digits |") == 6  # (si, avalanche-si) - naive, 3 scenarios
     plots = sorted((digits_results / "plots").glob("*.png"))
     names = {p.name for p in plots}
     assert {"split-digits_task_average_accuracy.png", "split-digits_class_accuracy_matrix.png",
@@ -64,6 +66,25 @@ def test_rerun_skips_finished_runs_and_report_rebuilds(digits_results, capsys):
     (digits_results / "summary.md").unlink()
     assert main(["report", "--out", str(digits_results)]) == 0
     assert (digits_results / "summary.md").exists()
+
+
+def test_paired_differences_use_only_shared_seeds():
+    from experiments.report import paired
+
+    def r(method, seed, acc):
+        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
+                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
+
+    results = [r("naive", 0, 0.60), r("naive", 1, 0.70), r("naive", 2, 0.90),
+               r("si", 0, 0.65), r("si", 1, 0.80),                      # seeds 0, 1 shared
+               r("si-clamp_none", 1, 0.78), r("si-clamp_none", 3, 0.5)]  # seed 1 only
+    rows = {(x["method"], x["reference"]): x for x in paired(results)}
+    assert set(rows) == {("si", "naive"), ("si-clamp_none", "naive"), ("si-clamp_none", "si")}
+    assert rows["si", "naive"]["seeds"] == 2
+    assert rows["si", "naive"]["difference"] == pytest.approx(7.5)       # (5 + 10) / 2
+    assert rows["si", "naive"]["difference_sem"] == pytest.approx(2.5)   # sd 3.54 / sqrt 2
+    assert rows["si-clamp_none", "si"]["difference"] == pytest.approx(-2.0)
+    assert rows["si-clamp_none", "naive"]["seeds"] == 1
 
 
 def test_mean_sem():
