@@ -104,7 +104,8 @@ class SIWandBLogger(BaseLogger):
         self.run.log(data)
 
     def omega_statistics(self, si: SIPlugin, *, prefix: str = "si") -> dict[str, Any]:
-        """Ω mean / max / fraction of zeros and a log10 Ω histogram, per SI group."""
+        """Ω mean / max / fractions of zeros and of negatives, and a log10 histogram of the
+        positive Ω, per SI group."""
         out: dict[str, Any] = {}
         for group in si.group_names:
             omegas = list(si.importances(group).values())
@@ -115,6 +116,8 @@ class SIWandBLogger(BaseLogger):
             out[f"{prefix}/{label}/omega_mean"] = float(flat.mean())
             out[f"{prefix}/{label}/omega_max"] = float(flat.max())
             out[f"{prefix}/{label}/omega_zero_fraction"] = float((flat == 0).double().mean())
+            # Only SIPlugin(clamp="none") can make Ω negative; the histogram shows Ω > 0.
+            out[f"{prefix}/{label}/omega_negative_fraction"] = float((flat < 0).double().mean())
             positive = flat[flat > 0]
             if len(positive):
                 logs = torch.log10(positive)

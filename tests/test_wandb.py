@@ -73,3 +73,20 @@ def test_logger_rejects_bad_options(offline):
 
     with pytest.raises(ValueError, match="log_every"):
         SIWandBLogger(log_every=0, dir=str(offline))
+
+
+def test_omega_statistics_count_negative_importances(offline):
+    """clamp="none" can leave Ω < 0: counted, and kept out of the log10 histogram."""
+    from types import SimpleNamespace
+
+    from avalanche_si.wandb_logger import SIWandBLogger
+
+    logger = SIWandBLogger(project="test", dir=str(offline))
+    si = SimpleNamespace(group_names=[None], importances=lambda group: {
+        "w": torch.tensor([-1.0, 0.0, 10.0, 100.0])})
+    stats = logger.omega_statistics(si)
+    logger.finish()
+    assert stats["si/all/omega_negative_fraction"] == 0.25
+    assert stats["si/all/omega_zero_fraction"] == 0.25
+    assert stats["si/all/omega_mean"] == pytest.approx(109.0 / 4)
+    assert sum(stats["si/all/log10_omega"].histogram) == 2  # only the positive ones
