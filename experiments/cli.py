@@ -120,8 +120,9 @@ def _configs(args) -> list:
             c = preset.get("si_lambda", 1.0)
             c = c[scenario] if isinstance(c, dict) else c
         for method in args.method:
-            for importance, clamp in itertools.product(
-                    *((args.si_importance, args.si_clamp) if method == "si" else (["total"], ["task"]))):
+            variants = (itertools.product(args.si_importance, args.si_clamp) if method == "si"
+                        else [("total", "task")])
+            for importance, clamp in variants:
                 for seed in args.seeds:
                     configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,

@@ -49,9 +49,10 @@ class RunConfig:
 
     def run_id(self) -> str:
         method = self.method
-        if method == "si":
-            method += "".join([f"-{self.si_importance}"] * (self.si_importance != "total") +
-                              [f"-clamp_{self.si_clamp}"] * (self.si_clamp != "task"))
+        if self.method == "si" and self.si_importance != "total":
+            method += f"-{self.si_importance}"
+        if self.method == "si" and self.si_clamp != "task":
+            method += f"-clamp_{self.si_clamp}"
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
 
 

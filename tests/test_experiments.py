@@ -141,6 +141,15 @@ def test_cli_wandb_offline_writes_runs(tmp_path):
     assert "results/summary" in set().union(*report["history"])
 
 
+def test_cli_mode_lists_mirror_the_package():
+    """The CLI keeps its own copies (so --help does not import Avalanche); they must agree."""
+    import avalanche_si
+    from experiments import cli
+
+    assert cli.IMPORTANCES == avalanche_si.IMPORTANCE_MODES
+    assert cli.CLAMP_MODES == avalanche_si.CLAMP_MODES
+
+
 def test_si_variants_get_their_own_results(tmp_path):
     """--si-importance x --si-clamp: one results folder per variant, the option reaches SIPlugin."""
     from experiments.run import RunConfig, method_plugins
