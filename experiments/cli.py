@@ -19,6 +19,7 @@ from .streams import BENCHMARKS, SCENARIOS, DataError, default_data_root
 METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
+TASK_HEADS = ("separate", "shared")                # experiments.models.TASK_HEADS
 
 
 class UsageError(ValueError):
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="where SIPlugin clamps the importance at 0 (task: each task's part, "
                         "the paper; total: the running sum, Zenke's code; none: van de Ven's "
                         "code), for --method si")
+    r.add_argument("--task-head", choices=TASK_HEADS, default="separate",
+                   help="Task-IL output layer: separate (a head per task, Avalanche's "
+                        "MultiHeadClassifier) or shared (one layer, each task's units selected "
+                        "by its label: van de Ven's code); results of shared go to e.g. "
+                        "si-shared_head/")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -85,6 +91,8 @@ def _configs(args) -> list:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
     if "si" not in args.method and args.si_clamp != ["task"]:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
+    if args.task_head != "separate" and "task" not in args.scenario:
+        raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
     for name in ("si_lambda", "ewc_lambda"):
@@ -126,6 +134,8 @@ def _configs(args) -> list:
                 for seed in args.seeds:
                     configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
+                                             task_head=args.task_head if scenario == "task"
+                                             else "separate",
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs

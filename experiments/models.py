@@ -39,6 +39,39 @@ class TaskIncrementalNet(MultiTaskModule):
         return self.heads(self.body(x), task_label)
 
 
+class SharedTaskHeadNet(MultiTaskModule):
+    """Task-IL as van de Ven & Tolias's code builds it: one output layer of ``n_tasks *
+    classes_per_task`` units; a sample of task ``t`` sees only units ``t*k .. t*k+k-1``.
+
+    The difference from :class:`TaskIncrementalNet` lies in what the optimizer and SI see:
+    the other tasks' units belong to the same weight tensor, so every step gives them a
+    gradient (zero from the loss, nonzero from the SI penalty once they have moved) and Adam
+    moves them on their old momentum; one Adam state (and step count) covers all tasks'
+    units. Separate heads have their own tensors, and a head without a gradient stays put.
+    """
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], classes_per_task: int,
+                 n_tasks: int):
+        super().__init__()
+        self.classes_per_task, self.n_tasks = classes_per_task, n_tasks
+        self.body = mlp_body(input_dim, hidden)
+        self.head = nn.Linear(hidden[-1], n_tasks * classes_per_task)
+
+    def forward(self, x, task_labels):
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        k = self.classes_per_task
+        out = self.head(self.body(x)).view(len(x), self.n_tasks, k)
+        return out[torch.arange(len(x), device=out.device), task_labels.to(out.device)]
+
+    def forward_single_task(self, x, task_label):
+        k = self.classes_per_task
+        if not 0 <= task_label < self.n_tasks:
+            raise ValueError(f"task label {task_label} outside 0..{self.n_tasks - 1}: this "
+                             f"network was built for {self.n_tasks} tasks.")
+        return self.head(self.body(x))[:, task_label * k:(task_label + 1) * k]
+
+
 class SharedHeadNet(nn.Module):
     """Domain-IL and Class-IL: one output layer; Class-IL trains only the units seen so far.
 
@@ -68,8 +101,17 @@ class ActiveUnits(SupervisedPlugin):
         self.model.active_units = (strategy.experience.current_experience + 1) * self.classes_per_task
 
 
+TASK_HEADS = ("separate", "shared")
+
+
 def build_model(scenario: str, input_dim: int, hidden: Sequence[int], classes_per_task: int,
-                n_outputs: int) -> nn.Module:
+                n_outputs: int, *, task_head: str = "separate", n_tasks: int = 0) -> nn.Module:
+    """The network of a scenario; ``task_head`` picks the Task-IL output layer (see
+    :class:`TaskIncrementalNet` and :class:`SharedTaskHeadNet`)."""
+    if task_head not in TASK_HEADS:
+        raise ValueError(f"unknown task_head {task_head!r}; choose one of {', '.join(TASK_HEADS)}.")
+    if scenario == "task" and task_head == "shared":
+        return SharedTaskHeadNet(input_dim, hidden, classes_per_task, n_tasks)
     if scenario == "task":
         return TaskIncrementalNet(input_dim, hidden, classes_per_task)
     return SharedHeadNet(input_dim, hidden, n_outputs)

@@ -40,7 +40,7 @@ def summarize(results: list[dict]) -> list[dict]:
     for (bench, scen, method, preset), rs in groups.items():
         acc_m, acc_s = mean_sem([100 * r["final_average_accuracy"] for r in rs])
         fgt_m, fgt_s = mean_sem([100 * r["average_forgetting"] for r in rs])
-        pub = PUBLISHED.get((preset, scen, method.split("-")[0] if method.startswith("si") else method))
+        pub = PUBLISHED.get((preset, scen, rs[0]["config"]["method"]))  # variants: the method's
         rows.append(dict(benchmark=bench, scenario=scen, method=method, preset=preset or "",
                          seeds=len(rs), accuracy=acc_m, accuracy_sem=acc_s, forgetting=fgt_m,
                          forgetting_sem=fgt_s, si_lambda=rs[0]["config"]["si_lambda"],

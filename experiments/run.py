@@ -34,6 +34,7 @@ class RunConfig:
     si_eps: float = 0.1             # xi
     si_importance: str = "total"
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
+    task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
     lr: float = 1e-3
@@ -53,6 +54,8 @@ class RunConfig:
             method += f"-{self.si_importance}"
         if self.method == "si" and self.si_clamp != "task":
             method += f"-clamp_{self.si_clamp}"
+        if self.scenario == "task" and self.task_head == "shared":
+            method += "-shared_head"
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
 
 
@@ -144,7 +147,7 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
                              n_tasks=cfg.n_tasks, pad=cfg.pad)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scenario, stream.input_dim, cfg.hidden, stream.classes_per_task,
-                        stream.n_outputs)
+                        stream.n_outputs, task_head=cfg.task_head, n_tasks=stream.n_tasks)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     plugins = method_plugins(cfg)
     plugins.append(FastTensorLoader(stream, cfg.batch_size, iterations=cfg.iterations,

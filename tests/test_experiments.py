@@ -101,6 +101,7 @@ def test_mean_sem():
     (["run", "--method", "naive", "--si-importance", "task"], "applies to --method si only"),
     (["run", "--method", "naive", "--si-clamp", "none"], "--si-clamp applies to --method si only"),
     (["run", "--preset", "vandeven-split-mnist", "--benchmark", "split-digits"], "contradicts"),
+    (["run", "--scenario", "domain", "--task-head", "shared"], "applies to --scenario task only"),
     (["run", "--device", "cuda"], "CUDA is not available"),
 ])
 def test_bad_input_gets_a_one_line_error(argv, message, capsys):
@@ -148,6 +149,9 @@ def test_cli_mode_lists_mirror_the_package():
 
     assert cli.IMPORTANCES == avalanche_si.IMPORTANCE_MODES
     assert cli.CLAMP_MODES == avalanche_si.CLAMP_MODES
+    from experiments import models
+
+    assert cli.TASK_HEADS == models.TASK_HEADS
 
 
 def test_si_variants_get_their_own_results(tmp_path):
@@ -165,3 +169,44 @@ def test_si_variants_get_their_own_results(tmp_path):
     assert r["config"]["si_clamp"] == "none" and r["config"]["si_importance"] == "task"
     (plugin,) = method_plugins(RunConfig(si_clamp="total"))
     assert plugin.clamp == "total"
+
+
+def test_shared_task_head_selects_each_tasks_units_and_trains_only_those():
+    """van de Ven's Task-IL: one layer, a sample of task t sees units t*k..t*k+k-1; the loss
+    gives the other units a zero (not a missing) gradient, so Adam still steps them."""
+    import torch
+    from experiments.models import SharedTaskHeadNet, build_model
+
+    torch.manual_seed(0)
+    net = SharedTaskHeadNet(6, [5], classes_per_task=2, n_tasks=3)
+    x, t = torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
+    full = net.head(net.body(x))
+    out = net(x, t)
+    for i in range(4):
+        assert torch.equal(out[i], full[i, 2 * t[i]:2 * t[i] + 2])
+    assert torch.equal(net(x[:2], 1), full[:2, 2:4]) and torch.equal(net.forward_single_task(x, 2), full[:, 4:])
+    torch.nn.functional.cross_entropy(net(x, torch.zeros(4, dtype=torch.long)), torch.ones(4, dtype=torch.long)).backward()
+    g = net.head.weight.grad
+    assert g is not None and g[:2].abs().sum() > 0 and torch.count_nonzero(g[2:]) == 0
+    with pytest.raises(ValueError, match="built for 3 tasks"):
+        net(x, 3)
+    assert isinstance(build_model("task", 6, [5], 2, 2, task_head="shared", n_tasks=3), SharedTaskHeadNet)
+    assert not isinstance(build_model("domain", 6, [5], 2, 2, task_head="shared", n_tasks=3),
+                          SharedTaskHeadNet)
+    with pytest.raises(ValueError, match="choose one of separate, shared"):
+        build_model("task", 6, [5], 2, 2, task_head="masked")
+
+
+def test_shared_task_head_run_gets_its_own_results(tmp_path):
+    """--task-head shared: results in <method>-shared_head/, compared with the separate heads."""
+    out = tmp_path / "out"
+    code = main(["run", "--scenario", "task", "domain", "--method", "naive", "si", "--task-head",
+                 "shared", "--seeds", "0", "--iterations", "30", "--hidden", "16", "--out", str(out)])
+    assert code == 0
+    got = sorted(str(p.relative_to(out).parent) for p in out.rglob("seed0.json"))
+    assert got == ["split-digits/domain/naive", "split-digits/domain/si",
+                   "split-digits/task/naive-shared_head", "split-digits/task/si-shared_head"]
+    r = json.loads((out / "split-digits/task/si-shared_head/seed0.json").read_text())
+    assert r["config"]["task_head"] == "shared" and r["final_average_accuracy"] > 0.6
+    d = json.loads((out / "split-digits/domain/si/seed0.json").read_text())
+    assert d["config"]["task_head"] == "separate"
