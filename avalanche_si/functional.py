@@ -63,6 +63,7 @@ __all__ = [
     "NonFiniteImportanceError",
     "accumulate_from_step",
     "accumulate_from_delta",
+    "penalty_grad",
     "penalty_grad_",
     "penalty_value",
     "consolidate",
@@ -127,6 +128,19 @@ def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequ
     d = torch._foreach_sub(params, prev)  # under no_grad: no graph, no detach needed
     torch._foreach_addcmul_(grads, omega, d, value=2.0 * strength)
     return d
+
+
+@torch.no_grad()
+def penalty_grad(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
+                 prev: Sequence[Tensor], *, strength: float) -> tuple[list[Tensor], list[Tensor]]:
+    r"""Out-of-place :func:`penalty_grad_`: new tensors :math:`g + 2c\,\Omega \odot d`, and ``d``.
+
+    ``grads`` is left as it was, so the task-loss gradient survives the step without being
+    recomputed as :math:`(g + 2c\Omega d) - 2c\Omega d`; the same passes over memory as the
+    in-place version, one more n-sized temporary.
+    """
+    d = torch._foreach_sub(params, prev)
+    return torch._foreach_addcmul(grads, omega, d, value=2.0 * strength), d
 
 
 @torch.no_grad()

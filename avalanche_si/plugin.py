@@ -24,6 +24,7 @@ from .functional import (
     accumulate_from_delta,
     accumulate_from_step,
     consolidate,
+    penalty_grad,
     penalty_grad_,
     penalty_value,
     si_buffer_names,
@@ -425,8 +426,18 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             accumulate_from_delta(g.pick(g.running), grads, g.predictor.predict(grads, mask=idx))
         if g.consolidated and g.si_lambda != 0.0:
             g.d_omega = g.pick(g.omega)
-            g.d = penalty_grad_(grads, g.d_omega, g.pick(g.params), g.pick(g.prev),
-                                strength=g.si_lambda)
+            params = g.pick(g.params)
+            if self.importance == "task":
+                # The optimizer gets new gradient tensors with the penalty added; the task
+                # gradients stay in g.step_grads for ω (same passes as in place, no later
+                # subtraction of 2cΩd).
+                total, g.d = penalty_grad(grads, g.d_omega, params, g.pick(g.prev),
+                                          strength=g.si_lambda)
+                for p, t in zip(params, total):
+                    p.grad = t
+            else:
+                g.d = penalty_grad_(grads, g.d_omega, params, g.pick(g.prev),
+                                    strength=g.si_lambda)
 
     @torch.no_grad()
     def before_update(self, strategy, **kwargs) -> None:
@@ -445,11 +456,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                 continue
             pre, running = g.pick(g.pre), g.pick(g.running)
             torch._foreach_sub_(pre, g.pick(g.params))  # θ_pre − θ = −Δθ
-            accumulate_from_step(running, g.step_grads, pre)
-            if self.importance == "task" and g.d is not None:
-                # take the penalty's 2cΩd out of g: ω += (g − 2cΩd)·(−Δθ)
-                omega_d = torch._foreach_mul(g.d_omega, g.d)
-                torch._foreach_addcmul_(running, omega_d, pre, value=-2.0 * g.si_lambda)
+            accumulate_from_step(running, g.step_grads, pre)  # "task": the task gradient
             g.step_grads = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:

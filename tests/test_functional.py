@@ -129,7 +129,12 @@ def test_kernels_against_a_plain_loop(shapes, steps, eps, c, seed):
         for k in range(len(shapes)):  # the penalty's gradient and value, by hand
             ref_grads[k] = ref_grads[k] + 2 * c * omega[k] * (params[k] - prev[k])
             ref_value += c * float((omega[k] * (params[k] - prev[k]) ** 2).sum())
+        kept = [gr.clone() for gr in grads]
+        out, d_out = F.penalty_grad(grads, omega, params, prev, strength=c)  # out of place
+        assert all(torch.equal(gr, k) for gr, k in zip(grads, kept))
         d = F.penalty_grad_(grads, omega, params, prev, strength=c)
+        for k in range(len(shapes)):
+            assert torch.equal(out[k], grads[k]) and torch.equal(d_out[k], d[k])
         for k in range(len(shapes)):
             torch.testing.assert_close(grads[k], ref_grads[k])
             torch.testing.assert_close(d[k], params[k] - prev[k])
