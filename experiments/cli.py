@@ -38,12 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     r.add_argument("--method", nargs="+", choices=METHOD_CHOICES,
                    default=["naive", "si", "avalanche-si"])
-    r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=["total"],
-                   help="SIPlugin importance mode(s), for --method si")
-    r.add_argument("--si-clamp", nargs="+", choices=CLAMP_MODES, default=["task"],
+    r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=None,
+                   help="SIPlugin importance mode(s), for --method si (default: the preset's, "
+                        "else total)")
+    r.add_argument("--si-clamp", nargs="+", choices=CLAMP_MODES, default=None,
                    help="where SIPlugin clamps the importance at 0 (task: each task's part, "
                         "the paper; total: the running sum, Zenke's code; none: van de Ven's "
-                        "code), for --method si")
+                        "code), for --method si (default: the preset's, else task)")
     r.add_argument("--task-head", choices=TASK_HEADS, default="separate",
                    help="Task-IL output layer: separate (a head per task, Avalanche's "
                         "MultiHeadClassifier) or shared (one layer, each task's units selected "
@@ -87,9 +88,9 @@ def _configs(args) -> list:
         import torch
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
-    if "si" not in args.method and args.si_importance != ["total"]:
+    if "si" not in args.method and args.si_importance is not None:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
-    if "si" not in args.method and args.si_clamp != ["task"]:
+    if "si" not in args.method and args.si_clamp is not None:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
     if args.task_head != "separate" and "task" not in args.scenario:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
@@ -107,7 +108,11 @@ def _configs(args) -> list:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}.")
-    base = {k: v for k, v in preset.items() if k != "si_lambda"}
+    # A preset may fix the SI variant of the code it reproduces (Zenke's: task gradient,
+    # clamp on the running total); --si-importance / --si-clamp override it.
+    importances = args.si_importance or [preset.get("si_importance", "total")]
+    clamps = args.si_clamp or [preset.get("si_clamp", "task")]
+    base = {k: v for k, v in preset.items() if k not in ("si_lambda", "si_importance", "si_clamp")}
     overrides = dict(si_eps=args.eps, ewc_lambda=args.ewc_lambda, lr=args.lr,
                      batch_size=args.batch_size, n_tasks=args.n_tasks,
                      hidden=tuple(args.hidden) if args.hidden else None)
@@ -128,7 +133,7 @@ def _configs(args) -> list:
             c = preset.get("si_lambda", 1.0)
             c = c[scenario] if isinstance(c, dict) else c
         for method in args.method:
-            variants = (itertools.product(args.si_importance, args.si_clamp) if method == "si"
+            variants = (itertools.product(importances, clamps) if method == "si"
                         else [("total", "task")])
             for importance, clamp in variants:
                 for seed in args.seeds:

@@ -1,7 +1,9 @@
 """Published protocols, as run settings, and the numbers they reported.
 
 Each preset fixes everything but the scenario, the method and the seed. ``si_lambda``
-may be a per-scenario mapping (the strengths c that the authors chose per scenario).
+may be a per-scenario mapping (the strengths c that the authors chose per scenario);
+``si_importance`` and ``si_clamp``, where given, are the SIPlugin variant of the authors'
+code (the command line's ``--si-importance`` / ``--si-clamp`` override them).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ PRESETS = {
                                     betas=(0.9, 0.999), batch_size=128, iterations=5000, pad=2,
                                     n_tasks=10, si_eps=0.1,
                                     si_lambda={"task": 5.0, "domain": 5.0, "class": 0.1}),
-    # Zenke, Poole & Ganguli 2017, permuted MNIST: 784-2000-2000, 20 epochs per task.
+    # Zenke, Poole & Ganguli 2017, permuted MNIST: 784-2000-2000, 20 epochs per task, Adam
+    # not reset. Their code (pathint/protocols.py, PATH_INT_PROTOCOL with omega_decay="sum")
+    # measures ω with the gradient of the loss without the penalty ("unreg_grads") times the
+    # step taken, and clamps the running total: Ω ← relu(Ω + ω / (Δ² + ξ)).
     "zenke-permuted-mnist": dict(benchmark="permuted-mnist", hidden=(2000, 2000), lr=1e-3,
-                                 batch_size=256, iterations=None, epochs=20, pad=0, n_tasks=10,
-                                 si_eps=0.1, si_lambda=0.1),
+                                 betas=(0.9, 0.999), batch_size=256, iterations=None, epochs=20,
+                                 pad=0, n_tasks=10, si_eps=0.1, si_lambda=0.1,
+                                 si_importance="task", si_clamp="total"),
 }
 # The Fashion-MNIST counterparts use the MNIST protocols unchanged (no published SI number).
 PRESETS["vandeven-split-fmnist"] = dict(PRESETS["vandeven-split-mnist"], benchmark="split-fmnist")

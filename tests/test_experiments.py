@@ -210,3 +210,23 @@ def test_shared_task_head_run_gets_its_own_results(tmp_path):
     assert r["config"]["task_head"] == "shared" and r["final_average_accuracy"] > 0.6
     d = json.loads((out / "split-digits/domain/si/seed0.json").read_text())
     assert d["config"]["task_head"] == "separate"
+
+
+def test_zenke_preset_runs_the_si_variant_of_zenkes_code():
+    """zenke-permuted-mnist: ω from the task gradient, Ω clamped as a running total (their
+    PATH_INT_PROTOCOL); the command line still overrides either, and other presets keep
+    the package defaults."""
+    from experiments.cli import _configs, _parser
+
+    def variants(*argv):
+        args = _parser().parse_args(["run", "--scenario", "domain", "--seeds", "0", *argv])
+        return [(c.method, c.si_importance, c.si_clamp, c.run_id()) for c in _configs(args)]
+
+    assert variants("--preset", "zenke-permuted-mnist", "--method", "si", "naive") == [
+        ("si", "task", "total", "permuted-mnist/domain/si-task-clamp_total/seed0"),
+        ("naive", "total", "task", "permuted-mnist/domain/naive/seed0")]
+    assert variants("--preset", "zenke-permuted-mnist", "--method", "si",
+                    "--si-clamp", "task") == [
+        ("si", "task", "task", "permuted-mnist/domain/si-task/seed0")]
+    assert variants("--preset", "vandeven-permuted-mnist", "--method", "si") == [
+        ("si", "total", "task", "permuted-mnist/domain/si/seed0")]
