@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .presets import PRESETS
-from .streams import BENCHMARKS, SCENARIOS, DataError, default_data_root
+from .streams import BENCHMARKS, CLASS_ORDERS, SCENARIOS, DataError, default_data_root
 
 METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                         "MultiHeadClassifier) or shared (one layer, each task's units selected "
                         "by its label: van de Ven's code); results of shared go to e.g. "
                         "si-shared_head/")
+    r.add_argument("--class-order", choices=CLASS_ORDERS, default="seeded",
+                   help="split benchmarks: which classes form which task for a seed; seeded "
+                        "(torch's generator) or vandeven (the orders of van de Ven & Tolias's "
+                        "code, whose published means are over --seeds 1 to 20); results of "
+                        "vandeven go to e.g. si-vdv_order/")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -94,6 +99,9 @@ def _configs(args) -> list:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
     if args.task_head != "separate" and "task" not in args.scenario:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
+    benchmark = args.benchmark or preset.get("benchmark")
+    if args.class_order != "seeded" and benchmark and not benchmark.startswith("split-"):
+        raise UsageError(f"--class-order applies to split benchmarks only, not {benchmark}.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
     for name in ("si_lambda", "ewc_lambda"):
@@ -140,7 +148,7 @@ def _configs(args) -> list:
                     configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
                                              task_head=args.task_head if scenario == "task"
-                                             else "separate",
+                                             else "separate", class_order=args.class_order,
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs
@@ -158,11 +166,12 @@ def cmd_run(args) -> int:
     streams = {}
     for k, cfg in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}", flush=True)
-        key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad)
+        key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad, cfg.class_order)
         if key not in streams:  # one stream per (benchmark, scenario, seed), reused by methods
             from .streams import make_stream
             streams = {key: make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root,
-                                        seed=cfg.seed, n_tasks=cfg.n_tasks, pad=cfg.pad)}
+                                        seed=cfg.seed, n_tasks=cfg.n_tasks, pad=cfg.pad,
+                                        class_order=cfg.class_order)}
         loggers = []
         if args.wandb:
             from avalanche_si.wandb_logger import SIWandBLogger

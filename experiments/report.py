@@ -77,15 +77,23 @@ def paired(results: list[dict]) -> list[dict]:
 
     Every method against ``naive``, and every SI variant (``si-...``) against ``si``: the mean
     ± SEM over seeds of (method − reference) in points, which is much less noisy than the
-    difference of two means when seeds vary a lot (Domain-IL).
+    difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
+    in ``run.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
+    same suffix, i.e. on the same tasks.
     """
+    from .run import DATA_SUFFIXES
+
     acc = defaultdict(dict)
     for r in results:
         key = (r["config"]["benchmark"], r["config"]["scenario"], r["config"].get("preset"))
         acc[key, _method_key(r)][r["config"]["seed"]] = 100 * r["final_average_accuracy"]
     rows = []
     for (key, method), by_seed in acc.items():
-        refs = ["naive"] + (["si"] if method.startswith("si-") else [])
+        data = "".join(s for s in DATA_SUFFIXES if s in method)
+        bare = method
+        for s in DATA_SUFFIXES:
+            bare = bare.replace(s, "")
+        refs = ["naive" + data] + (["si" + data] if bare.startswith("si-") else [])
         for ref in refs:
             base = acc.get((key, ref), {})
             seeds = sorted(set(by_seed) & set(base))
@@ -96,7 +104,8 @@ def paired(results: list[dict]) -> list[dict]:
                              seeds=len(seeds), difference=m, difference_sem=sem))
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
-                             r["reference"] != "naive", order.get(r["method"], 99), r["method"]))
+                             not r["reference"].startswith("naive"), order.get(r["method"], 99),
+                             r["method"]))
     return rows
 
 

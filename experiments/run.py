@@ -21,6 +21,10 @@ from .models import ActiveUnits, accuracy, build_model
 from .streams import FastTensorLoader, Stream, make_stream
 
 METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
+# Run-id suffixes that change the data (the tasks) rather than the method: a run with one is
+# compared with the Naive (or SI) run that has the same suffix (report.paired).
+CLASS_ORDER_SUFFIX = {"vandeven": "-vdv_order"}
+DATA_SUFFIXES = tuple(CLASS_ORDER_SUFFIX.values())
 
 
 @dataclass
@@ -35,6 +39,7 @@ class RunConfig:
     si_importance: str = "total"
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
+    class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
     lr: float = 1e-3
@@ -56,6 +61,8 @@ class RunConfig:
             method += f"-clamp_{self.si_clamp}"
         if self.scenario == "task" and self.task_head == "shared":
             method += "-shared_head"
+        if self.class_order != "seeded":
+            method += CLASS_ORDER_SUFFIX[self.class_order]
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
 
 
@@ -144,7 +151,7 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
     started = time.perf_counter()
     if stream is None:
         stream = make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root, seed=cfg.seed,
-                             n_tasks=cfg.n_tasks, pad=cfg.pad)
+                             n_tasks=cfg.n_tasks, pad=cfg.pad, class_order=cfg.class_order)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scenario, stream.input_dim, cfg.hidden, stream.classes_per_task,
                         stream.n_outputs, task_head=cfg.task_head, n_tasks=stream.n_tasks)

@@ -28,6 +28,7 @@ from avalanche.core import SupervisedPlugin
 BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist", "split-digits",
               "split-cifar10", "split-cifar100")
 SCENARIOS = ("task", "domain", "class")
+CLASS_ORDERS = ("seeded", "vandeven")
 DATA_ENV = "AVALANCHE_SI_DATA"
 
 
@@ -116,12 +117,36 @@ def _labels_for(scenario: str, y_global_pos: torch.Tensor, task: int, per_task: 
     return y_global_pos - task * per_task  # task and domain: 0..k-1 within the task
 
 
+def class_order(n_classes: int, seed: int, how: str = "seeded") -> torch.Tensor:
+    """The classes in the order they are dealt out to tasks (``order[k]``: the k-th class).
+
+    ``"seeded"``: ``torch.randperm`` with ``seed``. ``"vandeven"``: the orders of van de Ven
+    & Tolias's code (``data.py``), which seeds numpy with the run's seed, draws
+    ``p = np.random.permutation(n_classes)`` and relabels class ``d`` as ``p[d]`` (task ``i``
+    gets the new labels ``i*k .. i*k+k-1``), except that seed 0 keeps the classes in order;
+    their published means are over seeds 1 to 20 (``compare_all.py``). Running those seeds
+    here trains on the same class splits as the paper, so the two can be compared without
+    the spread that the random split adds (large in Domain-IL).
+    """
+    if how == "seeded":
+        return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed))
+    if how == "vandeven":
+        import numpy as np
+
+        if seed == 0:
+            return torch.arange(n_classes)
+        p = np.random.RandomState(seed).permutation(list(range(n_classes)))
+        return torch.as_tensor(np.argsort(p), dtype=torch.long)
+    raise ValueError(f"unknown class order {how!r}; choose one of {', '.join(CLASS_ORDERS)}.")
+
+
 def split_stream(dataset: str, scenario: str, *, root: str, seed: int, n_tasks: Optional[int] = None,
-                 shuffle_classes: bool = True) -> Stream:
+                 shuffle_classes: bool = True, ordering: str = "seeded") -> Stream:
     """Split a dataset's classes into tasks of equal size (van de Ven & Tolias 2019).
 
-    The class order is shuffled with ``seed`` (as in the authors' code) unless
-    ``shuffle_classes=False``; task ``i`` holds the classes at positions ``i*k .. i*k+k-1``.
+    The class order is shuffled with ``seed`` as :func:`class_order` says (``ordering``)
+    unless ``shuffle_classes=False``; task ``i`` holds the classes at positions
+    ``i*k .. i*k+k-1``.
     """
     x_tr, y_tr = load_images(dataset, root, train=True)
     x_te, y_te = load_images(dataset, root, train=False)
@@ -130,8 +155,7 @@ def split_stream(dataset: str, scenario: str, *, root: str, seed: int, n_tasks: 
     if n_classes % n_tasks:
         raise ValueError(f"{n_classes} classes cannot be split into {n_tasks} equal tasks.")
     per_task = n_classes // n_tasks
-    order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)) \
-        if shuffle_classes else torch.arange(n_classes)
+    order = class_order(n_classes, seed, ordering) if shuffle_classes else torch.arange(n_classes)
     position = torch.empty(n_classes, dtype=torch.long)
     position[order] = torch.arange(n_classes)
     tasks = []
@@ -182,14 +206,20 @@ def _finish(stream: Stream) -> Stream:
 
 
 def make_stream(benchmark: str, scenario: str, *, root: str, seed: int, n_tasks: Optional[int] = None,
-                pad: int = 2) -> Stream:
+                pad: int = 2, class_order: str = "seeded") -> Stream:
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}.")
+    if class_order not in CLASS_ORDERS:
+        raise ValueError(f"unknown class order {class_order!r}; choose one of {', '.join(CLASS_ORDERS)}.")
     kind, dataset = benchmark.split("-", 1)
     if kind == "split":
-        return split_stream(dataset, scenario, root=root, seed=seed, n_tasks=n_tasks)
+        return split_stream(dataset, scenario, root=root, seed=seed, n_tasks=n_tasks,
+                            ordering=class_order)
+    if class_order != "seeded":
+        raise ValueError(f"class_order={class_order!r} applies to split benchmarks only, not "
+                         f"{benchmark}.")
     return permuted_stream(dataset, scenario, root=root, seed=seed, n_tasks=n_tasks or 10, pad=pad)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.cli import main
 from experiments.report import mean_sem
@@ -85,6 +86,65 @@ def test_paired_differences_use_only_shared_seeds():
     assert rows["si", "naive"]["difference_sem"] == pytest.approx(2.5)   # sd 3.54 / sqrt 2
     assert rows["si-clamp_none", "si"]["difference"] == pytest.approx(-2.0)
     assert rows["si-clamp_none", "naive"]["seeds"] == 1
+
+
+def test_paired_runs_on_other_tasks_compare_with_the_same_tasks():
+    """A -vdv_order run (other class splits for the same seed numbers) is paired with the
+    -vdv_order Naive and SI runs, never with the seeded ones."""
+    from experiments.report import paired
+
+    def r(method, seed, acc):
+        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
+                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
+
+    results = [r("naive", 1, 0.50), r("si", 1, 0.90),
+               r("naive-vdv_order", 1, 0.60), r("si-vdv_order", 1, 0.65),
+               r("si-clamp_none-vdv_order", 1, 0.66)]
+    rows = {(x["method"], x["reference"]): x["difference"] for x in paired(results)}
+    assert rows == pytest.approx({
+        ("si", "naive"): 40.0, ("si-vdv_order", "naive-vdv_order"): 5.0,
+        ("si-clamp_none-vdv_order", "naive-vdv_order"): 6.0,
+        ("si-clamp_none-vdv_order", "si-vdv_order"): 1.0})
+
+
+def test_vandeven_class_order_is_their_numpy_permutation():
+    """van de Ven's data.py: np.random.seed(seed); p = np.random.permutation(10); digit d gets
+    label p[d], task i the labels 2i, 2i+1 (so Domain-IL label p[d] % 2); seed 0: no shuffle."""
+    import numpy as np
+
+    from experiments.streams import class_order, split_stream
+
+    assert class_order(10, 0, "vandeven").tolist() == list(range(10))
+    for seed in (1, 2, 7):
+        np.random.seed(seed)
+        p = np.random.permutation(list(range(10)))
+        order = class_order(10, seed, "vandeven").tolist()
+        assert [p[d] for d in order] == list(range(10))
+        stream = split_stream("digits", "domain", root="unused", seed=seed, ordering="vandeven")
+        digits = split_stream("digits", "class", root="unused", seed=0, shuffle_classes=False)
+        x_all, y_all = torch.cat([t.x_train for t in digits.tasks]), \
+            torch.cat([t.y_train for t in digits.tasks])
+        for i, task in enumerate(stream.tasks):
+            # each training image of task i is a digit d with p[d] in {2i, 2i+1}, labelled p[d] % 2
+            match = (task.x_train[:, None, :] == x_all[None, :, :]).all(-1).float().argmax(1)
+            d = y_all[match]
+            assert sorted({int(p[k]) for k in d}) == [2 * i, 2 * i + 1]
+            assert task.y_train.tolist() == [int(p[k]) % 2 for k in d]
+    assert class_order(10, 1, "seeded").tolist() != class_order(10, 1, "vandeven").tolist()
+    with pytest.raises(ValueError, match="unknown class order 'x'"):
+        class_order(10, 1, "x")
+
+
+def test_class_order_option_names_its_runs_and_applies_to_split_benchmarks(capsys):
+    from experiments.cli import _configs, _parser
+
+    args = _parser().parse_args(["run", "--preset", "vandeven-split-mnist", "--scenario",
+                                 "domain", "--method", "naive", "si", "--class-order",
+                                 "vandeven", "--seeds", "1"])
+    assert [c.run_id() for c in _configs(args)] == [
+        "split-mnist/domain/naive-vdv_order/seed1", "split-mnist/domain/si-vdv_order/seed1"]
+    assert main(["run", "--preset", "vandeven-permuted-mnist", "--class-order", "vandeven"]) == 2
+    assert "--class-order applies to split benchmarks only" in capsys.readouterr().err
 
 
 def test_mean_sem():
