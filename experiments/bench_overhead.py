@@ -2,6 +2,7 @@
 
     python -m experiments.bench_overhead            # the full table (about 10 minutes)
     python -m experiments.bench_overhead --quick    # a smaller one (about a minute)
+    python -m experiments.bench_overhead --threads 1   # the same with one torch thread
 
 Part 1, per step: one training iteration of an MLP (Adam, batch 128, data already in
 memory) run exactly as Avalanche's ``SGDUpdate.training_epoch`` runs it (zero_grad,
@@ -13,7 +14,10 @@ measured side by side under the same machine load. Memory: persistent extra stat
 the plugin keeps) and peak extra bytes allocated within one step beyond the plain step's
 peak (every tensor allocation traced with a ``TorchDispatchMode``).
 
-Part 2, end to end (target 4 of the performance issue): van de Ven's split-MNIST protocol
+Part 2, inside a real strategy (target 1 of the performance issue as worded): two Avalanche
+``Naive`` strategies, with and without ``SIPlugin``, timed alternately in chunks of iterations.
+
+Part 3, end to end (target 4 of the performance issue): van de Ven's split-MNIST protocol
 (5 tasks x ``--iterations`` mini-batches, 784-400-400, Adam) through an Avalanche ``Naive``
 strategy with ``SIPlugin`` on the in-memory stream, against a bare PyTorch loop doing the
 same training on the same preloaded tensors with the same SI maths (the functional core).
@@ -282,6 +286,51 @@ def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dict:
+    """Target 1 as worded: SIPlugin's per-iteration overhead over *the same Avalanche
+    strategy without it*.
+
+    Two ``Naive`` strategies on the in-memory split-MNIST stream (Domain-IL, 784-H-H, Adam,
+    batch 128), identical but for ``SIPlugin(c=500, xi=0.1)``, both trained on task 1 first
+    (so the penalty is active), then timed alternately on task 2 in chunks of ``chunk``
+    iterations (one ``train`` call each, whose per-experience work, consolidation included,
+    is part of the time). Returns per-iteration (median, min, max) in ms per strategy, and
+    the number of weights under ``"n"``.
+    """
+    from avalanche.training import Naive
+
+    from .models import SharedHeadNet
+    from .streams import FastTensorLoader, make_stream
+
+    stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
+    exps = list(stream.benchmark.train_stream)
+
+    def strategy(with_si: bool):
+        torch.manual_seed(0)
+        model = SharedHeadNet(784, (hidden, hidden), 2)
+        plugins = [FastTensorLoader(stream, 128, iterations=chunk)]
+        if with_si:
+            plugins.insert(0, SIPlugin(500.0, eps=0.1))
+        strat = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                      train_mb_size=128, train_epochs=1, plugins=plugins, evaluator=None,
+                      device="cpu")
+        strat.train(exps[0], eval_streams=[], num_workers=0)
+        return strat
+
+    strategies = {"Avalanche Naive, no SI": strategy(False),
+                  "Avalanche Naive + SIPlugin": strategy(True)}
+    times = {k: [] for k in strategies}
+    for r in range(repeats):
+        keys = list(strategies) if r % 2 == 0 else list(strategies)[::-1]  # alternate who goes first
+        for k in keys:
+            t0 = time.perf_counter()
+            strategies[k].train(exps[1], eval_streams=[], num_workers=0)
+            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
+    out = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    out["n"] = sum(p.numel() for p in strategies["Avalanche Naive, no SI"].model.parameters())
+    return out
+
+
 def _mib(b: int) -> str:
     return f"{b / 2 ** 20:.2f}"
 
@@ -295,8 +344,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-steps", action="store_true", help="skip the per-step table")
     ap.add_argument("--e2e-iterations", type=int, default=2000, help="iterations per task")
     ap.add_argument("--e2e-hidden", type=int, nargs="+", default=[400])
+    ap.add_argument("--no-strategy", action="store_true",
+                    help="skip the overhead inside an Avalanche strategy (target 1 as worded)")
+    ap.add_argument("--strategy-hidden", type=int, nargs="+", default=[400, 1000])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own choice, one per core); SI's "
+                         "elementwise passes gain less from more threads than the matrix "
+                         "products do, so its relative overhead depends on this")
     args = ap.parse_args(argv)
     from .streams import default_data_root
+
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     models = [("MLP H=400", [784, 400, 400, 10]), ("MLP H=1000", [784, 1000, 1000, 10]),
               ("MLP H=2000", [784, 2000, 2000, 10]),
@@ -320,6 +381,19 @@ def main(argv=None) -> int:
             print(f"| {r.model} | {r.n / 1e6:.2f}M | {r.tensors} | {r.variant} | {r.median_ms:.2f} "
                   f"({r.min_ms:.2f}-{r.max_ms:.2f}) | {100 * r.overhead:+.1f}% | "
                   f"{_mib(r.persistent)} ({mult:.2f}n) | {_mib(r.peak_extra)} |", flush=True)
+    if not args.no_strategy:
+        chunk, reps = (50, 5) if args.quick else (200, 15)
+        print(f"\n# SI overhead inside an Avalanche strategy: Naive on split MNIST (Domain-IL, "
+              f"task 2, penalty active), 784-H-H, Adam, batch 128, c = 500; median (min-max) "
+              f"of {reps} alternating chunks of {chunk} iterations")
+        print("| H | n weights | Avalanche Naive, no SI, ms/iter | + SIPlugin, ms/iter | overhead |")
+        print("|---|---|---|---|---|")
+        for hidden in ([400] if args.quick else args.strategy_hidden):
+            t = in_strategy(hidden, chunk=chunk, repeats=reps,
+                            data_root=args.data_root or default_data_root())
+            (b, bl, bh), (s, sl, sh) = t["Avalanche Naive, no SI"], t["Avalanche Naive + SIPlugin"]
+            print(f"| {hidden} | {t['n'] / 1e6:.2f}M | {b:.2f} ({bl:.2f}-{bh:.2f}) | {s:.2f} "
+                  f"({sl:.2f}-{sh:.2f}) | {100 * (s / b - 1):+.1f}% |", flush=True)
     if not args.no_e2e:
         iterations = 200 if args.quick else args.e2e_iterations
         reps = 1 if args.quick else 3

@@ -29,3 +29,20 @@ def test_si_keeps_old_tasks_of_real_split_mnist_better_than_naive():
     assert si[0] > naive[0] + 0.03 and si[1] > naive[1] + 0.05, (si, naive)
     assert results["si"]["average_forgetting"] < 0.5 * results["naive"]["average_forgetting"]
     assert results["si"]["final_average_accuracy"] > 0.97
+
+
+@pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST not found under ${DATA_ENV} ({ROOT})")
+def test_bench_overhead_inside_a_strategy_times_both_strategies(capsys):
+    """The benchmark's target-1 measurement runs two real Naive strategies (tiny here: the
+    numbers are not checked, the machinery is) and prints its table; bad --threads is refused."""
+    from experiments import bench_overhead
+
+    t = bench_overhead.in_strategy(16, chunk=3, repeats=2, data_root=ROOT)
+    assert set(t) == {"Avalanche Naive, no SI", "Avalanche Naive + SIPlugin", "n"}
+    assert t["n"] == 784 * 16 + 16 + 16 * 16 + 16 + 2 * 16 + 2
+    for key in ("Avalanche Naive, no SI", "Avalanche Naive + SIPlugin"):
+        med, lo, hi = t[key]
+        assert 0 < lo <= med <= hi
+    with pytest.raises(SystemExit):
+        bench_overhead.main(["--threads", "0"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
