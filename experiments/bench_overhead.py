@@ -290,12 +290,13 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
     """Target 1 as worded: SIPlugin's per-iteration overhead over *the same Avalanche
     strategy without it*.
 
-    Two ``Naive`` strategies on the in-memory split-MNIST stream (Domain-IL, 784-H-H, Adam,
-    batch 128), identical but for ``SIPlugin(c=500, xi=0.1)``, both trained on task 1 first
-    (so the penalty is active), then timed alternately on task 2 in chunks of ``chunk``
-    iterations (one ``train`` call each, whose per-experience work, consolidation included,
-    is part of the time). Returns per-iteration (median, min, max) in ms per strategy, and
-    the number of weights under ``"n"``.
+    Three ``Naive`` strategies on the in-memory split-MNIST stream (Domain-IL, 784-H-H, Adam,
+    batch 128), identical but for the plugin: none, ``SIPlugin(c=500, xi=0.1)`` and
+    Avalanche's ``SynapticIntelligencePlugin`` (λ = 2c, the same penalty). All are trained on
+    task 1 first (so the penalty is active), then timed in turn on task 2 in chunks of
+    ``chunk`` iterations (one ``train`` call each, whose per-experience work, consolidation
+    included, is part of the time; the order rotates every repeat). Returns per-iteration
+    (median, min, max) in ms per strategy, and the number of weights under ``"n"``.
     """
     from avalanche.training import Naive
 
@@ -305,24 +306,26 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
     stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
     exps = list(stream.benchmark.train_stream)
 
-    def strategy(with_si: bool):
+    def strategy(si_plugin):
         torch.manual_seed(0)
         model = SharedHeadNet(784, (hidden, hidden), 2)
         plugins = [FastTensorLoader(stream, 128, iterations=chunk)]
-        if with_si:
-            plugins.insert(0, SIPlugin(500.0, eps=0.1))
+        if si_plugin is not None:
+            plugins.insert(0, si_plugin)
         strat = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
                       train_mb_size=128, train_epochs=1, plugins=plugins, evaluator=None,
                       device="cpu")
         strat.train(exps[0], eval_streams=[], num_workers=0)
         return strat
 
-    strategies = {"Avalanche Naive, no SI": strategy(False),
-                  "Avalanche Naive + SIPlugin": strategy(True)}
+    strategies = {"Avalanche Naive, no SI": strategy(None),
+                  "Avalanche Naive + SIPlugin": strategy(SIPlugin(500.0, eps=0.1)),
+                  "Avalanche Naive + Avalanche's SI plugin":
+                      strategy(SynapticIntelligencePlugin(si_lambda=1000.0, eps=0.1))}
     times = {k: [] for k in strategies}
+    names = list(strategies)
     for r in range(repeats):
-        keys = list(strategies) if r % 2 == 0 else list(strategies)[::-1]  # alternate who goes first
-        for k in keys:
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
             strategies[k].train(exps[1], eval_streams=[], num_workers=0)
             times[k].append((time.perf_counter() - t0) / chunk * 1e3)
@@ -367,12 +370,14 @@ def main(argv=None) -> int:
     repeats = 5 if args.quick else 15
     if args.no_steps:
         models = []
-    print(f"# SI per-step overhead, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; Adam, batch 128, penalty active; "
-          f"median of {repeats} interleaved repeats")
-    print("| model | n weights | tensors | variant | ms/iter median (min-max) | overhead | "
-          "persistent extra MiB (x n floats) | peak extra MiB/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    if models:
+        print(f"\n# SI per-step overhead: Adam, batch 128, penalty active; median of {repeats} "
+              "interleaved repeats")
+        print("| model | n weights | tensors | variant | ms/iter median (min-max) | overhead | "
+              "persistent extra MiB (x n floats) | peak extra MiB/step |")
+        print("|---|---|---|---|---|---|---|---|")
     for name, widths in models:
         n = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         steps = 5 if args.quick else max(4, min(20, int(2e7 / n)))  # ~ the same time per variant
@@ -386,14 +391,20 @@ def main(argv=None) -> int:
         print(f"\n# SI overhead inside an Avalanche strategy: Naive on split MNIST (Domain-IL, "
               f"task 2, penalty active), 784-H-H, Adam, batch 128, c = 500; median (min-max) "
               f"of {reps} alternating chunks of {chunk} iterations")
-        print("| H | n weights | Avalanche Naive, no SI, ms/iter | + SIPlugin, ms/iter | overhead |")
-        print("|---|---|---|---|---|")
+        print("| H | n weights | Avalanche Naive, no SI, ms/iter | + SIPlugin, ms/iter | "
+              "overhead | + Avalanche's SI plugin, ms/iter | overhead | SIPlugin's overhead / "
+              "Avalanche's |")
+        print("|---|---|---|---|---|---|---|---|")
         for hidden in ([400] if args.quick else args.strategy_hidden):
             t = in_strategy(hidden, chunk=chunk, repeats=reps,
                             data_root=args.data_root or default_data_root())
-            (b, bl, bh), (s, sl, sh) = t["Avalanche Naive, no SI"], t["Avalanche Naive + SIPlugin"]
-            print(f"| {hidden} | {t['n'] / 1e6:.2f}M | {b:.2f} ({bl:.2f}-{bh:.2f}) | {s:.2f} "
-                  f"({sl:.2f}-{sh:.2f}) | {100 * (s / b - 1):+.1f}% |", flush=True)
+            cells = [t[k] for k in ("Avalanche Naive, no SI", "Avalanche Naive + SIPlugin",
+                                    "Avalanche Naive + Avalanche's SI plugin")]
+            b, ours, theirs = (m for m, _, _ in cells)
+            text = [f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in cells]
+            print(f"| {hidden} | {t['n'] / 1e6:.2f}M | {text[0]} | {text[1]} | "
+                  f"{100 * (ours / b - 1):+.1f}% | {text[2]} | {100 * (theirs / b - 1):+.1f}% | "
+                  f"{(ours - b) / (theirs - b):.2f} |", flush=True)
     if not args.no_e2e:
         iterations = 200 if args.quick else args.e2e_iterations
         reps = 1 if args.quick else 3
