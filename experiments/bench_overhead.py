@@ -12,7 +12,9 @@ order. Every variant runs with the penalty active (after one consolidation), the
 case. Variants are interleaved, repeated, and the median is reported, so the ratios are
 measured side by side under the same machine load. Memory: persistent extra state (bytes
 the plugin keeps) and peak extra bytes allocated within one step beyond the plain step's
-peak (every tensor allocation traced with a ``TorchDispatchMode``).
+peak (every tensor allocation traced with a ``TorchDispatchMode``). Minor page faults per
+step are counted too (a count, not a time, so it holds under load): on a CPU, glibc can hand
+a freed temporary back to the OS and fault it in again at the next step's allocation.
 
 Part 2, inside a real strategy (target 1 of the performance issue as worded): two Avalanche
 ``Naive`` strategies, with and without ``SIPlugin``, timed alternately in chunks of iterations.
@@ -203,16 +205,28 @@ class Row:
     overhead: float
     persistent: int
     peak_extra: int
+    faults: float
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bench_model(name, widths, *, repeats, steps) -> list[Row]:
     benches = {v: Bench(widths, f) for v, f in VARIANTS.items()}
     times = {v: [] for v in VARIANTS}
+    faults = {v: 0 for v in VARIANTS}
     for _ in range(repeats):  # interleaved: every variant sees the same machine load
         for v, b in benches.items():
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             b.steps(steps)
             times[v].append((time.perf_counter() - t0) / steps * 1e3)
+            faults[v] += _minor_faults() - f0
     base_peak = peak_step_bytes(benches["no SI"])
     base = statistics.median(times["no SI"])
     n = sum(p.numel() for p in benches["no SI"].model.parameters())
@@ -221,7 +235,8 @@ def bench_model(name, widths, *, repeats, steps) -> list[Row]:
     for v, b in benches.items():
         med = statistics.median(times[v])
         rows.append(Row(name, n, k, v, med, min(times[v]), max(times[v]), med / base - 1,
-                        b.persistent_bytes(), max(0, peak_step_bytes(b) - base_peak)))
+                        b.persistent_bytes(), max(0, peak_step_bytes(b) - base_peak),
+                        faults[v] / (repeats * steps)))
     return rows
 
 
@@ -376,8 +391,8 @@ def main(argv=None) -> int:
         print(f"\n# SI per-step overhead: Adam, batch 128, penalty active; median of {repeats} "
               "interleaved repeats")
         print("| model | n weights | tensors | variant | ms/iter median (min-max) | overhead | "
-              "persistent extra MiB (x n floats) | peak extra MiB/step |")
-        print("|---|---|---|---|---|---|---|---|")
+              "persistent extra MiB (x n floats) | peak extra MiB/step | page faults/step |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for name, widths in models:
         n = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         steps = 5 if args.quick else max(4, min(20, int(2e7 / n)))  # ~ the same time per variant
@@ -385,7 +400,8 @@ def main(argv=None) -> int:
             mult = r.persistent / (4 * r.n)
             print(f"| {r.model} | {r.n / 1e6:.2f}M | {r.tensors} | {r.variant} | {r.median_ms:.2f} "
                   f"({r.min_ms:.2f}-{r.max_ms:.2f}) | {100 * r.overhead:+.1f}% | "
-                  f"{_mib(r.persistent)} ({mult:.2f}n) | {_mib(r.peak_extra)} |", flush=True)
+                  f"{_mib(r.persistent)} ({mult:.2f}n) | {_mib(r.peak_extra)} | {r.faults:.0f} |",
+                  flush=True)
     if not args.no_strategy:
         chunk, reps = (50, 5) if args.quick else (200, 15)
         print(f"\n# SI overhead inside an Avalanche strategy: Naive on split MNIST (Domain-IL, "
