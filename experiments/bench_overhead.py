@@ -366,9 +366,9 @@ def main(argv=None) -> int:
                     help="skip the overhead inside an Avalanche strategy (target 1 as worded)")
     ap.add_argument("--strategy-hidden", type=int, nargs="+", default=[400, 1000])
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's own choice, one per core); SI's "
-                         "elementwise passes gain less from more threads than the matrix "
-                         "products do, so its relative overhead depends on this")
+                    help="torch threads (default: torch's own choice, one per core); the "
+                         "relative overhead depends on it, since SI's elementwise passes and "
+                         "the matrix products scale differently with threads")
     args = ap.parse_args(argv)
     from .streams import default_data_root
 
