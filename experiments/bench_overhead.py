@@ -16,8 +16,9 @@ peak (every tensor allocation traced with a ``TorchDispatchMode``). Minor page f
 step are counted too (a count, not a time, so it holds under load): on a CPU, glibc can hand
 a freed temporary back to the OS and fault it in again at the next step's allocation.
 
-Part 2, inside a real strategy (target 1 of the performance issue as worded): two Avalanche
-``Naive`` strategies, with and without ``SIPlugin``, timed alternately in chunks of iterations.
+Part 2, inside a real strategy (target 1 of the performance issue as worded): three Avalanche
+``Naive`` strategies, without SI, with ``SIPlugin`` and with Avalanche's own SI plugin, timed
+in turn in chunks of iterations.
 
 Part 3, end to end (target 4 of the performance issue): van de Ven's split-MNIST protocol
 (5 tasks x ``--iterations`` mini-batches, 784-400-400, Adam) through an Avalanche ``Naive``
@@ -240,29 +241,39 @@ def bench_model(name, widths, *, repeats, steps) -> list[Row]:
     return rows
 
 
+def _naive_strategy(stream, hidden: int, iterations: int, si_plugin=None):
+    """An Avalanche ``Naive`` strategy on ``stream``: 784-H-H MLP (seed 0), Adam lr 1e-3,
+    batch 128, ``iterations`` mini-batches per ``train`` call, ``si_plugin`` (if any) first."""
+    from avalanche.training import Naive
+
+    from .models import SharedHeadNet
+    from .streams import FastTensorLoader
+
+    torch.manual_seed(0)
+    model = SharedHeadNet(784, (hidden, hidden), 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    plugins = [FastTensorLoader(stream, 128, iterations=iterations)]
+    if si_plugin is not None:
+        plugins.insert(0, si_plugin)
+    return Naive(model=model, optimizer=opt, train_mb_size=128, train_epochs=1,
+                 plugins=plugins, evaluator=None, device="cpu")
+
+
 def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400) -> dict:
     """Target 4: Avalanche + SIPlugin vs bare loops, split MNIST (van de Ven), same run.
 
     Also times the same Avalanche strategy without SI, so the SI overhead *inside a real
     strategy* (target 1's wording) is measured too.
     """
-    from avalanche.training import Naive
-
     from avalanche_si import functional as F
     from .models import SharedHeadNet
-    from .streams import FastTensorLoader, TensorBatches, make_stream
+    from .streams import TensorBatches, make_stream
 
     stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
 
     def avalanche_run(with_si: bool):
-        torch.manual_seed(0)
-        model = SharedHeadNet(784, (hidden, hidden), 2)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        plugins = [FastTensorLoader(stream, 128, iterations=iterations)]
-        if with_si:
-            plugins.insert(0, SIPlugin(500.0, eps=0.1))
-        strat = Naive(model=model, optimizer=opt, train_mb_size=128, train_epochs=1,
-                      plugins=plugins, evaluator=None, device="cpu")
+        strat = _naive_strategy(stream, hidden, iterations,
+                                SIPlugin(500.0, eps=0.1) if with_si else None)
         for exp in stream.benchmark.train_stream:
             strat.train(exp, eval_streams=[], num_workers=0)
 
@@ -313,23 +324,13 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
     included, is part of the time; the order rotates every repeat). Returns per-iteration
     (median, min, max) in ms per strategy, and the number of weights under ``"n"``.
     """
-    from avalanche.training import Naive
-
-    from .models import SharedHeadNet
-    from .streams import FastTensorLoader, make_stream
+    from .streams import make_stream
 
     stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
     exps = list(stream.benchmark.train_stream)
 
     def strategy(si_plugin):
-        torch.manual_seed(0)
-        model = SharedHeadNet(784, (hidden, hidden), 2)
-        plugins = [FastTensorLoader(stream, 128, iterations=chunk)]
-        if si_plugin is not None:
-            plugins.insert(0, si_plugin)
-        strat = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                      train_mb_size=128, train_epochs=1, plugins=plugins, evaluator=None,
-                      device="cpu")
+        strat = _naive_strategy(stream, hidden, chunk, si_plugin)
         strat.train(exps[0], eval_streams=[], num_workers=0)
         return strat
 
