@@ -99,9 +99,6 @@ def _configs(args) -> list:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
     if args.task_head != "separate" and "task" not in args.scenario:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
-    benchmark = args.benchmark or preset.get("benchmark")
-    if args.class_order != "seeded" and benchmark and not benchmark.startswith("split-"):
-        raise UsageError(f"--class-order applies to split benchmarks only, not {benchmark}.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
     for name in ("si_lambda", "ewc_lambda"):
@@ -133,6 +130,9 @@ def _configs(args) -> list:
         base["benchmark"] = args.benchmark
     if "benchmark" not in base:
         raise UsageError("choose a --benchmark or a --preset.")
+    if args.class_order != "seeded" and not base["benchmark"].startswith("split-"):
+        raise UsageError(f"--class-order applies to split benchmarks only, not "
+                         f"{base['benchmark']}.")
     data_root = args.data_root or default_data_root()
     configs = []
     for scenario in args.scenario:
