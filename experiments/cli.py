@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="skip tables and plots")
     rep = sub.add_parser("report", help="rebuild tables and plots from saved results")
     rep.add_argument("--out", default="results/digits")
+    rep.add_argument("--readme", default=None, metavar="README.md",
+                     help="then refresh this file's '<!-- copy of PATH -->' blocks from the "
+                          "files they name (how this project's README tables are made)")
     return p
 
 
@@ -198,6 +201,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import refresh_readme, write_report
+
+    if args.readme and not Path(args.readme).is_file():
+        raise UsageError(f"--readme {args.readme}: no such file.")
+    try:
+        write_report(Path(args.out))
+        changed = refresh_readme(Path(args.readme)) if args.readme else None
+    except FileNotFoundError as exc:  # no results yet, or a README block naming a missing file
+        raise UsageError(str(exc)) from None
+    if changed is not None:
+        print(f"{args.readme}: " + (f"refreshed {', '.join(changed)}" if changed
+                                     else "its copied tables were current"))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -205,9 +224,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "report":
-            from .report import write_report
-            write_report(Path(args.out))
-            return 0
+            return cmd_report(args)
         return cmd_run(args)
     except (UsageError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

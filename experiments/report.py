@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -116,6 +117,46 @@ def paired_table(rows: list[dict]) -> str:
         lines.append(f"| {r['benchmark']} | {r['scenario']} | {r['method']} | {r['reference']} | "
                      f"{r['seeds']} | {_pm(r['difference'], r['difference_sem'])} |")
     return "\n".join(lines) + "\n"
+
+
+#: A README block that holds a copy of a results file: the opening comment names the file
+#: (relative to the README's folder), the closing one ends the copy.
+README_BLOCK = re.compile(r"(<!-- copy of (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end of copy -->)",
+                          re.S)
+
+
+def readme_copies(readme: Path) -> list[tuple[str, str, str]]:
+    """Each ``(path, body in the README, current file text)`` of the README's copied blocks.
+
+    Raises ``FileNotFoundError`` (naming the block) if a block names a file that is not there.
+    """
+    readme = Path(readme)
+    blocks = []
+    for m in README_BLOCK.finditer(readme.read_text()):
+        src = readme.parent / m["path"]
+        if not src.is_file():
+            raise FileNotFoundError(f"{readme} copies {m['path']}, which does not exist; run "
+                                    f"`python -m experiments report` for its folder, or remove "
+                                    f"the block.")
+        blocks.append((m["path"], m["body"], src.read_text()))
+    return blocks
+
+
+def refresh_readme(readme: Path) -> list[str]:
+    """Replace every ``<!-- copy of PATH -->`` block of ``readme`` by PATH's current text.
+
+    So the README's result tables are the files ``write_report`` wrote from the runs, never
+    typed by hand (a test checks they still agree). Returns the paths whose copy changed.
+    """
+    readme = Path(readme)
+    current = {path: text for path, _, text in readme_copies(readme)}
+    text = readme.read_text()
+    changed = sorted({m["path"] for m in README_BLOCK.finditer(text)
+                      if m["body"] != current[m["path"]]})
+    new = README_BLOCK.sub(lambda m: m[1] + current[m["path"]] + m[4], text)
+    if new != text:
+        readme.write_text(new)
+    return changed
 
 
 def write_report(out: Path) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,32 @@ def test_rerun_skips_finished_runs_and_report_rebuilds(digits_results, capsys):
     (digits_results / "summary.md").unlink()
     assert main(["report", "--out", str(digits_results)]) == 0
     assert (digits_results / "summary.md").exists()
+
+
+def test_report_refreshes_the_readme_copies_it_names(digits_results, tmp_path, capsys):
+    from experiments.report import readme_copies
+
+    out = tmp_path / "res"
+    shutil.copytree(digits_results, out)
+    readme = tmp_path / "README.md"
+    readme.write_text("Intro.\n\n<!-- copy of res/summary.md -->\n| stale | table |\n"
+                      "<!-- end of copy -->\n\nMiddle.\n<!-- copy of res/paired.md -->\n"
+                      "<!-- end of copy -->\nEnd.\n")
+    assert main(["report", "--out", str(out), "--readme", str(readme)]) == 0
+    assert "refreshed res/paired.md, res/summary.md" in capsys.readouterr().out
+    text = readme.read_text()
+    assert text.startswith("Intro.\n\n<!-- copy of res/summary.md -->\n| benchmark |")
+    assert "| stale |" not in text and text.endswith("<!-- end of copy -->\nEnd.\n")
+    assert [body == current for _, body, current in readme_copies(readme)] == [True, True]
+    assert main(["report", "--out", str(out), "--readme", str(readme)]) == 0
+    assert "its copied tables were current" in capsys.readouterr().out
+    assert readme.read_text() == text
+
+    readme.write_text(text + "<!-- copy of res/gone.md -->\n<!-- end of copy -->\n")
+    assert main(["report", "--out", str(out), "--readme", str(readme)]) == 2
+    assert "copies res/gone.md, which does not exist" in capsys.readouterr().err
+    assert main(["report", "--out", str(out), "--readme", str(tmp_path / "nope.md")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_paired_differences_use_only_shared_seeds():
@@ -163,6 +190,7 @@ def test_mean_sem():
     (["run", "--preset", "vandeven-split-mnist", "--benchmark", "split-digits"], "contradicts"),
     (["run", "--scenario", "domain", "--task-head", "shared"], "applies to --scenario task only"),
     (["run", "--device", "cuda"], "CUDA is not available"),
+    (["report", "--out", "no/such/folder"], "no results (seed*.json) under no/such/folder"),
 ])
 def test_bad_input_gets_a_one_line_error(argv, message, capsys):
     try:

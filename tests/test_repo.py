@@ -36,6 +36,32 @@ def test_constraints_pin_the_local_torch():
     assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
 
 
+def test_readme_result_tables_are_copies_of_the_results_files():
+    # every reproduction table in the README is a verbatim copy of a summary.md / paired.md
+    # that `python -m experiments report` wrote (refresh with `report --readme README.md`)
+    from experiments.report import readme_copies
+
+    copies = readme_copies(ROOT / "README.md")
+    presets = {path.split("/")[1] for path, _, _ in copies}
+    assert {"vandeven-split-mnist", "vandeven-permuted-mnist", "zenke-permuted-mnist",
+            "vandeven-split-fmnist", "vandeven-permuted-fmnist"} <= presets
+    for path, body, current in copies:
+        assert body == current, f"README's copy of {path} is stale: python -m experiments " \
+                                f"report --out {Path(path).parent} --readme README.md"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "results").iterdir()
+                                          if any(p.rglob("seed*.json"))))
+def test_results_tables_are_what_the_run_files_give(folder):
+    # and each summary.md / paired.md is what the committed per-run JSON files give
+    from experiments.report import load_results, markdown_table, paired, paired_table, summarize
+
+    out = ROOT / "results" / folder
+    results = load_results(out)
+    assert markdown_table(summarize(results)) == (out / "summary.md").read_text()
+    assert paired_table(paired(results)) == (out / "paired.md").read_text()
+
+
 DATA = os.environ.get("AVALANCHE_SI_DATA", "data")
 
 
