@@ -20,6 +20,8 @@ METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "j
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
 TASK_HEADS = ("separate", "shared")                # experiments.models.TASK_HEADS
+SPLIT_CLASSES = {"split-mnist": 10, "split-fmnist": 10, "split-digits": 10, "split-cifar10": 10,
+                 "split-cifar100": 100}
 
 
 class UsageError(ValueError):
@@ -100,6 +102,16 @@ def _configs(args) -> list:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
     if "si" not in args.method and args.si_clamp is not None:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
+    si_methods = {"si", "avalanche-si", "avalanche-si-fixed"}
+    for opt, value in (("--si-lambda", args.si_lambda), ("--eps", args.eps)):
+        if value is not None and not si_methods & set(args.method):
+            raise UsageError(f"{opt} applies to the SI methods only (si, avalanche-si, "
+                             f"avalanche-si-fixed); add one to --method.")
+    if args.ewc_lambda is not None and "ewc" not in args.method:
+        raise UsageError("--ewc-lambda applies to --method ewc only; add ewc to --method.")
+    if args.hidden is not None and any(h <= 0 for h in args.hidden):
+        raise UsageError(f"--hidden sizes must be positive integers, got "
+                         f"{' '.join(map(str, args.hidden))}.")
     if args.task_head != "separate" and "task" not in args.scenario:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
     if any(s < 0 for s in args.seeds):
@@ -133,6 +145,11 @@ def _configs(args) -> list:
         base["benchmark"] = args.benchmark
     if "benchmark" not in base:
         raise UsageError("choose a --benchmark or a --preset.")
+    n_classes = SPLIT_CLASSES.get(base["benchmark"])
+    if n_classes and args.n_tasks and n_classes % args.n_tasks:
+        raise UsageError(f"{base['benchmark']} has {n_classes} classes, which --n-tasks "
+                         f"{args.n_tasks} cannot split into equal tasks; use a divisor of "
+                         f"{n_classes}.")
     if args.class_order != "seeded" and not base["benchmark"].startswith("split-"):
         raise UsageError(f"--class-order applies to split benchmarks only, not "
                          f"{base['benchmark']}.")

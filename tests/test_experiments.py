@@ -190,6 +190,12 @@ def test_mean_sem():
     (["run", "--preset", "vandeven-split-mnist", "--benchmark", "split-digits"], "contradicts"),
     (["run", "--scenario", "domain", "--task-head", "shared"], "applies to --scenario task only"),
     (["run", "--device", "cuda"], "CUDA is not available"),
+    (["run", "--method", "naive", "--si-lambda", "1"], "--si-lambda applies to the SI methods"),
+    (["run", "--method", "naive", "ewc", "--eps", "0.1"], "--eps applies to the SI methods"),
+    (["run", "--method", "si", "--ewc-lambda", "1"], "--ewc-lambda applies to --method ewc only"),
+    (["run", "--hidden", "100", "0"], "--hidden sizes must be positive integers, got 100 0"),
+    (["run", "--n-tasks", "7"], "split-digits has 10 classes, which --n-tasks 7 cannot split"),
+    (["run", "--benchmark", "split-cifar100", "--n-tasks", "3"], "a divisor of 100"),
     (["report", "--out", "no/such/folder"], "no results (seed*.json) under no/such/folder"),
 ])
 def test_bad_input_gets_a_one_line_error(argv, message, capsys):
@@ -240,6 +246,9 @@ def test_cli_mode_lists_mirror_the_package():
     from experiments import models
 
     assert cli.TASK_HEADS == models.TASK_HEADS
+    from experiments import streams
+
+    assert set(cli.SPLIT_CLASSES) == {b for b in streams.BENCHMARKS if b.startswith("split-")}
 
 
 def test_si_variants_get_their_own_results(tmp_path):
