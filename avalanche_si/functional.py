@@ -39,20 +39,26 @@ The module has two layers:
    empty for ``params_name=None``; ``i`` is the position in ``params``), so that
    several parameter groups of one network each carry their own SI. A script
    written against that design runs unchanged against these.
-2. The list kernels (``accumulate_*``, :func:`penalty_grad_`, :func:`penalty_value`,
-   :func:`consolidate`) that do the work with fused multi-tensor
+2. The list kernels (``accumulate_*``, :func:`penalty_step`, :func:`penalty_grad_`,
+   :func:`penalty_value`, :func:`consolidate`) that do the work with fused multi-tensor
    (``torch._foreach_*``) operations. The four functions call them, and so does
    :class:`avalanche_si.SIPlugin`, which holds the lists once per experience.
+   :func:`penalty_step` and :func:`accumulate_from_pre`, the two per-step kernels, do
+   their work in one pass each on contiguous float32 CPU tensors (C kernels compiled at
+   first use, bit-identical to the ``_foreach`` path: see :mod:`avalanche_si._fused`).
 
 Nothing here imports Avalanche.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _fused
 
 __all__ = [
     "si_pre_optim_step",
@@ -62,7 +68,9 @@ __all__ = [
     "si_buffer_names",
     "NonFiniteImportanceError",
     "accumulate_from_step",
+    "accumulate_from_pre",
     "accumulate_from_delta",
+    "penalty_step",
     "penalty_grad",
     "penalty_grad_",
     "penalty_value",
@@ -98,6 +106,30 @@ def accumulate_from_step(running: Sequence[Tensor], grads: Sequence[Tensor],
     """
     if running:
         torch._foreach_addcmul_(running, grads, neg_delta)
+
+
+@torch.no_grad()
+def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
+                        pre: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    r"""ω ← ω + g ⊙ (θ_pre − θ) after a step, θ_pre the weights before it.
+
+    One pass on contiguous float32 CPU tensors (:mod:`avalanche_si._fused`), else
+    ``θ_pre − θ`` into ``pre`` and :func:`accumulate_from_step`; both give the same bits.
+    ``pre`` is scratch: its content afterwards is unspecified.
+
+    Args:
+        running: the running importances :math:`\omega`, updated in place.
+        grads: the gradients :math:`g` the importance is measured with.
+        pre: :math:`\theta_\text{pre\_step}`, the weights before the step.
+        params: :math:`\theta`, the weights after it.
+    """
+    if not running:
+        return
+    if _fused.eligible(running, grads, pre, params):  # no_grad: parameters need no detach()
+        _fused.accumulate(running, grads, pre, params)
+    else:
+        torch._foreach_sub_(pre, params)  # θ_pre − θ = −Δθ
+        accumulate_from_step(running, grads, pre)
 
 
 @torch.no_grad()
@@ -141,6 +173,57 @@ def penalty_grad(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
     """
     d = torch._foreach_sub(params, prev)
     return torch._foreach_addcmul(grads, omega, d, value=2.0 * strength), d
+
+
+@torch.no_grad()
+def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
+                 prev: Sequence[Tensor], *, strength: float, in_place: bool = True,
+                 pre: Optional[Sequence[Tensor]] = None
+                 ) -> tuple[list[Tensor], Callable[[], Tensor]]:
+    r"""One step's penalty gradient, and optionally the checkpoint of the weights before the step.
+
+    Computes :math:`g' = g + 2c\,\Omega \odot (\theta - \theta_\text{prev})` and, when
+    ``pre`` is given, copies :math:`\theta` into it (the :math:`\theta_\text{pre\_step}`
+    that :func:`accumulate_from_pre` needs after the step), reading :math:`\theta` once.
+    On contiguous float32 CPU tensors this is one pass over memory with no temporary
+    (:mod:`avalanche_si._fused`); otherwise :func:`penalty_grad_` / :func:`penalty_grad`
+    and a copy. Both paths give the same bits for :math:`g'` and ``pre``.
+
+    Args:
+        grads, omega, params, prev: :math:`g`, :math:`\Omega`, :math:`\theta`,
+            :math:`\theta_\text{prev}`.
+        strength: the SI strength :math:`c`.
+        in_place: add to ``grads`` (True) or leave them as they are and return new
+            tensors (False: the task gradient survives the step, for ``importance="task"``).
+        pre: where to copy :math:`\theta`, or None.
+
+    Returns:
+        ``(g', value)``: the gradients to step with (``grads`` itself when ``in_place``),
+        and a function returning :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
+        at this step as a 0-d tensor (no host sync; on the fused path summed in float64).
+        ``value.held`` lists the tensors it keeps alive until it is dropped: ``d`` on the
+        ``_foreach`` path (n numbers), one float64 sum per tensor on the fused path.
+    """
+    lists = (grads, omega, params, prev) + ((pre,) if pre is not None else ())
+    if grads and _fused.eligible(*lists):
+        out = grads if in_place else [torch.empty_like(g) for g in grads]
+        sums = _fused.penalty(out, grads, omega, params, prev, pre, two_c=2.0 * strength)
+        value = partial(_summed_value, sums, strength, params[0].dtype)
+        value.held = [sums]
+        return list(out), value
+    if in_place:
+        out, d = list(grads), penalty_grad_(grads, omega, params, prev, strength=strength)
+    else:
+        out, d = penalty_grad(grads, omega, params, prev, strength=strength)
+    if pre:
+        torch._foreach_copy_(pre, params)
+    value = partial(penalty_value, omega, d, strength=strength)
+    value.held = d
+    return out, value
+
+
+def _summed_value(sums: Tensor, strength: float, dtype: torch.dtype) -> Tensor:
+    return (sums.sum() * strength).to(dtype)
 
 
 @torch.no_grad()
@@ -303,8 +386,7 @@ def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
         running.append(omega)
         grads.append(p.grad)
     if delta_params is None:
-        torch._foreach_sub_(other, [p.detach() for _, p in active])  # θ_pre − θ = −Δθ
-        accumulate_from_step(running, grads, other)
+        accumulate_from_pre(running, grads, other, [p for _, p in active])
         for name in names:  # a second post-step without a new pre-step is an error
             _set_buffer(net, name, None)
     else:

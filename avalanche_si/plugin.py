@@ -1,10 +1,12 @@
 r"""Synaptic Intelligence as an Avalanche plugin.
 
 The plugin only translates Avalanche's callbacks into calls of the list kernels of
-:mod:`avalanche_si.functional`; the maths lives there. Per training step it does a
-handful of fused ``torch._foreach_*`` operations over lists it builds once per
-experience: no name matching, no Python arithmetic loop over parameters, no host
-copies, no host synchronisation.
+:mod:`avalanche_si.functional`; the maths lives there. Per training step it makes two passes
+over memory (after the backward pass: the penalty's gradient and the copy of the weights
+before the step; after the step: the running importance), as one-pass C kernels on
+contiguous float32 CPU tensors and as fused ``torch._foreach_*`` operations elsewhere,
+over lists it builds once per experience: no name matching, no Python arithmetic loop
+over parameters, no host copies, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from .functional import (
     CLAMP_MODES,
     DEFAULT_EPS,
     accumulate_from_delta,
-    accumulate_from_step,
+    accumulate_from_pre,
     consolidate,
-    penalty_grad,
-    penalty_grad_,
-    penalty_value,
+    penalty_step,
     si_buffer_names,
 )
 from .optim_step import StepPredictor, check_optimizer_supported
@@ -127,9 +127,8 @@ class _Group:
         self.predictor: Optional[StepPredictor] = None
         self.step_grads: list[Tensor] = []
         self.step_idx: Optional[list[int]] = None
-        self.d: Optional[list[Tensor]] = None       # θ − θ* at the last step (the temporary)
-        self.d_omega: list[Tensor] = []             # the Ω that go with it
-        self.penalty: Optional[Tensor] = None       # its value, computed when first read
+        self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
+        self.penalty: Optional[Tensor] = None              # ... computed when first read
 
     def pick(self, values: list) -> list:
         """The entries of a per-parameter list for the parameters that take part in this step."""
@@ -269,9 +268,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         over the weights), so a loop that never reads it does not pay for it."""
         values = []
         for g in self._groups:
-            if g.d is not None:
+            if g.value is not None:
                 if g.penalty is None:  # computed on demand: training does not pay for it
-                    g.penalty = penalty_value(g.d_omega, g.d, strength=g.si_lambda)
+                    g.penalty = g.value()
                 values.append(g.penalty)
         return torch.stack(values).sum() if values else None
 
@@ -419,33 +418,27 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             # optimizer move them on old momentum.
             idx = [k for k, gr in enumerate(grads) if gr is not None]
             grads = [grads[k] for k in idx]
-        g.step_idx, g.step_grads, g.d, g.penalty = idx, grads, None, None
+        g.step_idx, g.step_grads, g.value, g.penalty = idx, grads, None, None
         if not grads:
             return
+        params = g.pick(g.params)
+        # The weights before the step are recorded here, in the pass that reads them for
+        # the penalty anyway (the optimizer step is what follows; a plugin that moves the
+        # weights between the backward pass and the step has its move counted as part of it).
+        pre = None if self.importance == "delta_params" else g.pick(g.pre)
         if self.importance == "delta_params":  # measured before the penalty joins the gradient
             accumulate_from_delta(g.pick(g.running), grads, g.predictor.predict(grads, mask=idx))
         if g.consolidated and g.si_lambda != 0.0:
-            g.d_omega = g.pick(g.omega)
-            params = g.pick(g.params)
+            # "task": the optimizer gets new gradient tensors with the penalty added; the
+            # task gradients stay in g.step_grads for ω.
+            total, g.value = penalty_step(grads, g.pick(g.omega), params, g.pick(g.prev),
+                                          strength=g.si_lambda, pre=pre,
+                                          in_place=self.importance != "task")
             if self.importance == "task":
-                # The optimizer gets new gradient tensors with the penalty added; the task
-                # gradients stay in g.step_grads for ω (same passes as in place, no later
-                # subtraction of 2cΩd).
-                total, g.d = penalty_grad(grads, g.d_omega, params, g.pick(g.prev),
-                                          strength=g.si_lambda)
                 for p, t in zip(params, total):
                     p.grad = t
-            else:
-                g.d = penalty_grad_(grads, g.d_omega, params, g.pick(g.prev),
-                                    strength=g.si_lambda)
-
-    @torch.no_grad()
-    def before_update(self, strategy, **kwargs) -> None:
-        if self.importance == "delta_params":
-            return
-        for g in self._groups:
-            if g.step_grads:
-                torch._foreach_copy_(g.pick(g.pre), g.pick(g.params))  # no_grad: no detach needed
+        elif pre is not None:
+            torch._foreach_copy_(pre, params)  # no_grad: no detach needed
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs) -> None:
@@ -454,9 +447,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         for g in self._groups:
             if not g.step_grads:
                 continue
-            pre, running = g.pick(g.pre), g.pick(g.running)
-            torch._foreach_sub_(pre, g.pick(g.params))  # θ_pre − θ = −Δθ
-            accumulate_from_step(running, g.step_grads, pre)  # "task": the task gradient
+            # ω += g·(θ_pre − θ); with "task" g is the task gradient
+            accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre), g.pick(g.params))
             g.step_grads = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:
@@ -465,7 +457,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps, clamp=self.clamp,
                         names=[f"{n!r} (SI group {g.label})" for n in g.names])
             g.consolidated = g.consolidated or bool(g.params)
-            g.step_grads, g.d, g.d_omega, g.penalty = [], None, [], None
+            g.step_grads, g.value, g.penalty = [], None, None
 
     # ------------------------------------------------------------- saving and loading
 

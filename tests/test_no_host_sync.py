@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from avalanche_si import SIPlugin
+from avalanche_si import SIPlugin, _fused
 
 FORBIDDEN = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
              "__repr__", "__str__", "__format__")
@@ -39,9 +39,18 @@ def no_host_sync(allowed_ids=frozenset()):
             setattr(torch.Tensor, name, fn)
 
 
+@pytest.mark.parametrize("path", ["fused", "foreach"])
 @pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_step_hooks_never_sync(importance, optimizer):
+def test_step_hooks_never_sync(importance, optimizer, path):
+    if path == "fused" and not _fused.available():
+        pytest.skip(f"fused kernels unavailable: {_fused.why_not}")
+    # "foreach" is what a GPU runs: the C kernels take contiguous float32 CPU tensors only
+    with (_fused.disabled() if path == "foreach" else contextlib.nullcontext()):
+        _step_hooks_never_sync(importance, optimizer)
+
+
+def _step_hooks_never_sync(importance, optimizer):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = torch.optim.Adam(model.parameters(), lr=0.01) if optimizer == "adam" else \
