@@ -16,9 +16,10 @@ peak (every tensor allocation traced with a ``TorchDispatchMode``). Minor page f
 step are counted too (a count, not a time, so it holds under load): on a CPU, glibc can hand
 a freed temporary back to the OS and fault it in again at the next step's allocation.
 
-Part 2, inside a real strategy (target 1 of the performance issue as worded): three Avalanche
-``Naive`` strategies, without SI, with ``SIPlugin`` and with Avalanche's own SI plugin, timed
-in turn in chunks of iterations.
+Part 2, inside a real strategy (target 1 of the performance issue as worded): four Avalanche
+``Naive`` strategies, without SI, with ``SIPlugin``, with ``SIPlugin`` on its ``_foreach`` path
+only (its one-pass C kernels switched off) and with Avalanche's own SI plugin, timed in turn in
+chunks of iterations.
 
 Part 3, end to end (target 4 of the performance issue): van de Ven's split-MNIST protocol
 (5 tasks x ``--iterations`` mini-batches, 784-400-400, Adam) through an Avalanche ``Naive``
@@ -44,7 +45,7 @@ warnings.filterwarnings("ignore")
 
 from avalanche.training.plugins import SynapticIntelligencePlugin  # noqa: E402
 
-from avalanche_si import SIPlugin  # noqa: E402
+from avalanche_si import SIPlugin, _fused  # noqa: E402
 
 
 def mlp(widths: list[int]) -> torch.nn.Sequential:
@@ -82,6 +83,19 @@ class LoopSI:
             o += torch.clamp(r / ((p.detach() - q) ** 2 + self.eps), min=0)
             q.copy_(p.detach())
             r.zero_()
+
+
+class ForeachSIPlugin(SIPlugin):
+    """SIPlugin with its one-pass C kernels switched off: the ``_foreach`` path (what a GPU
+    runs), to measure what the kernels win side by side."""
+
+    def after_backward(self, strategy, **kwargs):
+        with _fused.disabled():
+            super().after_backward(strategy, **kwargs)
+
+    def after_update(self, strategy, **kwargs):
+        with _fused.disabled():
+            super().after_update(strategy, **kwargs)
 
 
 HOOKS = ("before_training_exp", "before_training_iteration", "before_backward", "after_backward",
@@ -187,6 +201,7 @@ def peak_step_bytes(bench: Bench) -> int:
 VARIANTS = {
     "no SI": None,
     "SIPlugin total": lambda: SIPlugin(1.0, eps=0.1, importance="total"),
+    "SIPlugin total, _foreach only": lambda: ForeachSIPlugin(1.0, eps=0.1, importance="total"),
     "SIPlugin task": lambda: SIPlugin(1.0, eps=0.1, importance="task"),
     "SIPlugin delta_params": lambda: SIPlugin(1.0, eps=0.1, importance="delta_params"),
     "Avalanche SI plugin": lambda: SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1),
@@ -336,6 +351,8 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
 
     strategies = {"Avalanche Naive, no SI": strategy(None),
                   "Avalanche Naive + SIPlugin": strategy(SIPlugin(500.0, eps=0.1)),
+                  "Avalanche Naive + SIPlugin, _foreach only":
+                      strategy(ForeachSIPlugin(500.0, eps=0.1)),
                   "Avalanche Naive + Avalanche's SI plugin":
                       strategy(SynapticIntelligencePlugin(si_lambda=1000.0, eps=0.1))}
     times = {k: [] for k in strategies}
@@ -409,18 +426,20 @@ def main(argv=None) -> int:
               f"task 2, penalty active), 784-H-H, Adam, batch 128, c = 500; median (min-max) "
               f"of {reps} alternating chunks of {chunk} iterations")
         print("| H | n weights | Avalanche Naive, no SI, ms/iter | + SIPlugin, ms/iter | "
-              "overhead | + Avalanche's SI plugin, ms/iter | overhead | SIPlugin's overhead / "
-              "Avalanche's |")
-        print("|---|---|---|---|---|---|---|---|")
+              "overhead | + SIPlugin, _foreach only, ms/iter | overhead | + Avalanche's SI "
+              "plugin, ms/iter | overhead | SIPlugin's overhead / Avalanche's |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for hidden in ([400] if args.quick else args.strategy_hidden):
             t = in_strategy(hidden, chunk=chunk, repeats=reps,
                             data_root=args.data_root or default_data_root())
             cells = [t[k] for k in ("Avalanche Naive, no SI", "Avalanche Naive + SIPlugin",
+                                    "Avalanche Naive + SIPlugin, _foreach only",
                                     "Avalanche Naive + Avalanche's SI plugin")]
-            b, ours, theirs = (m for m, _, _ in cells)
+            b, ours, foreach, theirs = (m for m, _, _ in cells)
             text = [f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in cells]
             print(f"| {hidden} | {t['n'] / 1e6:.2f}M | {text[0]} | {text[1]} | "
-                  f"{100 * (ours / b - 1):+.1f}% | {text[2]} | {100 * (theirs / b - 1):+.1f}% | "
+                  f"{100 * (ours / b - 1):+.1f}% | {text[2]} | {100 * (foreach / b - 1):+.1f}% | "
+                  f"{text[3]} | {100 * (theirs / b - 1):+.1f}% | "
                   f"{(ours - b) / (theirs - b):.2f} |", flush=True)
     if not args.no_e2e:
         iterations = 200 if args.quick else args.e2e_iterations
