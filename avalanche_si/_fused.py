@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from array import array
 import shutil
 import subprocess
 import sys
@@ -54,14 +55,18 @@ _SOURCE = r"""
 #define MAC(a, b, c) ((c) + (a) * (b))
 #endif
 #define GRAIN 32768                          /* ATen's grain size for elementwise work */
+/* tab: k pointers per list, the lists one after the other, then the k sizes */
+#define AT(list, j) ((float *)(intptr_t)tab[(list) * k + (j)])
 
-/* out = g + (two_c * om) * (th - prev); pre = th (if pre); sums[j] = sum om * d^2 */
-void si_penalty(int k, float **g, float **out, float **om, float **th, float **prev,
-                float **pre, const int64_t *n, float two_c, double *sums, int nthreads) {
+/* lists g, out, om, th, prev[, pre]: out = g + (two_c * om) * (th - prev); pre = th;
+   sums[j] = sum om * (th - prev)^2 */
+void si_penalty(int k, const int64_t *tab, int has_pre, float two_c, double *sums,
+                int nthreads) {
+    const int64_t *n = tab + (has_pre ? 6 : 5) * k;
     for (int j = 0; j < k; j++) {
-        const float *gj = g[j], *omj = om[j], *thj = th[j], *pvj = prev[j];
-        float *oj = out[j];
-        float *prj = pre ? pre[j] : 0;
+        const float *gj = AT(0, j), *omj = AT(2, j), *thj = AT(3, j), *pvj = AT(4, j);
+        float *oj = AT(1, j);
+        float *prj = has_pre ? AT(5, j) : 0;
         const int64_t nj = n[j];
         double s = 0.0;
         if (prj) {
@@ -86,12 +91,12 @@ void si_penalty(int k, float **g, float **out, float **om, float **th, float **p
     }
 }
 
-/* run += g * (pre - th) */
-void si_accumulate(int k, float **run, float **g, float **pre, float **th,
-                   const int64_t *n, int nthreads) {
+/* lists run, g, pre, th: run += g * (pre - th) */
+void si_accumulate(int k, const int64_t *tab, int nthreads) {
+    const int64_t *n = tab + 4 * k;
     for (int j = 0; j < k; j++) {
-        float *rj = run[j];
-        const float *gj = g[j], *prj = pre[j], *thj = th[j];
+        float *rj = AT(0, j);
+        const float *gj = AT(1, j), *prj = AT(2, j), *thj = AT(3, j);
         const int64_t nj = n[j];
         #pragma omp parallel for simd schedule(static) num_threads(nthreads) if (nj >= GRAIN)
         for (int64_t i = 0; i < nj; i++)
@@ -150,11 +155,10 @@ def _compile(fma: bool) -> ctypes.CDLL:
         raise OSError(f"{cc} failed: {errors[0][0]}")
     loaded = ctypes.CDLL(lib)
     shutil.rmtree(tmp, ignore_errors=True)  # loaded: the file is no longer needed
-    P, I64 = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)
-    loaded.si_penalty.argtypes = [ctypes.c_int, P, P, P, P, P, P, I64, ctypes.c_float,
-                                  ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    V, I = ctypes.c_void_p, ctypes.c_int
+    loaded.si_penalty.argtypes = [I, V, I, ctypes.c_float, V, I]
     loaded.si_penalty.restype = None
-    loaded.si_accumulate.argtypes = [ctypes.c_int, P, P, P, P, I64, ctypes.c_int]
+    loaded.si_accumulate.argtypes = [I, V, I]
     loaded.si_accumulate.restype = None
     return loaded
 
@@ -194,50 +198,64 @@ def disabled():
 def eligible(*lists: Sequence[Tensor]) -> bool:
     """All tensors contiguous float32 on the CPU, position by position of one size, and
     the kernels available and not :func:`disabled`."""
-    if _off:
-        return False
-    first = lists[0]
+    return _pointers(lists) is not None
+
+
+def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
+    """The data pointers of every tensor, list after list, then the sizes of the first
+    list's tensors; None unless :func:`eligible`. One pass, the only per-step check."""
+    if _off or not available():
+        return None
+    sizes = [t.numel() for t in lists[0]]
+    k = len(sizes)
+    out = []
     for lst in lists:
-        if len(lst) != len(first):
-            return False
-        for t, ref in zip(lst, first):
-            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() \
-                    or t.numel() != ref.numel():
-                return False
-    return available()
+        if len(lst) != k:
+            return None
+        for t, n in zip(lst, sizes):
+            if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous() or t.numel() != n:
+                return None
+            out.append(t.data_ptr())
+    return out + sizes
 
 
-def _ptrs(tensors: Sequence[Tensor]):
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+_F32 = torch.float32
 
 
-def _sizes(tensors: Sequence[Tensor]):
-    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
+            prev: Sequence[Tensor], pre: Optional[Sequence[Tensor]], *, two_c: float,
+            in_place: bool) -> Optional[tuple[list[Tensor], Tensor]]:
+    r"""One pass: ``g' = grads + two_c·Ω·(θ − θ*)`` (into ``grads`` if ``in_place``, else
+    into new tensors) and ``pre = θ`` if given.
 
-
-def penalty(out: Sequence[Tensor], grads: Sequence[Tensor], omega: Sequence[Tensor],
-            params: Sequence[Tensor], prev: Sequence[Tensor], pre: Optional[Sequence[Tensor]],
-            *, two_c: float) -> Tensor:
-    r"""One pass: ``out = grads + two_c·Ω·(θ − θ*)``, ``pre = θ`` if given; returns the
-    float64 per-tensor sums of :math:`\Omega(\theta - \theta^*)^2`.
-
-    ``out`` may be ``grads`` (in place). The caller has checked :func:`eligible`.
+    Returns:
+        ``(g', sums)``, ``sums`` the float64 per-tensor sums of
+        :math:`\Omega(\theta - \theta^*)^2`; or None, having done nothing, when the
+        tensors are not :func:`eligible`.
     """
+    lists = [grads, omega, params, prev] + ([pre] if pre is not None else [])
+    table = _pointers(lists)
+    if table is None:
+        return None
     k = len(grads)
+    out = list(grads) if in_place else [torch.empty_like(g) for g in grads]
+    table[k:k] = table[:k] if in_place else [t.data_ptr() for t in out]  # the out list
+    tab = array("q", table)
     sums = torch.empty(k, dtype=torch.float64)
-    _lib.si_penalty(k, _ptrs(grads), _ptrs(out), _ptrs(omega), _ptrs(params), _ptrs(prev),
-                    _ptrs(pre) if pre is not None else None, _sizes(params),
-                    ctypes.c_float(two_c),
-                    ctypes.cast(sums.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+    _lib.si_penalty(k, tab.buffer_info()[0], int(pre is not None), two_c, sums.data_ptr(),
                     torch.get_num_threads())
-    return sums
+    return out, sums
 
 
 def accumulate(running: Sequence[Tensor], grads: Sequence[Tensor], pre: Sequence[Tensor],
-               params: Sequence[Tensor]) -> None:
+               params: Sequence[Tensor]) -> bool:
     r"""One pass: :math:`\omega \leftarrow \omega + g \cdot (\theta_\text{pre} - \theta)`.
 
-    The caller has checked :func:`eligible`.
+    Returns False, having done nothing, when the tensors are not :func:`eligible`.
     """
-    _lib.si_accumulate(len(running), _ptrs(running), _ptrs(grads), _ptrs(pre), _ptrs(params),
-                       _sizes(params), torch.get_num_threads())
+    table = _pointers([running, grads, pre, params])
+    if table is None:
+        return False
+    tab = array("q", table)
+    _lib.si_accumulate(len(running), tab.buffer_info()[0], torch.get_num_threads())
+    return True

@@ -123,12 +123,8 @@ def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
         pre: :math:`\theta_\text{pre\_step}`, the weights before the step.
         params: :math:`\theta`, the weights after it.
     """
-    if not running:
-        return
-    if _fused.eligible(running, grads, pre, params):  # no_grad: parameters need no detach()
-        _fused.accumulate(running, grads, pre, params)
-    else:
-        torch._foreach_sub_(pre, params)  # θ_pre − θ = −Δθ
+    if running and not _fused.accumulate(running, grads, pre, params):
+        torch._foreach_sub_(pre, params)  # θ_pre − θ = −Δθ (no_grad: parameters need no detach)
         accumulate_from_step(running, grads, pre)
 
 
@@ -204,13 +200,13 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         ``value.held`` lists the tensors it keeps alive until it is dropped: ``d`` on the
         ``_foreach`` path (n numbers), one float64 sum per tensor on the fused path.
     """
-    lists = (grads, omega, params, prev) + ((pre,) if pre is not None else ())
-    if grads and _fused.eligible(*lists):
-        out = grads if in_place else [torch.empty_like(g) for g in grads]
-        sums = _fused.penalty(out, grads, omega, params, prev, pre, two_c=2.0 * strength)
+    fused = _fused.penalty(grads, omega, params, prev, pre, two_c=2.0 * strength,
+                           in_place=in_place) if grads else None
+    if fused is not None:
+        out, sums = fused
         value = partial(_summed_value, sums, strength, params[0].dtype)
         value.held = [sums]
-        return list(out), value
+        return out, value
     if in_place:
         out, d = list(grads), penalty_grad_(grads, omega, params, prev, strength=strength)
     else:
