@@ -137,24 +137,26 @@ def _compile(fma: bool) -> ctypes.CDLL:
     if not cc:
         raise OSError("no C compiler found (set $CC)")
     tmp = tempfile.mkdtemp(prefix="avalanche_si_")
-    src, lib = os.path.join(tmp, "si_fused.c"), os.path.join(tmp, "si_fused.so")
-    with open(src, "w") as f:
-        f.write(_SOURCE)
-    base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", f"-DSI_FMA={int(fma)}",
-            "-o", lib, src, "-lm"]
-    errors = []
-    # Without OpenMP the kernels still work (one thread); without -march=native they
-    # still vectorize with the baseline instruction set.
-    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-        done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True)
-        if done.returncode == 0:
-            break
-        errors.append(done.stderr.strip().splitlines()[-1:] or ["?"])
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"{cc} failed: {errors[0][0]}")
-    loaded = ctypes.CDLL(lib)
-    shutil.rmtree(tmp, ignore_errors=True)  # loaded: the file is no longer needed
+    try:
+        src, lib = os.path.join(tmp, "si_fused.c"), os.path.join(tmp, "si_fused.so")
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", f"-DSI_FMA={int(fma)}",
+                "-o", lib, src, "-lm"]
+        first_error = None
+        # Without OpenMP the kernels still work (one thread); without -march=native they
+        # still vectorize with the baseline instruction set.
+        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            done = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode == 0:
+                break
+            first_error = first_error or (done.stderr.strip().splitlines() or ["?"])[-1]
+        else:
+            raise OSError(f"{cc} failed: {first_error}")
+        loaded = ctypes.CDLL(lib)  # OSError where the folder is not executable (noexec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # once loaded, the file is no longer needed
     V, I = ctypes.c_void_p, ctypes.c_int
     loaded.si_penalty.argtypes = [I, V, I, ctypes.c_float, V, I]
     loaded.si_penalty.restype = None
@@ -180,7 +182,7 @@ def available() -> bool:
                 try:
                     _lib = _compile(fma)
                 except (OSError, subprocess.SubprocessError) as e:
-                    why_not = f"could not be compiled: {e}"
+                    why_not = f"could not be built or loaded: {e}"
     return _lib is not None
 
 

@@ -154,9 +154,28 @@ def test_plugin_training_bit_identical_with_and_without_the_kernels(importance):
         assert all(torch.equal(o1[n], o2[n]) and o1[n].abs().sum() > 0 for n in o1)
 
 
+CHECK = """
+import torch
+from avalanche_si import _fused, functional as F
+g, o, p, q = ([torch.full((3,), v) for _ in range(2)] for v in (1.0, 2.0, 3.0, 0.5))
+out, value = F.penalty_step(g, o, p, q, strength=0.5)  # the _foreach path does the work
+print(_fused.available(), _fused.why_not, float(out[0][0]), float(value()))
+"""
+
+
+def run_check(**env):
+    done = subprocess.run([sys.executable, "-c", CHECK], env=dict(os.environ, **env),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_switched_off_by_the_environment():
-    code = ("from avalanche_si import _fused; print(_fused.available(), _fused.why_not)")
-    env = dict(os.environ, AVALANCHE_SI_FUSED="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "False switched off by AVALANCHE_SI_FUSED"
+    # g + 2c·Ω·(θ − θ*) = 1 + 2·0.5·2·2.5 = 6; c·ΣΩd² = 0.5 · (2 tensors × 3) · 2 · 2.5² = 37.5
+    assert run_check(AVALANCHE_SI_FUSED="0") == "False switched off by AVALANCHE_SI_FUSED 6.0 37.5"
+
+
+def test_a_machine_whose_compiler_fails_takes_the_foreach_path():
+    out = run_check(CC="false")
+    assert out.startswith("False could not be built or loaded: false failed") and \
+        out.endswith(" 6.0 37.5"), out
