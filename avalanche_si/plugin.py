@@ -264,8 +264,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def penalty(self) -> Optional[Tensor]:
         """The SI penalty :math:`\\sum_g c_g \\sum \\Omega (\\theta - \\theta^*)^2` at the last
         step (0-d tensor on the parameters' device), or None before the first consolidation,
-        right after one, or when every strength is 0. Computed on first read (a few passes
-        over the weights), so a loop that never reads it does not pay for it."""
+        right after one, or when every strength is 0. Computed on first read, so a loop that
+        never reads it does not pay for it: from per-tensor sums the fused CPU kernel keeps (in
+        float64), or on the ``_foreach`` path in a few passes over the weights."""
         values = []
         for g in self._groups:
             if g.value is not None:
