@@ -215,13 +215,14 @@ def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
         if len(lst) != k:
             return None
         for t, n in zip(lst, sizes):
-            if t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous() or t.numel() != n:
+            if t.dtype is not _F32 or not t.is_cpu or t.layout is not _STRIDED \
+                    or not t.is_contiguous() or t.numel() != n:
                 return None
             out.append(t.data_ptr())
     return out + sizes
 
 
-_F32 = torch.float32
+_F32, _STRIDED = torch.float32, torch.strided
 
 
 def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],

@@ -125,6 +125,7 @@ def test_what_the_kernels_cannot_take_goes_the_foreach_way():
     assert not _fused.eligible([grads[0].t(), grads[1]], omega, params, prev)  # not contiguous
     assert not _fused.eligible(grads, omega[:1], params, prev)                 # lengths differ
     assert not _fused.eligible([grads[0][:2], grads[1]], omega, params, prev)  # sizes differ
+    assert not _fused.eligible([grads[0].to_sparse(), grads[1]], omega, params, prev)
     with _fused.disabled():
         assert not _fused.eligible(grads, omega, params, prev)
     assert _fused.eligible(grads, omega, params, prev)
