@@ -203,6 +203,9 @@ def eligible(*lists: Sequence[Tensor]) -> bool:
     return _pointers(lists) is not None
 
 
+_F32, _STRIDED = torch.float32, torch.strided
+
+
 def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
     """The data pointers of every tensor, list after list, then the sizes of the first
     list's tensors; None unless :func:`eligible`. One pass, the only per-step check."""
@@ -221,8 +224,6 @@ def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
             out.append(t.data_ptr())
     return out + sizes
 
-
-_F32, _STRIDED = torch.float32, torch.strided
 
 
 def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
