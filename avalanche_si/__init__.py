@@ -12,6 +12,7 @@ expose_torch_optim_submodules()  # so that Avalanche checkpoints can pickle opti
 
 from .functional import (  # noqa: E402
     NonFiniteImportanceError,
+    fused_kernels_available,
     si_compute_importance,
     si_post_optim_step,
     si_pre_optim_step,
@@ -31,4 +32,5 @@ __all__ = [
     "si_post_optim_step",
     "si_compute_importance",
     "si_regularizer",
+    "fused_kernels_available",
 ]

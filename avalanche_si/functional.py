@@ -76,6 +76,7 @@ __all__ = [
     "penalty_value",
     "consolidate",
     "CLAMP_MODES",
+    "fused_kernels_available",
 ]
 
 # The public default for the damping ξ of the design this module follows
@@ -92,6 +93,19 @@ class NonFiniteImportanceError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+def fused_kernels_available() -> tuple[bool, Optional[str]]:
+    """Whether :func:`penalty_step` and :func:`accumulate_from_pre` run as one-pass C kernels
+    in this process (on contiguous float32 CPU tensors), and if not, why.
+
+    The first call compiles them (about 0.2 s). ``AVALANCHE_SI_FUSED=0`` switches them off.
+
+    Returns:
+        ``(True, None)``, or ``(False, reason)`` when every tensor takes the ``_foreach`` path
+        (same results, more passes over memory).
+    """
+    return _fused.available(), _fused.why_not
 
 
 @torch.no_grad()

@@ -15,6 +15,11 @@ pytestmark = pytest.mark.skipif(not _fused.available(),
                                 reason=f"fused kernels unavailable: {_fused.why_not}")
 
 
+def test_the_public_query_says_they_run():
+    from avalanche_si import fused_kernels_available
+    assert fused_kernels_available() == (True, None)
+
+
 def rand_lists(shapes, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
 
@@ -157,10 +162,10 @@ def test_plugin_training_bit_identical_with_and_without_the_kernels(importance):
 
 CHECK = """
 import torch
-from avalanche_si import _fused, functional as F
+from avalanche_si import fused_kernels_available, functional as F
 g, o, p, q = ([torch.full((3,), v) for _ in range(2)] for v in (1.0, 2.0, 3.0, 0.5))
 out, value = F.penalty_step(g, o, p, q, strength=0.5)  # the _foreach path does the work
-print(_fused.available(), _fused.why_not, float(out[0][0]), float(value()))
+print(*fused_kernels_available(), float(out[0][0]), float(value()))
 """
 
 
