@@ -5,7 +5,9 @@
     python -m experiments.bench_overhead --threads 1   # the same with one torch thread
 
 Part 1, per step: one training iteration of an MLP (Adam, batch 128, data already in
-memory) run exactly as Avalanche's ``SGDUpdate.training_epoch`` runs it (zero_grad,
+memory: random inputs and random labels from two pools of coprime sizes, so that an input
+comes back with other labels and no variant can fit them and see its gradients underflow,
+which slows Adam several-fold without SI's penalty) run exactly as Avalanche's ``SGDUpdate.training_epoch`` runs it (zero_grad,
 forward, ``before_backward``, backward, ``after_backward``, ``before_update``, step,
 ``after_update``, ``after_training_iteration``), with the plugin's hooks called in that
 order. Every variant runs with the penalty active (after one consolidation), the worst
@@ -110,14 +112,24 @@ def _call(plugins, hook, strategy):
 
 
 class Bench:
-    """A model, an optimizer, one preloaded batch and a plugin, stepped like Avalanche does."""
+    """A model, an optimizer, a pool of preloaded batches and a plugin, stepped like
+    Avalanche does.
+
+    Inputs and labels are random and come from two pools of coprime sizes (31 and 32), so
+    no (input, label) pair repeats within 992 steps and an input comes back with other
+    labels: nothing can be fitted. On one fixed batch the model fits it within a few hundred
+    steps, its gradients underflow to denormal numbers, and the step *without* SI (whose
+    penalty keeps the gradients normal) became about four times slower in Adam, which hid
+    part of SI's overhead in earlier versions of this table.
+    """
 
     def __init__(self, widths, plugin_factory, *, batch=128, seed=0):
         torch.manual_seed(seed)
         self.model = mlp(widths)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.x = torch.randn(batch, widths[0])
-        self.y = torch.randint(0, widths[-1], (batch,))
+        self.inputs = [torch.randn(batch, widths[0]) for _ in range(31)]
+        self.labels = [torch.randint(0, widths[-1], (batch,)) for _ in range(32)]
+        self.step_count = 0
         self.plugins = [plugin_factory()] if plugin_factory else []
         self.s = SimpleNamespace(model=self.model, optimizer=self.opt, loss=None, device="cpu",
                                  plugins=self.plugins,
@@ -132,9 +144,12 @@ class Bench:
     def steps(self, n: int) -> None:
         s, plugins, ce = self.s, self.plugins, torch.nn.functional.cross_entropy
         for _ in range(n):
+            x = self.inputs[self.step_count % len(self.inputs)]
+            y = self.labels[self.step_count % len(self.labels)]
+            self.step_count += 1
             _call(plugins, "before_training_iteration", s)
             self.opt.zero_grad()
-            s.loss = ce(self.model(self.x), self.y)
+            s.loss = ce(self.model(x), y)
             _call(plugins, "before_backward", s)
             s.loss.backward()
             _call(plugins, "after_backward", s)
