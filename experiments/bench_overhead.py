@@ -390,6 +390,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_overhead",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no H=2000, short e2e")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved repeats of the per-step table and chunks of the in-strategy "
+                         "one (default 15, 5 with --quick); more average out a machine whose "
+                         "speed drifts")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end comparison")
     ap.add_argument("--no-steps", action="store_true", help="skip the per-step table")
@@ -415,7 +419,9 @@ def main(argv=None) -> int:
               ("deep MLP 32x256", [784] + [256] * 31 + [10])]
     if args.quick:
         models = [m for m in models if "2000" not in m[0]]
-    repeats = 5 if args.quick else 15
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    repeats = args.repeats or (5 if args.quick else 15)
     if args.no_steps:
         models = []
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
@@ -437,6 +443,7 @@ def main(argv=None) -> int:
                   flush=True)
     if not args.no_strategy:
         chunk, reps = (50, 5) if args.quick else (200, 15)
+        reps = args.repeats or reps
         print(f"\n# SI overhead inside an Avalanche strategy: Naive on split MNIST (Domain-IL, "
               f"task 2, penalty active), 784-H-H, Adam, batch 128, c = 500; median (min-max) "
               f"of {reps} alternating chunks of {chunk} iterations")

@@ -34,7 +34,7 @@ def test_si_keeps_old_tasks_of_real_split_mnist_better_than_naive():
 @pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST not found under ${DATA_ENV} ({ROOT})")
 def test_bench_overhead_inside_a_strategy_times_every_strategy(capsys):
     """The benchmark's target-1 measurement runs two real Naive strategies (tiny here: the
-    numbers are not checked, the machinery is); bad --threads is refused."""
+    numbers are not checked, the machinery is); bad --threads and --repeats are refused."""
     from experiments import bench_overhead
 
     t = bench_overhead.in_strategy(16, chunk=3, repeats=2, data_root=ROOT)
@@ -48,3 +48,6 @@ def test_bench_overhead_inside_a_strategy_times_every_strategy(capsys):
     with pytest.raises(SystemExit):
         bench_overhead.main(["--threads", "0"])
     assert "--threads must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_overhead.main(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
