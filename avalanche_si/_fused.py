@@ -48,9 +48,6 @@ __all__ = ["available", "disabled", "eligible", "penalty", "accumulate"]
 _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if SI_FMA
 #define MAC(a, b, c) fmaf((a), (b), (c))   /* a*b + c rounded once: ATen's addcmul here */
@@ -61,72 +58,50 @@ _SOURCE = r"""
 /* tab: k pointers per list, the lists one after the other, then the k sizes */
 #define AT(list, j) ((float *)(intptr_t)tab[(list) * k + (j)])
 
-/* One parallel region per call, not per tensor: the elements of all k tensors, end to end,
-   are split into one contiguous range per thread; each thread walks the tensors its range
-   covers (lo, hi: the range within tensor j). */
-#define FOR_EACH_RANGE(...)                                                         \
-    int64_t total = 0;                                                              \
-    for (int j = 0; j < k; j++) total += n[j];                                      \
-    _Pragma("omp parallel num_threads(nthreads) if (total >= GRAIN)")               \
-    {                                                                               \
-        int t = 0, nt = 1;                                                          \
-        FOR_EACH_RANGE_THREADS                                                      \
-        const int64_t first = total * t / nt, last = total * (t + 1) / nt;          \
-        int64_t off = 0;                                                            \
-        for (int j = 0; j < k && off < last; off += n[j], j++) {                    \
-            const int64_t lo = first > off ? first - off : 0;                       \
-            const int64_t hi = last < off + n[j] ? last - off : n[j];               \
-            if (lo < hi) { __VA_ARGS__ }                                            \
-        }                                                                           \
-    }
-#ifdef _OPENMP
-#define FOR_EACH_RANGE_THREADS t = omp_get_thread_num(); nt = omp_get_num_threads();
-#else
-#define FOR_EACH_RANGE_THREADS
-#endif
-
 /* lists g, out, om, th, prev[, pre]: out = g + (two_c * om) * (th - prev); pre = th;
    sums[j] = sum om * (th - prev)^2 */
 void si_penalty(int k, const int64_t *tab, int has_pre, float two_c, double *sums,
                 int nthreads) {
     const int64_t *n = tab + (has_pre ? 6 : 5) * k;
-    for (int j = 0; j < k; j++) sums[j] = 0.0;
-    FOR_EACH_RANGE({
+    for (int j = 0; j < k; j++) {
         const float *gj = AT(0, j), *omj = AT(2, j), *thj = AT(3, j), *pvj = AT(4, j);
         float *oj = AT(1, j);
         float *prj = has_pre ? AT(5, j) : 0;
+        const int64_t nj = n[j];
         double s = 0.0;
         if (prj) {
-            _Pragma("omp simd reduction(+:s)")
-            for (int64_t i = lo; i < hi; i++) {
-                const float th = thj[i], d = th - pvj[i], w = omj[i];
+            #pragma omp parallel for simd reduction(+:s) schedule(static) \
+                num_threads(nthreads) if (nj >= GRAIN)
+            for (int64_t i = 0; i < nj; i++) {
+                const float t = thj[i], d = t - pvj[i], w = omj[i];
                 oj[i] = MAC(two_c * w, d, gj[i]);
-                prj[i] = th;
+                prj[i] = t;
                 s += (double)w * ((double)d * (double)d);
             }
         } else {
-            _Pragma("omp simd reduction(+:s)")
-            for (int64_t i = lo; i < hi; i++) {
+            #pragma omp parallel for simd reduction(+:s) schedule(static) \
+                num_threads(nthreads) if (nj >= GRAIN)
+            for (int64_t i = 0; i < nj; i++) {
                 const float d = thj[i] - pvj[i], w = omj[i];
                 oj[i] = MAC(two_c * w, d, gj[i]);
                 s += (double)w * ((double)d * (double)d);
             }
         }
-        _Pragma("omp atomic")
-        sums[j] += s;
-    })
+        sums[j] = s;
+    }
 }
 
 /* lists run, g, pre, th: run += g * (pre - th) */
 void si_accumulate(int k, const int64_t *tab, int nthreads) {
     const int64_t *n = tab + 4 * k;
-    FOR_EACH_RANGE({
+    for (int j = 0; j < k; j++) {
         float *rj = AT(0, j);
         const float *gj = AT(1, j), *prj = AT(2, j), *thj = AT(3, j);
-        _Pragma("omp simd")
-        for (int64_t i = lo; i < hi; i++)
+        const int64_t nj = n[j];
+        #pragma omp parallel for simd schedule(static) num_threads(nthreads) if (nj >= GRAIN)
+        for (int64_t i = 0; i < nj; i++)
             rj[i] = MAC(gj[i], prj[i] - thj[i], rj[i]);
-    })
+    }
 }
 """
 
