@@ -20,6 +20,7 @@ METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "j
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
 TASK_HEADS = ("separate", "shared")                # experiments.models.TASK_HEADS
+INITS = ("torch", "glorot")                        # experiments.models.INITS
 SPLIT_CLASSES = {"split-mnist": 10, "split-fmnist": 10, "split-digits": 10, "split-cifar10": 10,
                  "split-cifar100": 100}
 
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(torch's generator) or vandeven (the orders of van de Ven & Tolias's "
                         "code, whose published means are over --seeds 1 to 20); results of "
                         "vandeven go to e.g. si-vdv_order/")
+    r.add_argument("--init", choices=INITS, default="torch",
+                   help="initialisation of the linear layers: torch (PyTorch's default, weights "
+                        "and biases uniform in ±1/sqrt(fan_in)) or glorot (Keras's Dense "
+                        "default, which Zenke et al.'s code used: Glorot-uniform weights, zero "
+                        "biases); results of glorot go to e.g. si-init_glorot/")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -169,6 +175,7 @@ def _configs(args) -> list:
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
                                              task_head=args.task_head if scenario == "task"
                                              else "separate", class_order=args.class_order,
+                                             init=args.init,
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs

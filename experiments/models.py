@@ -10,6 +10,43 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
 
+INITS = ("torch", "glorot")
+
+
+def init_linear_(module: nn.Module, init: str) -> nn.Module:
+    """Re-initialise every ``nn.Linear`` in ``module`` in place; return ``module``.
+
+    ``"torch"`` keeps PyTorch's default (weights and biases uniform in ±1/√fan_in).
+    ``"glorot"`` is Keras's ``Dense`` default, which Zenke et al.'s code used: weights uniform
+    in ±√(6 / (fan_in + fan_out)) (Glorot & Bengio 2010), biases 0.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}.")
+    if init == "glorot":
+        with torch.no_grad():
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        m.bias.zero_()
+    return module
+
+
+class _Heads(MultiHeadClassifier):
+    """Avalanche's multi-head classifier whose heads, created as tasks arrive, get ``init``."""
+
+    def __init__(self, in_features: int, classes_per_task: int, init: str):
+        super().__init__(in_features, initial_out_features=classes_per_task, masking=False)
+        self.init = init
+        init_linear_(self, init)
+
+    def adaptation(self, experience):
+        before = set(self.classifiers)
+        super().adaptation(experience)
+        for tid in set(self.classifiers) - before:
+            init_linear_(self.classifiers[tid], self.init)
+
+
 def mlp_body(input_dim: int, hidden: Sequence[int]) -> nn.Sequential:
     layers, d = [], input_dim
     for h in hidden:
@@ -21,11 +58,11 @@ def mlp_body(input_dim: int, hidden: Sequence[int]) -> nn.Sequential:
 class TaskIncrementalNet(MultiTaskModule):
     """Task-IL: a shared body and one ``classes_per_task``-unit head per task label."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], classes_per_task: int):
+    def __init__(self, input_dim: int, hidden: Sequence[int], classes_per_task: int, *,
+                 init: str = "torch"):
         super().__init__()
-        self.body = mlp_body(input_dim, hidden)
-        self.heads = MultiHeadClassifier(hidden[-1], initial_out_features=classes_per_task,
-                                         masking=False)
+        self.body = init_linear_(mlp_body(input_dim, hidden), init)
+        self.heads = _Heads(hidden[-1], classes_per_task, init)
 
     def forward(self, x, task_labels):
         # Fast path for the usual single-task mini-batch (Avalanche's generic path splits
@@ -105,16 +142,20 @@ TASK_HEADS = ("separate", "shared")
 
 
 def build_model(scenario: str, input_dim: int, hidden: Sequence[int], classes_per_task: int,
-                n_outputs: int, *, task_head: str = "separate", n_tasks: int = 0) -> nn.Module:
+                n_outputs: int, *, task_head: str = "separate", n_tasks: int = 0,
+                init: str = "torch") -> nn.Module:
     """The network of a scenario; ``task_head`` picks the Task-IL output layer (see
-    :class:`TaskIncrementalNet` and :class:`SharedTaskHeadNet`)."""
+    :class:`TaskIncrementalNet` and :class:`SharedTaskHeadNet`), ``init`` the initialisation
+    of every linear layer, heads added later included (see :func:`init_linear_`)."""
     if task_head not in TASK_HEADS:
         raise ValueError(f"unknown task_head {task_head!r}; choose one of {', '.join(TASK_HEADS)}.")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}.")
     if scenario == "task" and task_head == "shared":
-        return SharedTaskHeadNet(input_dim, hidden, classes_per_task, n_tasks)
+        return init_linear_(SharedTaskHeadNet(input_dim, hidden, classes_per_task, n_tasks), init)
     if scenario == "task":
-        return TaskIncrementalNet(input_dim, hidden, classes_per_task)
-    return SharedHeadNet(input_dim, hidden, n_outputs)
+        return TaskIncrementalNet(input_dim, hidden, classes_per_task, init=init)
+    return init_linear_(SharedHeadNet(input_dim, hidden, n_outputs), init)
 
 
 @torch.no_grad()

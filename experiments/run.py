@@ -40,6 +40,7 @@ class RunConfig:
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
+    init: str = "torch"             # linear layers: PyTorch's default, or glorot (Keras's Dense)
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
     lr: float = 1e-3
@@ -61,6 +62,8 @@ class RunConfig:
             method += f"-clamp_{self.si_clamp}"
         if self.scenario == "task" and self.task_head == "shared":
             method += "-shared_head"
+        if self.init != "torch":
+            method += f"-init_{self.init}"
         if self.class_order != "seeded":
             method += CLASS_ORDER_SUFFIX[self.class_order]
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
@@ -154,7 +157,8 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
                              n_tasks=cfg.n_tasks, pad=cfg.pad, class_order=cfg.class_order)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scenario, stream.input_dim, cfg.hidden, stream.classes_per_task,
-                        stream.n_outputs, task_head=cfg.task_head, n_tasks=stream.n_tasks)
+                        stream.n_outputs, task_head=cfg.task_head, n_tasks=stream.n_tasks,
+                        init=cfg.init)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     plugins = method_plugins(cfg)
     plugins.append(FastTensorLoader(stream, cfg.batch_size, iterations=cfg.iterations,

@@ -246,6 +246,7 @@ def test_cli_mode_lists_mirror_the_package():
     from experiments import models
 
     assert cli.TASK_HEADS == models.TASK_HEADS
+    assert cli.INITS == models.INITS
     from experiments import streams
 
     assert set(cli.SPLIT_CLASSES) == {b for b in streams.BENCHMARKS if b.startswith("split-")}
@@ -327,3 +328,61 @@ def test_zenke_preset_runs_the_si_variant_of_zenkes_code():
         ("si", "task", "task", "permuted-mnist/domain/si-task/seed0")]
     assert variants("--preset", "vandeven-permuted-mnist", "--method", "si") == [
         ("si", "total", "task", "permuted-mnist/domain/si/seed0")]
+
+
+@pytest.mark.parametrize("scenario,task_head", [("task", "separate"), ("task", "shared"),
+                                                ("domain", "separate"), ("class", "separate")])
+def test_glorot_init_covers_every_linear_layer_and_heads_added_later(scenario, task_head):
+    """--init glorot (Keras's Dense default): weights uniform in ±sqrt(6/(fan_in+fan_out)),
+    biases 0, in every linear layer, including a Task-IL head Avalanche creates for a new task;
+    --init torch leaves PyTorch's default (the same weights as before the option existed)."""
+    import math
+
+    from avalanche.models.utils import avalanche_model_adaptation
+    from experiments.models import build_model
+    from experiments.streams import make_stream
+
+    stream = make_stream("split-digits", scenario, root="unused", seed=0)
+    torch.manual_seed(0)
+    net = build_model(scenario, stream.input_dim, [300, 200], stream.classes_per_task,
+                      stream.n_outputs, task_head=task_head, n_tasks=stream.n_tasks, init="glorot")
+    for exp in stream.benchmark.train_stream[:3]:
+        avalanche_model_adaptation(net, exp)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (5 if (scenario, task_head) == ("task", "separate") else 3)
+    for m in linears:
+        fan_out, fan_in = m.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = m.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # spans the Glorot range
+        assert torch.count_nonzero(m.bias) == 0
+    torch.manual_seed(0)
+    default = build_model(scenario, stream.input_dim, [300, 200], stream.classes_per_task,
+                          stream.n_outputs, task_head=task_head, n_tasks=stream.n_tasks)
+    torch.manual_seed(0)
+    explicit = build_model(scenario, stream.input_dim, [300, 200], stream.classes_per_task,
+                           stream.n_outputs, task_head=task_head, n_tasks=stream.n_tasks,
+                           init="torch")
+    first = next(m for m in default.modules() if isinstance(m, torch.nn.Linear))
+    assert first.weight.abs().max() <= 1 / math.sqrt(first.in_features)
+    assert first.bias.abs().max() > 0
+    for a, b in zip(default.state_dict().values(), explicit.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="choose one of torch, glorot"):
+        build_model(scenario, 4, [3], 2, 2, init="he")
+
+
+def test_init_option_names_its_runs(tmp_path, capsys):
+    """--init glorot: its own results folder (<method>-init_glorot/), the option in the config."""
+    out = tmp_path / "out"
+    code = main(["run", "--scenario", "task", "--method", "naive", "si", "--init", "glorot",
+                 "--seeds", "0", "--iterations", "20", "--hidden", "16", "--out", str(out),
+                 "--no-report"])
+    assert code == 0
+    got = sorted(p.parent.name for p in out.rglob("seed0.json"))
+    assert got == ["naive-init_glorot", "si-init_glorot"]
+    r = json.loads((out / "split-digits/task/si-init_glorot/seed0.json").read_text())
+    assert r["config"]["init"] == "glorot"
+    with pytest.raises(SystemExit):
+        main(["run", "--init", "he"])
+    assert "invalid choice: 'he'" in capsys.readouterr().err
