@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -205,9 +206,31 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments"]
                             + sys.argv[1:]),
         "torch": torch.__version__,
+        # Runs repeat bit for bit on one machine only at the same thread count: threads split
+        # the sums inside matrix products differently, and training amplifies the last bits.
+        "threads": torch.get_num_threads(),
+        "commit": _commit(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return result
+
+
+def _commit() -> Optional[str]:
+    """The git commit of the code that ran (``+`` if the checkout had changes), else None."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "avalanche_si", "experiments"], cwd=os.path.dirname(here),
+                               text=True, capture_output=True, timeout=10)
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def result_path(out: Path, cfg: RunConfig) -> Path:

@@ -38,6 +38,9 @@ def test_smoke_run_writes_every_result(digits_results, capsys):
     assert r["average_forgetting"] == pytest.approx(forgetting(acc))
     assert len(r["omega"]) == 5 and "body.0.weight" in r["omega"][0]
     assert r["seconds"] > 0 and "experiments" in r["command"]
+    assert r["threads"] == torch.get_num_threads()
+    if (ROOT / ".git").exists():  # the commit that ran, "+" when the code had changes
+        assert r["commit"] and all(c in "0123456789abcdef" for c in r["commit"].rstrip("+"))
     task = json.loads((digits_results / "split-digits/task/naive/seed0.json").read_text())
     assert task["accuracy_matrix"][0][1:] == [None] * 4  # no head for future tasks in Task-IL
 
