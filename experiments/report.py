@@ -80,7 +80,8 @@ def paired(results: list[dict]) -> list[dict]:
     ± SEM over seeds of (method − reference) in points, which is much less noisy than the
     difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
     in ``run.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
-    same suffix, i.e. on the same tasks.
+    same suffix, i.e. on the same tasks. A run with another initialisation (``-init_glorot``)
+    is also compared with the same method with the default one.
     """
     from .run import DATA_SUFFIXES
 
@@ -95,6 +96,10 @@ def paired(results: list[dict]) -> list[dict]:
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
         refs = ["naive" + data] + (["si" + data] if bare.startswith("si-") else [])
+        # another initialisation: against the same method with the default one
+        no_init = re.sub(r"-init_[a-z]+", "", method)
+        if no_init != method and no_init not in refs:
+            refs.append(no_init)
         for ref in refs:
             base = acc.get((key, ref), {})
             seeds = sorted(set(by_seed) & set(base))

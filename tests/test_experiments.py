@@ -137,6 +137,25 @@ def test_paired_runs_on_other_tasks_compare_with_the_same_tasks():
         ("si-clamp_none-vdv_order", "si-vdv_order"): 1.0})
 
 
+def test_paired_init_variant_compares_with_the_default_init():
+    """An -init_glorot run is paired with the same method and the default initialisation."""
+    from experiments.report import paired
+
+    def r(method, seed, acc):
+        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
+                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
+
+    results = [r("si-task-clamp_total", 0, 0.9615), r("si-task-clamp_total", 1, 0.964),
+               r("si-task-clamp_total-init_glorot", 0, 0.9695),
+               r("naive", 0, 0.5), r("naive-init_glorot", 0, 0.55)]
+    rows = {(x["method"], x["reference"]): x["difference"] for x in paired(results)}
+    assert rows == pytest.approx({
+        ("si-task-clamp_total", "naive"): 46.15,
+        ("si-task-clamp_total-init_glorot", "naive"): 46.95,
+        ("si-task-clamp_total-init_glorot", "si-task-clamp_total"): 0.8,
+        ("naive-init_glorot", "naive"): 5.0})
+
+
 def test_vandeven_class_order_is_their_numpy_permutation():
     """van de Ven's data.py: np.random.seed(seed); p = np.random.permutation(10); digit d gets
     label p[d], task i the labels 2i, 2i+1 (so Domain-IL label p[d] % 2); seed 0: no shuffle."""
