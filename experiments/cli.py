@@ -58,11 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(torch's generator) or vandeven (the orders of van de Ven & Tolias's "
                         "code, whose published means are over --seeds 1 to 20); results of "
                         "vandeven go to e.g. si-vdv_order/")
-    r.add_argument("--init", choices=INITS, default="torch",
+    r.add_argument("--init", choices=INITS, default=None,
                    help="initialisation of the linear layers: torch (PyTorch's default, weights "
                         "and biases uniform in ±1/sqrt(fan_in)) or glorot (Keras's Dense "
                         "default, which Zenke et al.'s code used: Glorot-uniform weights, zero "
-                        "biases); results of glorot go to e.g. si-init_glorot/")
+                        "biases); default: the preset's (glorot for zenke-permuted-mnist), else "
+                        "torch; results of glorot go to e.g. si-init_glorot/")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -138,7 +139,9 @@ def _configs(args) -> list:
     # clamp on the running total); --si-importance / --si-clamp override it.
     importances = args.si_importance or [preset.get("si_importance", "total")]
     clamps = args.si_clamp or [preset.get("si_clamp", "task")]
-    base = {k: v for k, v in preset.items() if k not in ("si_lambda", "si_importance", "si_clamp")}
+    init = args.init or preset.get("init", "torch")  # Zenke's preset: their Keras init
+    base = {k: v for k, v in preset.items()
+            if k not in ("si_lambda", "si_importance", "si_clamp", "init")}
     overrides = dict(si_eps=args.eps, ewc_lambda=args.ewc_lambda, lr=args.lr,
                      batch_size=args.batch_size, n_tasks=args.n_tasks,
                      hidden=tuple(args.hidden) if args.hidden else None)
@@ -175,7 +178,7 @@ def _configs(args) -> list:
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
                                              task_head=args.task_head if scenario == "task"
                                              else "separate", class_order=args.class_order,
-                                             init=args.init,
+                                             init=init,
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs

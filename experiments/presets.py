@@ -24,11 +24,12 @@ PRESETS = {
     # Zenke, Poole & Ganguli 2017, permuted MNIST: 784-2000-2000, 20 epochs per task, Adam
     # not reset. Their code (pathint/protocols.py, PATH_INT_PROTOCOL with omega_decay="sum")
     # measures ω with the gradient of the loss without the penalty ("unreg_grads") times the
-    # step taken, and clamps the running total: Ω ← relu(Ω + ω / (Δ² + ξ)).
+    # step taken, and clamps the running total: Ω ← relu(Ω + ω / (Δ² + ξ)). Their Keras
+    # Dense layers start Glorot-uniform with zero biases (init="glorot").
     "zenke-permuted-mnist": dict(benchmark="permuted-mnist", hidden=(2000, 2000), lr=1e-3,
                                  betas=(0.9, 0.999), batch_size=256, iterations=None, epochs=20,
                                  pad=0, n_tasks=10, si_eps=0.1, si_lambda=0.1,
-                                 si_importance="task", si_clamp="total"),
+                                 si_importance="task", si_clamp="total", init="glorot"),
 }
 # The Fashion-MNIST counterparts use the MNIST protocols unchanged (no published SI number).
 PRESETS["vandeven-split-fmnist"] = dict(PRESETS["vandeven-split-mnist"], benchmark="split-fmnist")

@@ -334,22 +334,24 @@ def test_shared_task_head_run_gets_its_own_results(tmp_path):
 
 def test_zenke_preset_runs_the_si_variant_of_zenkes_code():
     """zenke-permuted-mnist: ω from the task gradient, Ω clamped as a running total (their
-    PATH_INT_PROTOCOL); the command line still overrides either, and other presets keep
-    the package defaults."""
+    PATH_INT_PROTOCOL), their network's Glorot initialisation; the command line still
+    overrides each, and other presets keep the package defaults."""
     from experiments.cli import _configs, _parser
 
     def variants(*argv):
         args = _parser().parse_args(["run", "--scenario", "domain", "--seeds", "0", *argv])
-        return [(c.method, c.si_importance, c.si_clamp, c.run_id()) for c in _configs(args)]
+        return [(c.method, c.si_importance, c.si_clamp, c.init, c.run_id())
+                for c in _configs(args)]
 
     assert variants("--preset", "zenke-permuted-mnist", "--method", "si", "naive") == [
-        ("si", "task", "total", "permuted-mnist/domain/si-task-clamp_total/seed0"),
-        ("naive", "total", "task", "permuted-mnist/domain/naive/seed0")]
+        ("si", "task", "total", "glorot",
+         "permuted-mnist/domain/si-task-clamp_total-init_glorot/seed0"),
+        ("naive", "total", "task", "glorot", "permuted-mnist/domain/naive-init_glorot/seed0")]
     assert variants("--preset", "zenke-permuted-mnist", "--method", "si",
-                    "--si-clamp", "task") == [
-        ("si", "task", "task", "permuted-mnist/domain/si-task/seed0")]
+                    "--si-clamp", "task", "--init", "torch") == [
+        ("si", "task", "task", "torch", "permuted-mnist/domain/si-task/seed0")]
     assert variants("--preset", "vandeven-permuted-mnist", "--method", "si") == [
-        ("si", "total", "task", "permuted-mnist/domain/si/seed0")]
+        ("si", "total", "task", "torch", "permuted-mnist/domain/si/seed0")]
 
 
 @pytest.mark.parametrize("scenario,task_head", [("task", "separate"), ("task", "shared"),
