@@ -209,14 +209,14 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         # Runs repeat bit for bit on one machine only at the same thread count: threads split
         # the sums inside matrix products differently, and training amplifies the last bits.
         "threads": torch.get_num_threads(),
-        "commit": _commit(),
+        "commit": CODE_COMMIT,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return result
 
 
 def _commit() -> Optional[str]:
-    """The git commit of the code that ran (``+`` if the checkout had changes), else None."""
+    """The git commit of the checkout (``+`` if its code has changes), else None."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -245,3 +245,7 @@ def save_result(out: Path, result: dict) -> Path:
     tmp.replace(path)  # a run's file appears whole or not at all
     return path
 
+
+#: The commit of the code this process loaded, read once at import: a run records it rather
+#: than the checkout's commit when it finishes, which may be newer.
+CODE_COMMIT = _commit()
