@@ -99,16 +99,18 @@ def test_report_refreshes_the_readme_copies_it_names(digits_results, tmp_path, c
     assert "no such file" in capsys.readouterr().err
 
 
+def _result(method, seed, acc):
+    """A minimal run result for the paired-difference tests."""
+    return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
+            "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
+
+
 def test_paired_differences_use_only_shared_seeds():
     from experiments.report import paired
 
-    def r(method, seed, acc):
-        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
-                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
-
-    results = [r("naive", 0, 0.60), r("naive", 1, 0.70), r("naive", 2, 0.90),
-               r("si", 0, 0.65), r("si", 1, 0.80),                      # seeds 0, 1 shared
-               r("si-clamp_none", 1, 0.78), r("si-clamp_none", 3, 0.5)]  # seed 1 only
+    results = [_result("naive", 0, 0.60), _result("naive", 1, 0.70), _result("naive", 2, 0.90),
+               _result("si", 0, 0.65), _result("si", 1, 0.80),  # seeds 0, 1 shared
+               _result("si-clamp_none", 1, 0.78), _result("si-clamp_none", 3, 0.5)]  # seed 1 only
     rows = {(x["method"], x["reference"]): x for x in paired(results)}
     assert set(rows) == {("si", "naive"), ("si-clamp_none", "naive"), ("si-clamp_none", "si")}
     assert rows["si", "naive"]["seeds"] == 2
@@ -123,13 +125,9 @@ def test_paired_runs_on_other_tasks_compare_with_the_same_tasks():
     -vdv_order Naive and SI runs, never with the seeded ones."""
     from experiments.report import paired
 
-    def r(method, seed, acc):
-        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
-                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
-
-    results = [r("naive", 1, 0.50), r("si", 1, 0.90),
-               r("naive-vdv_order", 1, 0.60), r("si-vdv_order", 1, 0.65),
-               r("si-clamp_none-vdv_order", 1, 0.66)]
+    results = [_result("naive", 1, 0.50), _result("si", 1, 0.90),
+               _result("naive-vdv_order", 1, 0.60), _result("si-vdv_order", 1, 0.65),
+               _result("si-clamp_none-vdv_order", 1, 0.66)]
     rows = {(x["method"], x["reference"]): x["difference"] for x in paired(results)}
     assert rows == pytest.approx({
         ("si", "naive"): 40.0, ("si-vdv_order", "naive-vdv_order"): 5.0,
@@ -141,13 +139,10 @@ def test_paired_init_variant_compares_with_the_default_init():
     """An -init_glorot run is paired with the same method and the default initialisation."""
     from experiments.report import paired
 
-    def r(method, seed, acc):
-        return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
-                "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
-
-    results = [r("si-task-clamp_total", 0, 0.9615), r("si-task-clamp_total", 1, 0.964),
-               r("si-task-clamp_total-init_glorot", 0, 0.9695),
-               r("naive", 0, 0.5), r("naive-init_glorot", 0, 0.55)]
+    results = [_result("si-task-clamp_total", 0, 0.9615),
+               _result("si-task-clamp_total", 1, 0.964),
+               _result("si-task-clamp_total-init_glorot", 0, 0.9695),
+               _result("naive", 0, 0.5), _result("naive-init_glorot", 0, 0.55)]
     rows = {(x["method"], x["reference"]): x["difference"] for x in paired(results)}
     assert rows == pytest.approx({
         ("si-task-clamp_total", "naive"): 46.15,
