@@ -437,7 +437,7 @@ def main(argv=None) -> int:
                          "relative overhead depends on it, since SI's elementwise passes and "
                          "the matrix products scale differently with threads")
     args = ap.parse_args(argv)
-    from .streams import default_data_root
+    from .options import default_data_root
 
     if args.threads is not None:
         if args.threads < 1:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .presets import PRESETS
-from .streams import BENCHMARKS, CLASS_ORDERS, SCENARIOS, DataError, default_data_root
+from .options import BENCHMARKS, CLASS_ORDERS, SCENARIOS, DataError, default_data_root
 
 METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without

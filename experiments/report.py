@@ -9,6 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .options import DATA_SUFFIXES
 from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
@@ -79,12 +80,10 @@ def paired(results: list[dict]) -> list[dict]:
     Every method against ``naive``, and every SI variant (``si-...``) against ``si``: the mean
     ± SEM over seeds of (method − reference) in points, which is much less noisy than the
     difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
-    in ``run.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
+    in ``options.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
     same suffix, i.e. on the same tasks. A run with another initialisation (``-init_glorot``)
     is also compared with the same method with the default one.
     """
-    from .run import DATA_SUFFIXES
-
     acc = defaultdict(dict)
     for r in results:
         key = (r["config"]["benchmark"], r["config"]["scenario"], r["config"].get("preset"))

@@ -19,13 +19,10 @@ from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
 
 from avalanche_si import SIPlugin
 from .models import ActiveUnits, accuracy, build_model
+from .options import CLASS_ORDER_SUFFIX
 from .streams import FastTensorLoader, Stream, make_stream
 
 METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
-# Run-id suffixes that change the data (the tasks) rather than the method: a run with one is
-# compared with the Naive (or SI) run that has the same suffix (report.paired).
-CLASS_ORDER_SUFFIX = {"vandeven": "-vdv_order"}
-DATA_SUFFIXES = tuple(CLASS_ORDER_SUFFIX.values())
 
 
 @dataclass

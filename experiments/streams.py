@@ -11,7 +11,6 @@ protocols do.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,20 +24,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 )
 from avalanche.core import SupervisedPlugin
 
-BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist", "split-digits",
-              "split-cifar10", "split-cifar100")
-SCENARIOS = ("task", "domain", "class")
-CLASS_ORDERS = ("seeded", "vandeven")
-DATA_ENV = "AVALANCHE_SI_DATA"
-
-
-class DataError(RuntimeError):
-    """A dataset is missing or unreadable; the message says where it looked."""
-
-
-def default_data_root() -> str:
-    """``$AVALANCHE_SI_DATA`` if set, else ``./data``."""
-    return os.environ.get(DATA_ENV, "data")
+from .options import BENCHMARKS, CLASS_ORDERS, DATA_ENV, SCENARIOS, DataError
 
 
 def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,9 +264,18 @@ def test_cli_mode_lists_mirror_the_package():
 
     assert cli.TASK_HEADS == models.TASK_HEADS
     assert cli.INITS == models.INITS
-    from experiments import streams
+    assert set(cli.SPLIT_CLASSES) == {b for b in cli.BENCHMARKS if b.startswith("split-")}
 
-    assert set(cli.SPLIT_CLASSES) == {b for b in streams.BENCHMARKS if b.startswith("split-")}
+
+def test_report_and_help_load_neither_torch_nor_avalanche():
+    # `report` and `--help` only read JSON and draw: they start in a second, not after
+    # importing Avalanche (about 10 s on a loaded machine).
+    code = ("import sys; from experiments import cli, report; "
+            "print(sorted(m for m in ('torch', 'avalanche', 'experiments.run', 'experiments.streams')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_si_variants_get_their_own_results(tmp_path):

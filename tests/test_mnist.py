@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from experiments.run import RunConfig, run
-from experiments.streams import DATA_ENV, make_stream
+from experiments.options import DATA_ENV
+from experiments.streams import make_stream
 
 ROOT = os.environ.get(DATA_ENV, "data")
 HAVE_MNIST = (Path(ROOT) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()

@@ -1,0 +1,27 @@
+"""The names the command line accepts, the data error it reports, and the run-id suffixes
+that ``report`` needs: no imports beyond the standard library, so that ``python -m
+experiments report`` (and ``--help``) start without loading torch or Avalanche."""
+
+from __future__ import annotations
+
+import os
+
+BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist", "split-digits",
+              "split-cifar10", "split-cifar100")
+SCENARIOS = ("task", "domain", "class")
+CLASS_ORDERS = ("seeded", "vandeven")
+DATA_ENV = "AVALANCHE_SI_DATA"
+
+# Run-id suffixes that change the data (the tasks) rather than the method: a run with one is
+# compared with the Naive (or SI) run that has the same suffix (report.paired).
+CLASS_ORDER_SUFFIX = {"vandeven": "-vdv_order"}
+DATA_SUFFIXES = tuple(CLASS_ORDER_SUFFIX.values())
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or unreadable; the message says where it looked."""
+
+
+def default_data_root() -> str:
+    """``$AVALANCHE_SI_DATA`` if set, else ``./data``."""
+    return os.environ.get(DATA_ENV, "data")
