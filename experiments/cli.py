@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 from .presets import PRESETS
-from .options import BENCHMARKS, CLASS_ORDERS, SCENARIOS, DataError, default_data_root
+from .options import (BENCHMARKS, CLASS_ORDERS, INITS, METHODS, SCENARIOS, TASK_HEADS, DataError,
+                      default_data_root)
 
-METHOD_CHOICES = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
-TASK_HEADS = ("separate", "shared")                # experiments.models.TASK_HEADS
-INITS = ("torch", "glorot")                        # experiments.models.INITS
 SPLIT_CLASSES = {"split-mnist": 10, "split-fmnist": 10, "split-digits": 10, "split-cifar10": 10,
                  "split-cifar100": 100}
 
@@ -39,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a published protocol (sets benchmark, network, optimizer, iterations, c)")
     r.add_argument("--benchmark", choices=BENCHMARKS, default=None)
     r.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
-    r.add_argument("--method", nargs="+", choices=METHOD_CHOICES,
+    r.add_argument("--method", nargs="+", choices=METHODS,
                    default=["naive", "si", "avalanche-si"])
     r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=None,
                    help="SIPlugin importance mode(s), for --method si (default: the preset's, "

@@ -9,8 +9,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
-
-INITS = ("torch", "glorot")
+from .options import INITS, TASK_HEADS
 
 
 def init_linear_(module: nn.Module, init: str) -> nn.Module:
@@ -136,9 +135,6 @@ class ActiveUnits(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.model.active_units = (strategy.experience.current_experience + 1) * self.classes_per_task
-
-
-TASK_HEADS = ("separate", "shared")
 
 
 def build_model(scenario: str, input_dim: int, hidden: Sequence[int], classes_per_task: int,

@@ -10,6 +10,9 @@ BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist"
               "split-cifar10", "split-cifar100")
 SCENARIOS = ("task", "domain", "class")
 CLASS_ORDERS = ("seeded", "vandeven")
+METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
+TASK_HEADS = ("separate", "shared")  # Task-IL output: a head per task, or one masked layer
+INITS = ("torch", "glorot")          # linear layers: PyTorch's default, or Keras's Dense
 DATA_ENV = "AVALANCHE_SI_DATA"
 
 # Run-id suffixes that change the data (the tasks) rather than the method: a run with one is

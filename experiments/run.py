@@ -19,10 +19,8 @@ from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
 
 from avalanche_si import SIPlugin
 from .models import ActiveUnits, accuracy, build_model
-from .options import CLASS_ORDER_SUFFIX
+from .options import CLASS_ORDER_SUFFIX, METHODS
 from .streams import FastTensorLoader, Stream, make_stream
-
-METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 
 
 @dataclass

@@ -254,7 +254,8 @@ def test_cli_wandb_offline_writes_runs(tmp_path):
 
 
 def test_cli_mode_lists_mirror_the_package():
-    """The CLI keeps its own copies (so --help does not import Avalanche); they must agree."""
+    """The CLI keeps its own copies of the package's modes (so --help does not import Avalanche);
+    they must agree. Task heads and inits come from experiments.options for both."""
     import avalanche_si
     from experiments import cli
 
