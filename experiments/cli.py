@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--wandb", action="store_true", help="log each run to Weights & Biases")
     r.add_argument("--wandb-project", default="avalanche-si")
     r.add_argument("--no-report", action="store_true", help="skip tables and plots")
+    r.add_argument("--dry-run", action="store_true",
+                   help="list the runs these options make, each marked done (its JSON exists "
+                        "in the results folder) or to run, and train nothing")
     rep = sub.add_parser("report", help="rebuild tables and plots from saved results")
     rep.add_argument("--out", default="results/digits")
     rep.add_argument("--readme", default=None, metavar="README.md",
@@ -191,6 +194,11 @@ def cmd_run(args) -> int:
     todo = [c for c in configs if args.force or not result_path(out, c).exists()]
     print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
+    if args.dry_run:
+        for cfg in configs:
+            print(f"  {'to run' if cfg in todo else 'done'}  {cfg.run_id()}  "
+                  f"c={cfg.si_lambda:g} xi={cfg.si_eps:g}")
+        return 0
     streams = {}
     for k, cfg in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}", flush=True)

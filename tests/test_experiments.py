@@ -73,6 +73,24 @@ def test_rerun_skips_finished_runs_and_report_rebuilds(digits_results, capsys):
     assert (digits_results / "summary.md").exists()
 
 
+def test_dry_run_lists_done_and_missing_runs_and_trains_nothing(digits_results, capsys):
+    before = {p: p.stat().st_mtime_ns for p in digits_results.rglob("seed*.json")}
+    argv = ["run", "--method", "naive", "joint", "--scenario", "task", "--out",
+            str(digits_results), "--dry-run", "--iterations", "20", "--hidden", "32",
+            "--seeds", "1", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 runs (1 already in" in out
+    lines = [line.split("  ")[1:3] for line in out.splitlines()[1:]]
+    assert lines == [["done", "split-digits/task/naive/seed1"],
+                     ["to run", "split-digits/task/naive/seed2"],
+                     ["to run", "split-digits/task/joint/seed1"],
+                     ["to run", "split-digits/task/joint/seed2"]]
+    assert {p: p.stat().st_mtime_ns for p in digits_results.rglob("seed*.json")} == before
+    assert main(argv + ["--force"]) == 0  # --force reruns everything, and says so
+    assert "done" not in capsys.readouterr().out.split("results go to")[1]
+
+
 def test_report_refreshes_the_readme_copies_it_names(digits_results, tmp_path, capsys):
     from experiments.report import readme_copies
 
