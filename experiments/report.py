@@ -77,7 +77,9 @@ def markdown_table(rows: list[dict]) -> str:
 def paired(results: list[dict]) -> list[dict]:
     """Differences in final accuracy on the same seeds (same data order, same task split).
 
-    Every method against ``naive``, and every SI variant (``si-...``) against ``si``: the mean
+    Every method against ``naive``, and every SI variant (``si-...``) and Avalanche's plugin
+    with its aliasing fixed (``avalanche-si-fixed``: its λ/2 and Ω cap against ours) against
+    ``si``: the mean
     ± SEM over seeds of (method − reference) in points, which is much less noisy than the
     difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
     in ``options.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
@@ -94,7 +96,8 @@ def paired(results: list[dict]) -> list[dict]:
         bare = method
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
-        refs = ["naive" + data] + (["si" + data] if bare.startswith("si-") else [])
+        against_si = bare.startswith("si-") or bare == "avalanche-si-fixed"
+        refs = ["naive" + data] + (["si" + data] if against_si else [])
         # another initialisation: against the same method with the default one
         no_init = re.sub(r"-init_[a-z]+", "", method)
         if no_init != method and no_init not in refs:

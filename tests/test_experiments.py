@@ -128,9 +128,13 @@ def test_paired_differences_use_only_shared_seeds():
 
     results = [_result("naive", 0, 0.60), _result("naive", 1, 0.70), _result("naive", 2, 0.90),
                _result("si", 0, 0.65), _result("si", 1, 0.80),  # seeds 0, 1 shared
-               _result("si-clamp_none", 1, 0.78), _result("si-clamp_none", 3, 0.5)]  # seed 1 only
+               _result("si-clamp_none", 1, 0.78), _result("si-clamp_none", 3, 0.5),  # seed 1
+               _result("avalanche-si", 0, 0.60), _result("avalanche-si-fixed", 0, 0.61)]
     rows = {(x["method"], x["reference"]): x for x in paired(results)}
-    assert set(rows) == {("si", "naive"), ("si-clamp_none", "naive"), ("si-clamp_none", "si")}
+    assert set(rows) == {("si", "naive"), ("si-clamp_none", "naive"), ("si-clamp_none", "si"),
+                         ("avalanche-si", "naive"),  # on a CPU it is Naive: against SI, no news
+                         ("avalanche-si-fixed", "naive"), ("avalanche-si-fixed", "si")}
+    assert rows["avalanche-si-fixed", "si"]["difference"] == pytest.approx(-4.0)
     assert rows["si", "naive"]["seeds"] == 2
     assert rows["si", "naive"]["difference"] == pytest.approx(7.5)       # (5 + 10) / 2
     assert rows["si", "naive"]["difference_sem"] == pytest.approx(2.5)   # sd 3.54 / sqrt 2
