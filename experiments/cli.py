@@ -194,14 +194,16 @@ def cmd_run(args) -> int:
     todo = [c for c in configs if args.force or not result_path(out, c).exists()]
     print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
+    def label(cfg):  # the same words in the dry-run listing and the training log
+        return f"{cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}"
+
     if args.dry_run:
         for cfg in configs:
-            print(f"  {'to run' if cfg in todo else 'done'}  {cfg.run_id()}  "
-                  f"c={cfg.si_lambda:g} xi={cfg.si_eps:g}")
+            print(f"  {'to run' if cfg in todo else 'done'}  {label(cfg)}")
         return 0
     streams = {}
     for k, cfg in enumerate(todo, 1):
-        print(f"[{k}/{len(todo)}] {cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}", flush=True)
+        print(f"[{k}/{len(todo)}] {label(cfg)}", flush=True)
         key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad, cfg.class_order)
         if key not in streams:  # one stream per (benchmark, scenario, seed), reused by methods
             from .streams import make_stream
