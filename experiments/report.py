@@ -84,7 +84,8 @@ def paired(results: list[dict]) -> list[dict]:
     difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
     in ``options.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
     same suffix, i.e. on the same tasks. A run with another initialisation (``-init_glorot``)
-    is also compared with the same method with the default one.
+    is compared with Naive (and SI) from the same initialisation, and also with the same
+    method from the default one.
     """
     acc = defaultdict(dict)
     for r in results:
@@ -97,8 +98,9 @@ def paired(results: list[dict]) -> list[dict]:
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
         against_si = bare.startswith("si-") or bare == "avalanche-si-fixed"
-        refs = ["naive" + data] + (["si" + data] if against_si else [])
-        # another initialisation: against the same method with the default one
+        init = "".join(re.findall(r"-init_[a-z]+", bare))  # the same network start
+        refs = ["naive" + init + data] + (["si" + init + data] if against_si else [])
+        # another initialisation: also against the same method with the default one
         no_init = re.sub(r"-init_[a-z]+", "", method)
         if no_init != method and no_init not in refs:
             refs.append(no_init)
