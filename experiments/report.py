@@ -14,6 +14,7 @@ from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
                 "ewc", "joint")
+INIT_SUFFIX = re.compile(r"-init_[a-z]+")  # run.RunConfig.run_id's suffix for --init
 
 
 def load_results(out: Path) -> list[dict]:
@@ -98,10 +99,10 @@ def paired(results: list[dict]) -> list[dict]:
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
         against_si = bare.startswith("si-") or bare == "avalanche-si-fixed"
-        init = "".join(re.findall(r"-init_[a-z]+", bare))  # the same network start
+        init = "".join(INIT_SUFFIX.findall(bare))  # the same network start
         refs = ["naive" + init + data] + (["si" + init + data] if against_si else [])
         # another initialisation: also against the same method with the default one
-        no_init = re.sub(r"-init_[a-z]+", "", method)
+        no_init = INIT_SUFFIX.sub("", method)
         if no_init != method and no_init not in refs:
             refs.append(no_init)
         for ref in refs:
