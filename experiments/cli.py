@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from .presets import PRESETS
-from .options import (BENCHMARKS, CLASS_ORDERS, INITS, METHODS, SCENARIOS, TASK_HEADS, DataError,
-                      default_data_root)
+from .options import (BENCHMARKS, CLASS_ORDERS, INITS, LOSSES, METHODS, SCENARIOS, TASK_HEADS,
+                      DataError, default_data_root)
 
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
                         "default, which Zenke et al.'s code used: Glorot-uniform weights, zero "
                         "biases); default: the preset's (glorot for zenke-permuted-mnist), else "
                         "torch; results of glorot go to e.g. si-init_glorot/")
+    r.add_argument("--loss", choices=LOSSES, default="torch",
+                   help="training loss: torch (nn.CrossEntropyLoss) or keras (Keras 2's "
+                        "categorical cross-entropy, which Zenke et al.'s code used: softmax "
+                        "probabilities clipped to [1e-7, 1-1e-7], so an example's gradient is "
+                        "exactly zero once its class has p > 1-1e-7); results of keras go to "
+                        "e.g. naive-loss_keras/")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
     r.add_argument("--eps", type=float, default=None, help="SI damping xi")
@@ -179,7 +185,7 @@ def _configs(args) -> list:
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
                                              task_head=args.task_head if scenario == "task"
                                              else "separate", class_order=args.class_order,
-                                             init=init,
+                                             init=init, loss=args.loss,
                                              data_root=data_root, device=args.device,
                                              preset=preset_name))
     return configs

@@ -9,7 +9,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
-from .options import INITS, TASK_HEADS
+from .options import INITS, LOSSES, TASK_HEADS
 
 
 def init_linear_(module: nn.Module, init: str) -> nn.Module:
@@ -29,6 +29,32 @@ def init_linear_(module: nn.Module, init: str) -> nn.Module:
                     if m.bias is not None:
                         m.bias.zero_()
     return module
+
+
+class KerasCrossEntropy(nn.Module):
+    """Keras 2's ``categorical_crossentropy`` on a softmax output, as Zenke et al.'s code had it.
+
+    Loss = mean over the batch of −log clip(p_y, ε, 1 − ε), p = softmax(logits), ε = 1e-7
+    (Keras's ``epsilon()``). It equals PyTorch's cross-entropy while ε ≤ p_y ≤ 1 − ε; outside,
+    the clip makes an example's gradient exactly zero. In float32, 1 − ε rounds to
+    1 − 2⁻²³ ≈ 0.99999988, so an example stops contributing once the softmax gives its class
+    more than that (a logit margin of about 16). PyTorch's loss instead keeps a gradient of
+    about e^−margin, which Adam, dividing by √v, turns into full-size steps.
+    """
+
+    eps = 1e-7
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p_y = torch.softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        return -torch.log(p_y.clamp(self.eps, 1 - self.eps)).mean()
+
+
+def make_criterion(loss: str) -> nn.Module:
+    """The training loss: ``"torch"`` (``nn.CrossEntropyLoss``) or ``"keras"``
+    (:class:`KerasCrossEntropy`)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+    return KerasCrossEntropy() if loss == "keras" else nn.CrossEntropyLoss()
 
 
 class _Heads(MultiHeadClassifier):

@@ -13,6 +13,7 @@ CLASS_ORDERS = ("seeded", "vandeven")
 METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 TASK_HEADS = ("separate", "shared")  # Task-IL output: a head per task, or one masked layer
 INITS = ("torch", "glorot")          # linear layers: PyTorch's default, or Keras's Dense
+LOSSES = ("torch", "keras")          # cross-entropy: PyTorch's, or Keras 2's clipped one
 DATA_ENV = "AVALANCHE_SI_DATA"
 
 # Run-id suffixes that change the data (the tasks) rather than the method: a run with one is

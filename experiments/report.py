@@ -14,7 +14,8 @@ from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
                 "ewc", "joint")
-INIT_SUFFIX = re.compile(r"-init_[a-z]+")  # run.RunConfig.run_id's suffix for --init
+# run.RunConfig.run_id's suffixes for --init and --loss: the network and loss of a protocol
+PROTOCOL_SUFFIX = re.compile(r"-(?:init|loss)_[a-z]+")
 
 
 def load_results(out: Path) -> list[dict]:
@@ -85,8 +86,8 @@ def paired(results: list[dict]) -> list[dict]:
     difference of two means when seeds vary a lot (Domain-IL). A run on other tasks (a suffix
     in ``options.DATA_SUFFIXES``, e.g. ``-vdv_order``) is compared with the reference that has the
     same suffix, i.e. on the same tasks. A run with another initialisation (``-init_glorot``)
-    is compared with Naive (and SI) from the same initialisation, and also with the same
-    method from the default one.
+    or loss (``-loss_keras``) is compared with Naive (and SI) from the same initialisation and
+    loss, and also with the same method without one of those changes, one at a time.
     """
     acc = defaultdict(dict)
     for r in results:
@@ -99,12 +100,13 @@ def paired(results: list[dict]) -> list[dict]:
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
         against_si = bare.startswith("si-") or bare == "avalanche-si-fixed"
-        init = "".join(INIT_SUFFIX.findall(bare))  # the same network start
-        refs = ["naive" + init + data] + (["si" + init + data] if against_si else [])
-        # another initialisation: also against the same method with the default one
-        no_init = INIT_SUFFIX.sub("", method)
-        if no_init != method and no_init not in refs:
-            refs.append(no_init)
+        protocol = "".join(PROTOCOL_SUFFIX.findall(bare))  # the same network start and loss
+        refs = ["naive" + protocol + data] + (["si" + protocol + data] if against_si else [])
+        # also against the same method without one of those changes, one at a time
+        for s in PROTOCOL_SUFFIX.findall(method):
+            ref = method.replace(s, "", 1)
+            if ref not in refs:
+                refs.append(ref)
         for ref in refs:
             base = acc.get((key, ref), {})
             seeds = sorted(set(by_seed) & set(base))

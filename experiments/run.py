@@ -18,7 +18,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
 
 from avalanche_si import SIPlugin
-from .models import ActiveUnits, accuracy, build_model
+from .models import ActiveUnits, accuracy, build_model, make_criterion
 from .options import CLASS_ORDER_SUFFIX, METHODS
 from .streams import FastTensorLoader, Stream, make_stream
 
@@ -37,6 +37,7 @@ class RunConfig:
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
     init: str = "torch"             # linear layers: PyTorch's default, or glorot (Keras's Dense)
+    loss: str = "torch"             # cross-entropy: PyTorch's, or keras (Keras 2's, clipped)
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
     lr: float = 1e-3
@@ -60,6 +61,8 @@ class RunConfig:
             method += "-shared_head"
         if self.init != "torch":
             method += f"-init_{self.init}"
+        if self.loss != "torch":
+            method += f"-loss_{self.loss}"
         if self.class_order != "seeded":
             method += CLASS_ORDER_SUFFIX[self.class_order]
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
@@ -167,7 +170,7 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         evaluator = EvaluationPlugin(loss_metrics(minibatch=True, epoch=True), loggers=loggers)
     else:
         evaluator = None
-    strategy = Naive(model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
+    strategy = Naive(model=model, optimizer=optimizer, criterion=make_criterion(cfg.loss),
                      train_mb_size=cfg.batch_size,
                      train_epochs=1 if cfg.iterations else cfg.epochs,
                      plugins=plugins, evaluator=evaluator, device=cfg.device)

@@ -174,6 +174,23 @@ def test_paired_init_variant_compares_with_the_default_init():
         ("naive-init_glorot", "naive"): 5.0})
 
 
+
+def test_paired_loss_variant_changes_one_thing_at_a_time():
+    """A -loss_keras run is paired with Naive (and SI) that have the same loss and init, and
+    with the same method minus one protocol change at a time (the loss, or the init)."""
+    from experiments.report import paired
+
+    results = [_result("naive-init_glorot", 0, 0.50),
+               _result("naive-init_glorot-loss_keras", 0, 0.57),
+               _result("si-task-clamp_total-init_glorot", 0, 0.97),
+               _result("si-task-clamp_total-init_glorot-loss_keras", 0, 0.96)]
+    rows = {(x["method"], x["reference"]): x["difference"] for x in paired(results)}
+    assert rows == pytest.approx({
+        ("naive-init_glorot-loss_keras", "naive-init_glorot"): 7.0,
+        ("si-task-clamp_total-init_glorot", "naive-init_glorot"): 47.0,
+        ("si-task-clamp_total-init_glorot-loss_keras", "naive-init_glorot-loss_keras"): 39.0,
+        ("si-task-clamp_total-init_glorot-loss_keras", "si-task-clamp_total-init_glorot"): -1.0})
+
 def test_vandeven_class_order_is_their_numpy_permutation():
     """van de Ven's data.py: np.random.seed(seed); p = np.random.permutation(10); digit d gets
     label p[d], task i the labels 2i, 2i+1 (so Domain-IL label p[d] % 2); seed 0: no shuffle."""
@@ -423,6 +440,48 @@ def test_glorot_init_covers_every_linear_layer_and_heads_added_later(scenario, t
     with pytest.raises(ValueError, match="choose one of torch, glorot"):
         build_model(scenario, 4, [3], 2, 2, init="he")
 
+
+
+def test_keras_loss_is_cross_entropy_with_keras_clip():
+    """--loss keras: PyTorch's cross-entropy while ε ≤ p_y ≤ 1 − ε (checked in float64 against
+    a plain formula), and exactly zero gradient for an example whose p_y is clipped (float32,
+    as training runs): that example drops out, the others keep their gradient."""
+    from experiments.models import KerasCrossEntropy, make_criterion
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (32,), generator=g)
+    plain = -torch.stack([z[i, y[i]] - torch.logsumexp(z[i], 0) for i in range(32)]).mean()
+    assert float(KerasCrossEntropy()(z, y)) == pytest.approx(float(plain), rel=1e-12)
+    assert isinstance(make_criterion("torch"), torch.nn.CrossEntropyLoss)
+    with pytest.raises(ValueError, match="choose one of torch, keras"):
+        make_criterion("mse")
+
+    z = torch.tensor([[20.0, 0, 0], [0, 2, 0], [-20.0, 0, 0]], requires_grad=True)
+    y = torch.tensor([0, 0, 0])
+    make_criterion("keras")(z, y).backward()
+    assert torch.count_nonzero(z.grad[0]) == 0 and torch.count_nonzero(z.grad[2]) == 0
+    z_t = z.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(z_t, y).backward()
+    assert torch.allclose(z.grad[1], z_t.grad[1])  # an unclipped example: the same gradient
+    assert torch.count_nonzero(z_t.grad[0]) > 0     # PyTorch's loss: never exactly zero
+
+
+def test_loss_option_names_its_runs(tmp_path, monkeypatch):
+    """--loss keras trains with KerasCrossEntropy, into its own folder <method>-loss_keras/."""
+    from experiments.models import KerasCrossEntropy
+
+    calls = []
+    forward = KerasCrossEntropy.forward
+    monkeypatch.setattr(KerasCrossEntropy, "forward",
+                        lambda self, z, y: calls.append(len(y)) or forward(self, z, y))
+    out = tmp_path / "out"
+    assert main(["run", "--scenario", "domain", "--method", "naive", "--loss", "keras",
+                 "--seeds", "0", "--iterations", "20", "--hidden", "16", "--out", str(out),
+                 "--no-report"]) == 0
+    r = json.loads((out / "split-digits/domain/naive-loss_keras/seed0.json").read_text())
+    assert r["config"]["loss"] == "keras"
+    assert len(calls) == 5 * 20  # every training step of the 5 tasks
 
 def test_init_option_names_its_runs(tmp_path, capsys):
     """--init glorot: its own results folder (<method>-init_glorot/), the option in the config."""
