@@ -39,7 +39,8 @@ class KerasCrossEntropy(nn.Module):
     the clip makes an example's gradient exactly zero. In float32, 1 − ε rounds to
     1 − 2⁻²³ ≈ 0.99999988, so an example stops contributing once the softmax gives its class
     more than that (a logit margin of about 16). PyTorch's loss instead keeps a gradient of
-    about e^−margin, which Adam, dividing by √v, turns into full-size steps.
+    about e^−margin; once every example of recent batches is that far, Adam, dividing by √v,
+    turns those tiny gradients into steps of full size (about the learning rate).
     """
 
     eps = 1e-7
