@@ -100,11 +100,12 @@ def paired(results: list[dict]) -> list[dict]:
         for s in DATA_SUFFIXES:
             bare = bare.replace(s, "")
         against_si = bare.startswith("si-") or bare == "avalanche-si-fixed"
-        protocol = "".join(PROTOCOL_SUFFIX.findall(bare))  # the same network start and loss
+        changes = PROTOCOL_SUFFIX.findall(bare)  # the network start and loss, e.g. -init_glorot
+        protocol = "".join(changes)
         refs = ["naive" + protocol + data] + (["si" + protocol + data] if against_si else [])
         # also against the same method without one of those changes, one at a time
-        for s in PROTOCOL_SUFFIX.findall(method):
-            ref = method.replace(s, "", 1)
+        for change in changes:
+            ref = method.replace(change, "", 1)
             if ref not in refs:
                 refs.append(ref)
         for ref in refs:
