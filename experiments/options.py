@@ -5,6 +5,7 @@ experiments report`` (and ``--help``) start without loading torch or Avalanche."
 from __future__ import annotations
 
 import os
+import re
 
 BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist", "split-digits",
               "split-cifar10", "split-cifar100")
@@ -20,6 +21,10 @@ DATA_ENV = "AVALANCHE_SI_DATA"
 # compared with the Naive (or SI) run that has the same suffix (report.paired).
 CLASS_ORDER_SUFFIX = {"vandeven": "-vdv_order"}
 DATA_SUFFIXES = tuple(CLASS_ORDER_SUFFIX.values())
+# Run-id suffixes of --init and --loss (run.RunConfig.run_id writes "-init_<name>" and
+# "-loss_<name>"): the network start and loss of a protocol. report.paired compares such a run
+# with Naive (and SI) of the same suffixes, and with the same method minus one of them.
+PROTOCOL_SUFFIX = re.compile(r"-(?:init|loss)_[a-z]+")
 
 
 class DataError(RuntimeError):

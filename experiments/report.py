@@ -9,13 +9,11 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .options import DATA_SUFFIXES
+from .options import DATA_SUFFIXES, PROTOCOL_SUFFIX
 from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
                 "ewc", "joint")
-# run.RunConfig.run_id's suffixes for --init and --loss: the network and loss of a protocol
-PROTOCOL_SUFFIX = re.compile(r"-(?:init|loss)_[a-z]+")
 
 
 def load_results(out: Path) -> list[dict]:

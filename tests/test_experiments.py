@@ -174,6 +174,20 @@ def test_paired_init_variant_compares_with_the_default_init():
         ("naive-init_glorot", "naive"): 5.0})
 
 
+def test_run_id_protocol_suffixes_are_what_report_reads():
+    """run_id writes a suffix for every non-default --init and --loss, and report's pattern
+    finds exactly those (so paired() cannot silently mix two protocols)."""
+    from experiments.options import INITS, LOSSES, PROTOCOL_SUFFIX
+    from experiments.run import RunConfig
+
+    assert PROTOCOL_SUFFIX.findall(RunConfig(method="si", si_importance="task").run_id()) == []
+    for init in INITS:
+        for loss in LOSSES:
+            run_id = RunConfig(init=init, loss=loss, class_order="vandeven").run_id()
+            expected = ([f"-init_{init}"] if init != "torch" else []) + (
+                [f"-loss_{loss}"] if loss != "torch" else [])
+            assert PROTOCOL_SUFFIX.findall(run_id) == expected, run_id
+
 
 def test_paired_loss_variant_changes_one_thing_at_a_time():
     """A -loss_keras run is paired with Naive (and SI) that have the same loss and init, and
@@ -190,6 +204,7 @@ def test_paired_loss_variant_changes_one_thing_at_a_time():
         ("si-task-clamp_total-init_glorot", "naive-init_glorot"): 47.0,
         ("si-task-clamp_total-init_glorot-loss_keras", "naive-init_glorot-loss_keras"): 39.0,
         ("si-task-clamp_total-init_glorot-loss_keras", "si-task-clamp_total-init_glorot"): -1.0})
+
 
 def test_vandeven_class_order_is_their_numpy_permutation():
     """van de Ven's data.py: np.random.seed(seed); p = np.random.permutation(10); digit d gets
