@@ -38,8 +38,9 @@ def summarize(results: list[dict]) -> list[dict]:
     for r in results:
         groups[(r["config"]["benchmark"], r["config"]["scenario"], _method_key(r),
                 r["config"].get("preset"))].append(r)
-    rows = []
+    rows, base = [], {}
     for (bench, scen, method, preset), rs in groups.items():
+        base[method] = rs[0]["config"]["method"]  # a variant (e.g. naive-init_glorot): naive
         acc_m, acc_s = mean_sem([100 * r["final_average_accuracy"] for r in rs])
         fgt_m, fgt_s = mean_sem([100 * r["average_forgetting"] for r in rs])
         pub = PUBLISHED.get((preset, scen, rs[0]["config"]["method"]))  # variants: the method's
@@ -51,8 +52,10 @@ def summarize(results: list[dict]) -> list[dict]:
                          published=pub[0] if pub else None,
                          published_sem=pub[1] if pub else None))
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    # each variant right after its method: naive, naive-shared_head, si, si-clamp_none, ...
     rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
-                             order.get(r["method"], 99), r["method"]))
+                             order.get(base[r["method"]], 99), order.get(r["method"], 99),
+                             r["method"]))
     return rows
 
 

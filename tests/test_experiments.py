@@ -174,6 +174,23 @@ def test_paired_init_variant_compares_with_the_default_init():
         ("naive-init_glorot", "naive"): 5.0})
 
 
+def test_summary_lists_each_variant_after_its_method():
+    """Rows follow METHOD_ORDER by the method that was run; a variant (another init, clamp,
+    head...) comes right after its method, not alphabetically among the others."""
+    from experiments.report import summarize
+
+    results = []
+    for method, variant in [("avalanche-si", "avalanche-si-init_glorot"),
+                            ("naive", "naive-init_glorot"), ("si", "si-task-clamp_total"),
+                            ("naive", "naive"), ("si", "si")]:
+        r = _result(variant, 0, 0.5)
+        r["config"].update(method=method, si_lambda=0.1, si_eps=0.1)
+        r.update(average_forgetting=0.4, seconds=60.0)
+        results.append(r)
+    assert [r["method"] for r in summarize(results)] == [
+        "naive", "naive-init_glorot", "si", "si-task-clamp_total", "avalanche-si-init_glorot"]
+
+
 def test_run_id_protocol_suffixes_are_what_report_reads():
     """run_id writes a suffix for every non-default --init and --loss, and report's pattern
     finds exactly those (so paired() cannot silently mix two protocols)."""
