@@ -33,14 +33,22 @@ def _method_key(r: dict) -> str:
     return r["run_id"].split("/")[2]
 
 
+def method_rank(results: list[dict]):
+    """Sort key for the method names of a table or plot (run-id method parts): METHOD_ORDER by
+    the method that was run, each variant (naive-init_glorot, si-clamp_none, ...) right after
+    it, variants of one method by name."""
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    ran = {_method_key(r): r["config"]["method"] for r in results}
+    return lambda name: (order.get(ran[name], 99), order.get(name, 99), name)
+
+
 def summarize(results: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for r in results:
         groups[(r["config"]["benchmark"], r["config"]["scenario"], _method_key(r),
                 r["config"].get("preset"))].append(r)
-    rows, base = [], {}
+    rows = []
     for (bench, scen, method, preset), rs in groups.items():
-        base[method] = rs[0]["config"]["method"]  # a variant (e.g. naive-init_glorot): naive
         acc_m, acc_s = mean_sem([100 * r["final_average_accuracy"] for r in rs])
         fgt_m, fgt_s = mean_sem([100 * r["average_forgetting"] for r in rs])
         pub = PUBLISHED.get((preset, scen, rs[0]["config"]["method"]))  # variants: the method's
@@ -51,11 +59,8 @@ def summarize(results: list[dict]) -> list[dict]:
                          minutes_per_run=sum(r["seconds"] for r in rs) / len(rs) / 60,
                          published=pub[0] if pub else None,
                          published_sem=pub[1] if pub else None))
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    # each variant right after its method: naive, naive-shared_head, si, si-clamp_none, ...
-    rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
-                             order.get(base[r["method"]], 99), order.get(r["method"], 99),
-                             r["method"]))
+    rank = method_rank(results)
+    rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]), rank(r["method"])))
     return rows
 
 
@@ -117,10 +122,9 @@ def paired(results: list[dict]) -> list[dict]:
             m, sem = mean_sem([by_seed[k] - base[k] for k in seeds])
             rows.append(dict(benchmark=key[0], scenario=key[1], method=method, reference=ref,
                              seeds=len(seeds), difference=m, difference_sem=sem))
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = method_rank(results)
     rows.sort(key=lambda r: (r["benchmark"], "tdc".index(r["scenario"][0]),
-                             not r["reference"].startswith("naive"), order.get(r["method"], 99),
-                             r["method"]))
+                             not r["reference"].startswith("naive"), rank(r["method"])))
     return rows
 
 
@@ -210,11 +214,12 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
     by_setting = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_setting[(r["config"]["benchmark"], r["config"]["scenario"])][_method_key(r)].append(r)
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = method_rank(results)
     for (bench, scen), methods in sorted(by_setting.items()):
+        names = sorted(methods, key=rank)
         # 1. average accuracy on the tasks seen so far, as tasks arrive
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in sorted(methods, key=lambda m: order.get(m, 99)):
+        for method in names:
             rs = methods[method]
             T = len(rs[0]["accuracy_matrix"])
             curves = [[100 * sum(r["accuracy_matrix"][i][: i + 1]) / (i + 1) for i in range(T)]
@@ -232,7 +237,6 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
         # 2. accuracy matrices, mean over seeds, one panel per method
-        names = sorted(methods, key=lambda m: order.get(m, 99))
         fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
         for ax, method in zip(axes[0], names):
             rs = methods[method]

@@ -118,9 +118,14 @@ def test_report_refreshes_the_readme_copies_it_names(digits_results, tmp_path, c
 
 
 def _result(method, seed, acc):
-    """A minimal run result for the paired-difference tests."""
+    """A minimal run result for the paired-difference tests; ``method`` is the run-id part
+    (e.g. si-clamp_none), the config's method the --method it was run with (si)."""
+    from experiments.options import METHODS
+
+    ran = max((m for m in METHODS if method == m or method.startswith(m + "-")), key=len)
     return {"run_id": f"b/domain/{method}/seed{seed}", "final_average_accuracy": acc,
-            "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None}}
+            "config": {"benchmark": "b", "scenario": "domain", "seed": seed, "preset": None,
+                       "method": ran}}
 
 
 def test_paired_differences_use_only_shared_seeds():
@@ -174,21 +179,26 @@ def test_paired_init_variant_compares_with_the_default_init():
         ("naive-init_glorot", "naive"): 5.0})
 
 
-def test_summary_lists_each_variant_after_its_method():
+def test_tables_list_each_variant_after_its_method():
     """Rows follow METHOD_ORDER by the method that was run; a variant (another init, clamp,
-    head...) comes right after its method, not alphabetically among the others."""
-    from experiments.report import summarize
+    head...) comes right after its method, not alphabetically among the others: in the
+    summary, and in the paired table after its references to Naive come first."""
+    from experiments.report import paired, summarize
 
     results = []
     for method, variant in [("avalanche-si", "avalanche-si-init_glorot"),
                             ("naive", "naive-init_glorot"), ("si", "si-task-clamp_total"),
                             ("naive", "naive"), ("si", "si")]:
         r = _result(variant, 0, 0.5)
-        r["config"].update(method=method, si_lambda=0.1, si_eps=0.1)
+        assert r["config"]["method"] == method
+        r["config"].update(si_lambda=0.1, si_eps=0.1)
         r.update(average_forgetting=0.4, seconds=60.0)
         results.append(r)
     assert [r["method"] for r in summarize(results)] == [
         "naive", "naive-init_glorot", "si", "si-task-clamp_total", "avalanche-si-init_glorot"]
+    assert [(r["method"], r["reference"]) for r in paired(results)] == [
+        ("naive-init_glorot", "naive"), ("si", "naive"), ("si-task-clamp_total", "naive"),
+        ("avalanche-si-init_glorot", "naive-init_glorot"), ("si-task-clamp_total", "si")]
 
 
 def test_run_id_protocol_suffixes_are_what_report_reads():
