@@ -150,7 +150,7 @@ def forgetting(acc: list[list[float]]) -> float:
 def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str], None] = print,
         loggers: Optional[list] = None) -> dict:
     """Train ``cfg.method`` on the stream task by task; return the results dictionary."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if stream is None:
         stream = make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root, seed=cfg.seed,
                              n_tasks=cfg.n_tasks, pad=cfg.pad, class_order=cfg.class_order)
@@ -201,6 +201,9 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         "omega": omegas,
         "seconds": time.perf_counter() - started,
         "train_seconds_per_task": task_seconds,
+        # CPU time of this process, all its threads: unlike "seconds" it does not grow when
+        # other runs share the cores, so it compares runs made under different load.
+        "cpu_seconds": time.process_time() - cpu_started,
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments"]
                             + sys.argv[1:]),
         "torch": torch.__version__,

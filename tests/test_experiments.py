@@ -38,6 +38,8 @@ def test_smoke_run_writes_every_result(digits_results, capsys):
     assert r["average_forgetting"] == pytest.approx(forgetting(acc))
     assert len(r["omega"]) == 5 and "body.0.weight" in r["omega"][0]
     assert r["seconds"] > 0 and "experiments" in r["command"]
+    # this run's CPU time, not the process's since start: at most all cores for its wall time
+    assert 0 < r["cpu_seconds"] <= r["seconds"] * os.cpu_count() + 0.1
     assert r["threads"] == torch.get_num_threads()
     if (ROOT / ".git").exists():  # the commit that ran, "+" when the code had changes
         assert r["commit"] and all(c in "0123456789abcdef" for c in r["commit"].rstrip("+"))
