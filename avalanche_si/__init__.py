@@ -18,13 +18,16 @@ from .functional import (  # noqa: E402
     si_pre_optim_step,
     si_regularizer,
 )
-from .plugin import CLAMP_MODES, IMPORTANCE_MODES, ParamGroup, SIPlugin  # noqa: E402
+from .plugin import CLAMP_MODES, IMPORTANCE_MODES, GroupOptions, ParamGroup, SIPlugin  # noqa: E402
+from . import amp  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SIPlugin",
     "ParamGroup",
+    "GroupOptions",
+    "amp",
     "IMPORTANCE_MODES",
     "CLAMP_MODES",
     "NonFiniteImportanceError",

@@ -75,6 +75,8 @@ __all__ = [
     "penalty_grad_",
     "penalty_value",
     "consolidate",
+    "consolidated_omega",
+    "commit_consolidation",
     "CLAMP_MODES",
     "fused_kernels_available",
 ]
@@ -87,8 +89,8 @@ DEFAULT_EPS = 1e-3
 class NonFiniteImportanceError(FloatingPointError):
     """Raised when consolidation would store a non-finite importance Ω.
 
-    Training diverged (or the damping ξ is too small for the weights' change):
-    the Ω stored from earlier tasks is left untouched.
+    Training diverged, or the damping ξ is too small for the state's dtype; the message
+    says which. The Ω and θ* stored from earlier tasks are left untouched.
     """
 
 
@@ -182,7 +184,9 @@ def penalty_grad(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
     in-place version, one more n-sized temporary.
     """
     d = torch._foreach_sub(params, prev)
-    return torch._foreach_addcmul(grads, omega, d, value=2.0 * strength), d
+    out = torch._foreach_addcmul(grads, omega, d, value=2.0 * strength)
+    # with float32 state for 16-bit weights the sum is promoted: the gradient keeps its dtype
+    return [o if o.dtype == g.dtype else o.to(g.dtype) for o, g in zip(out, grads)], d
 
 
 @torch.no_grad()
@@ -254,30 +258,20 @@ CLAMP_MODES = ("task", "total", "none")
 
 
 @torch.no_grad()
-def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
-                params: Sequence[Tensor], *, eps: float,
-                names: Optional[Sequence[str]] = None, clamp: str = "task") -> None:
-    r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
+def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
+                       params: Sequence[Tensor], *, eps: float, clamp: str = "task",
+                       names: Optional[Sequence[str]] = None) -> list[Tensor]:
+    r"""The Ω that :func:`consolidate` would store, checked, without storing anything.
 
-    ``clamp`` says where the max(0, ·) goes, following the conventions of the existing
-    implementations: ``"task"`` (default, above: each task's contribution), ``"total"``
-    (Ω ← max(0, Ω + ω / ((θ − θ_prev)² + ξ)), Zenke et al.'s code) or ``"none"`` (no clamp,
-    van de Ven's code; Ω may then be negative).
-
-    Checks the result before storing anything: if any new Ω would be NaN or
-    infinite, raises :class:`NonFiniteImportanceError` naming the parameter and
-    leaves ``omega``, ``prev`` and ``running`` untouched.
-
-    Args:
-        omega, prev, running, params: :math:`\Omega`, :math:`\theta_\text{prev}`,
-            :math:`\omega`, :math:`\theta` (lists of equal length and shapes).
-        eps: the damping :math:`\xi > 0`.
-        names: how the error message names each parameter (default: ``#<position>``).
+    Raises:
+        NonFiniteImportanceError: a new Ω would be NaN or infinite; the message names the
+            parameter and the cause (a running importance ω that is already not finite,
+            weights that are not finite, or ω / (Δ² + ξ) overflowing the state's dtype).
     """
     if clamp not in CLAMP_MODES:
         raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
     if not omega:
-        return
+        return []
     params = [p.detach() for p in params]
     denom = torch._foreach_sub(params, prev)
     torch._foreach_mul_(denom, denom)
@@ -294,13 +288,66 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
         bad = int((~finite).nonzero()[0])
         name = names[bad] if names is not None else f"#{bad}"
         raise NonFiniteImportanceError(
-            f"SI importance for parameter {name} is not finite (running importance ω "
-            f"has {int((~torch.isfinite(running[bad])).sum())} non-finite entries): training "
-            "diverged. The importances Ω of earlier tasks are kept; lower the learning rate "
-            "or raise the damping eps (ξ) and retrain this task.")
-    torch._foreach_copy_(omega, new_omega)
-    torch._foreach_copy_(prev, params)
-    torch._foreach_zero_(running)
+            f"SI importance Ω of parameter {name} is not finite: "
+            f"{_why_not_finite(running[bad], params[bad], prev[bad], eps)}")
+    return new_omega
+
+
+def _why_not_finite(running: Tensor, param: Tensor, prev: Tensor, eps: float) -> str:
+    """What made ω / ((θ − θ*)² + ξ) non-finite, for the error message (runs on failure only)."""
+    bad_run = int((~torch.isfinite(running)).sum())
+    if bad_run:
+        return (f"its running importance ω has {bad_run} non-finite entries of "
+                f"{running.numel()}, so a step had a non-finite gradient or moved the weights "
+                "by a non-finite amount: training diverged (lower the learning rate), or a "
+                "mixed-precision step that torch.amp.GradScaler skipped was counted (with the "
+                "functional API call avalanche_si.amp.unscale_ before the step; SIPlugin does "
+                "it when it knows the scaler: SIPlugin(scaler=...)).")
+    bad_w = int((~torch.isfinite(param)).sum())
+    if bad_w:
+        return (f"{bad_w} of its weights are not finite: training diverged; lower the "
+                "learning rate.")
+    dtype = torch.promote_types(running.dtype, prev.dtype)
+    return (f"ω is finite (max |ω| = {float(running.abs().max()):.3g}) but ω / ((θ − θ*)² + ξ) "
+            f"overflows {dtype} (largest {torch.finfo(dtype).max:.3g}) where the weights barely "
+            f"moved: the damping ξ = {eps:g} is too small for this dtype and these gradients; "
+            "raise eps.")
+
+
+@torch.no_grad()
+def commit_consolidation(omega: Sequence[Tensor], prev: Sequence[Tensor],
+                         running: Sequence[Tensor], params: Sequence[Tensor],
+                         new_omega: Sequence[Tensor]) -> None:
+    r"""Store a :func:`consolidated_omega`: Ω ← new Ω, θ_prev ← θ, ω ← 0."""
+    if omega:
+        torch._foreach_copy_(omega, new_omega)
+        torch._foreach_copy_(prev, [p.detach() for p in params])
+        torch._foreach_zero_(running)
+
+
+@torch.no_grad()
+def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
+                params: Sequence[Tensor], *, eps: float,
+                names: Optional[Sequence[str]] = None, clamp: str = "task") -> None:
+    r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
+
+    ``clamp`` says where the max(0, ·) goes, following the conventions of the existing
+    implementations: ``"task"`` (default, above: each task's contribution), ``"total"``
+    (Ω ← max(0, Ω + ω / ((θ − θ_prev)² + ξ)), Zenke et al.'s code) or ``"none"`` (no clamp,
+    van de Ven's code; Ω may then be negative).
+
+    Checks the result before storing anything: if any new Ω would be NaN or
+    infinite, raises :class:`NonFiniteImportanceError` naming the parameter and the cause,
+    and leaves ``omega``, ``prev`` and ``running`` untouched.
+
+    Args:
+        omega, prev, running, params: :math:`\Omega`, :math:`\theta_\text{prev}`,
+            :math:`\omega`, :math:`\theta` (lists of equal length and shapes).
+        eps: the damping :math:`\xi > 0`.
+        names: how the error message names each parameter (default: ``#<position>``).
+    """
+    new = consolidated_omega(omega, prev, running, params, eps=eps, clamp=clamp, names=names)
+    commit_consolidation(omega, prev, running, params, new)
 
 
 # ----------------------------------------------------------------- the four functions
@@ -416,7 +463,9 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
     Raises:
         ValueError: no :func:`si_pre_optim_step` / :func:`si_post_optim_step` call
             happened since the last consolidation, or ``epsilon <= 0``.
-        NonFiniteImportanceError: the new Ω would not be finite (state untouched).
+        NonFiniteImportanceError: the new Ω would not be finite. Ω and θ_prev are left as
+            they were and ω is dropped: restore the weights from before the task and train
+            it again.
     """
     if not epsilon > 0:
         raise ValueError(f"epsilon (the damping ξ) must be > 0, got {epsilon!r}.")
@@ -437,9 +486,11 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
         running.append(getattr(net, run_name))
         live.append(p)
         names.append(f"#{i}" + ("" if params_name is None else f" of group {params_name!r}"))
-    consolidate(omega, prev, running, live, eps=epsilon, names=names)
-    for i, _ in _active(params):  # ω is reset: the next task starts a new path integral
-        _set_buffer(net, si_buffer_names(i, params_name)[2], None)
+    try:
+        consolidate(omega, prev, running, live, eps=epsilon, names=names)
+    finally:  # ω is reset, also after an error: the next (or retrained) task starts anew
+        for i, _ in _active(params):
+            _set_buffer(net, si_buffer_names(i, params_name)[2], None)
 
 
 def si_regularizer(net: torch.nn.Module, params: Sequence[Tensor],

@@ -1,120 +1,71 @@
-r"""Synaptic Intelligence as an Avalanche plugin.
+r"""Synaptic Intelligence as an Avalanche plugin: the hooks.
 
-The plugin only translates Avalanche's callbacks into calls of the list kernels of
-:mod:`avalanche_si.functional`; the maths lives there. Per training step it makes two passes
-over memory (after the backward pass: the penalty's gradient and the copy of the weights
-before the step; after the step: the running importance), as one-pass C kernels on
-contiguous float32 CPU tensors and as fused ``torch._foreach_*`` operations elsewhere,
-over lists it builds once per experience: no name matching, no Python arithmetic loop
-over parameters, no host copies, no host synchronisation.
+The plugin translates Avalanche's callbacks into calls of the list kernels of
+:mod:`avalanche_si.functional`; the maths lives there. Which parameters and names:
+:mod:`avalanche_si.groups`; the state, its growth and its checks: :mod:`avalanche_si.state`;
+the options: :mod:`avalanche_si.options`; mixed precision: :mod:`avalanche_si.amp`.
+
+Per training step it makes two passes over memory (after the backward pass: the penalty's
+gradient and the copy of the weights before the step; after the step: the running
+importance), as one-pass C kernels on contiguous float32 CPU tensors and as fused
+``torch._foreach_*`` operations elsewhere, over lists it builds once per experience: no name
+matching, no Python arithmetic loop over parameters, no host copies, no host
+synchronisation.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
-from dataclasses import dataclass
+import difflib
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from avalanche.core import SupervisedPlugin
 
+from . import amp
 from .functional import (
     CLAMP_MODES,
     DEFAULT_EPS,
+    NonFiniteImportanceError,
     accumulate_from_delta,
     accumulate_from_pre,
-    consolidate,
+    commit_consolidation,
+    consolidated_omega,
     penalty_step,
-    si_buffer_names,
 )
+from .groups import Matcher, ParamGroup, as_patterns, canonical_name, matches, select, unwrap
 from .optim_step import StepPredictor, check_optimizer_supported
+from .options import (
+    IMPORTANCE_MODES,
+    Strength,
+    check_choice,
+    check_eps,
+    check_eps_for_dtype,
+    check_flag,
+    check_state_dtype,
+    check_strength,
+    strength_at,
+)
+from .state import KINDS, SIState
 
-__all__ = ["SIPlugin", "ParamGroup", "IMPORTANCE_MODES", "CLAMP_MODES"]
-
-IMPORTANCE_MODES = ("total", "task", "delta_params")
-_STATE_FORMAT = "avalanche_si.SIPlugin/1"
-_KINDS = ("omega", "prev_theta", "running_omega", "pre_step_theta")
-
-Matcher = Union[str, Sequence[str], Callable[[str, torch.nn.Parameter], bool]]
-
-
-@dataclass(frozen=True)
-class ParamGroup:
-    r"""A set of parameters that carries its own SI.
-
-    Args:
-        params: which parameters belong to the group: a name pattern or a list of
-            them (``fnmatch`` globs such as ``"features.*"``; a plain name also
-            matches every parameter below it, so ``"classifier"`` covers
-            ``"classifier.weight"``), or a callable ``(name, parameter) -> bool``.
-        si_lambda: the strength :math:`c` of this group's penalty; ``None`` takes
-            the plugin's ``si_lambda``.
-        eps: the damping :math:`\xi` of this group's consolidation; ``None`` takes
-            the plugin's ``eps``.
-    """
-
-    params: Matcher
-    si_lambda: Optional[float] = None
-    eps: Optional[float] = None
-
-
-def _check_strength(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{what} (the SI strength c) must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-def _check_eps(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{what} (the damping xi) must be a finite number > 0, got {value!r}; "
-                         "1e-3 is the default, 0.1 the value of van de Ven et al. 2019.")
-    return float(value)
-
-
-def _as_patterns(value: Any, what: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    try:
-        patterns = tuple(value)
-    except TypeError:
-        raise ValueError(f"{what} must be a name pattern, a list of them or a callable "
-                         f"(name, parameter) -> bool, got {value!r}.") from None
-    if not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"{what} must hold non-empty strings (name patterns), got {value!r}.")
-    return patterns
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p)
-               for p in patterns)
+__all__ = ["SIPlugin", "ParamGroup", "GroupOptions", "IMPORTANCE_MODES", "CLAMP_MODES"]
 
 
 def _every_parameter(name: str, param: torch.nn.Parameter) -> bool:
     return True
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under a (Distributed)DataParallel wrapper: names without ``module.``."""
-    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 class _Group:
-    """One group's configuration, its parameter index and its per-experience lists."""
+    """One group's configuration and its per-experience lists."""
 
-    def __init__(self, key: Optional[str], matcher, si_lambda: float, eps: float):
+    def __init__(self, key: Optional[str], matcher, si_lambda: Optional[Strength],
+                 eps: Optional[float]):
         self.key = key                    # None: the default group (buffer names without _name)
         self.matcher = matcher
-        self.si_lambda = si_lambda
-        self.eps = eps
-        self.index: dict[str, int] = {}   # parameter name -> i, in order of first appearance
-        self.consolidated = False
+        self.si_lambda = si_lambda        # None: the plugin's
+        self.eps = eps                    # None: the plugin's
+        self.c = 0.0                      # the strength in use (resolved per experience)
         self.clear_lists()
 
     def clear_lists(self) -> None:
@@ -137,11 +88,69 @@ class _Group:
     def covers(self, name: str, param: torch.nn.Parameter) -> bool:
         if callable(self.matcher):
             return bool(self.matcher(name, param))
-        return _matches(name, self.matcher)
+        return matches(name, self.matcher)
 
     @property
     def label(self) -> str:
         return "default" if self.key is None else repr(self.key)
+
+
+class GroupOptions:
+    """The live options of one SI group (:meth:`SIPlugin.group`): assigning ``si_lambda`` or
+    ``eps`` is checked like the constructor's and takes effect at the next step
+    (strength) or consolidation (damping); ``None`` follows the plugin's value."""
+
+    __slots__ = ("_plugin", "_group")
+
+    def __init__(self, plugin: "SIPlugin", group: _Group):
+        self._plugin, self._group = plugin, group
+
+    @property
+    def key(self) -> Optional[str]:
+        return self._group.key
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters the group regularizes in the current experience."""
+        return list(self._group.names)
+
+    @property
+    def si_lambda(self) -> Optional[Strength]:
+        return self._group.si_lambda
+
+    @si_lambda.setter
+    def si_lambda(self, value) -> None:
+        self._group.si_lambda = None if value is None else \
+            check_strength(value, f"groups[{self.key!r}].si_lambda")
+        self._plugin._resolve_strengths()
+
+    @property
+    def eps(self) -> Optional[float]:
+        return self._group.eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._group.eps = None if value is None else check_eps(value, f"groups[{self.key!r}].eps")
+
+    def __setattr__(self, name, value):
+        if name.startswith("_") or name in ("si_lambda", "eps"):
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(f"an SI group's options are si_lambda and eps, not {name!r}.")
+
+    def __repr__(self) -> str:
+        return f"GroupOptions(key={self.key!r}, si_lambda={self.si_lambda!r}, eps={self.eps!r})"
+
+
+#: options that may change during training, and those fixed at construction (and why)
+_LIVE = ("si_lambda", "eps", "clamp", "scaler")
+_FIXED = {
+    "importance": "the state it keeps depends on it",
+    "excluded_parameters": "which parameters have state depends on it",
+    "groups": "the state is named by group",
+    "regularize_norm_layers": "which parameters have state depends on it",
+    "state_dtype": "the state is stored in it",
+}
 
 
 class SIPlugin(SupervisedPlugin, supports_distributed=True):
@@ -160,18 +169,21 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     The penalty's gradient :math:`2c\,\Omega \odot (\theta - \theta^*)` is added in closed
     form after the backward pass (``after_backward``), so no graph is built for it; its
     value at the last step is :attr:`penalty` (computed when read, for logging; it is not
-    part of ``strategy.loss``).
-    A plugin that rewrites gradients in its own ``after_backward`` sees the penalty's
-    gradient if it comes after this plugin in the strategy's list, not if it comes before.
+    part of ``strategy.loss``). A plugin that rewrites gradients in its own
+    ``after_backward`` sees the penalty's gradient if it comes after this plugin in the
+    strategy's list, not if it comes before.
 
     Memory: :math:`\Omega`, :math:`\theta^*`, :math:`\omega` and the weights before the
     step, ``4n`` numbers for ``n`` regularized weights (``3n`` with
-    ``importance="delta_params"``), on each parameter's device and dtype. The state lives
-    in the plugin, not in the model: ``model.state_dict()`` is unchanged.
+    ``importance="delta_params"``), on each parameter's device, in the weights' dtype
+    (float32 for 16-bit weights; see ``state_dtype``). The state lives in the plugin, not
+    in the model: ``model.state_dict()`` is unchanged.
 
     Args:
         si_lambda: the strength :math:`c` of the penalty (>= 0; 0 switches the penalty
-            off and leaves training bit-identical to training without the plugin).
+            off and leaves training bit-identical to training without the plugin). A list
+            gives one strength per experience (the last repeats), a callable
+            ``(experience_index) -> c`` computes it, as Avalanche's plugin allows.
         eps: the damping :math:`\xi > 0` of the consolidation (default 1e-3).
         excluded_parameters: name patterns (see :class:`ParamGroup`) of parameters never
             regularized.
@@ -185,11 +197,12 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
             - ``"total"``: the gradient the optimizer used (task loss, SI penalty and any
               other plugin's terms) times the step taken;
-            - ``"task"``: the gradient without the SI penalty times the step taken
+            - ``"task"``: the gradient without the SI penalty, as this plugin's
+              ``after_backward`` finds it (after the backward pass and any plugin listed
+              before this one, never what a plugin after it does), times the step taken
               (Zenke et al.'s code);
-            - ``"delta_params"``: the gradient without the SI penalty times the step the
-              optimizer would take from that gradient alone, predicted from its state
-              (SGD, Adam, AdamW, RMSprop; 3n memory).
+            - ``"delta_params"``: the same gradient times the step the optimizer would take
+              from it alone, predicted from its state (SGD, Adam, AdamW, RMSprop; 3n memory).
         clamp: where the consolidation's :math:`\max(0, \cdot)` goes, to match each
             existing implementation:
 
@@ -200,10 +213,29 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             - ``"none"`` (van de Ven's code): no clamp; :math:`\Omega` may become
               negative, and the penalty then pushes those weights *away* from
               :math:`\theta^*`.
+        regularize_norm_layers: also regularize the parameters of normalization layers
+            (``BatchNorm``, ``InstanceNorm``: torch's ``_NormBase``). Default False, as
+            Avalanche's ``SynapticIntelligencePlugin``; ``LayerNorm``/``GroupNorm`` are
+            ordinary layers either way.
+        state_dtype: the dtype of the state; None (default) keeps it in float32 for
+            float16/bfloat16 weights (so that ω and Ω accumulate accurately) and in the
+            weights' dtype otherwise; ``torch.float32`` or ``torch.float64`` force one.
+        scaler: the ``torch.amp.GradScaler`` that scales the loss, for mixed-precision
+            training. None (default) uses the strategy's own if it has one as an
+            attribute. The plugin unscales the gradients in ``after_backward`` (as PyTorch
+            documents for gradient clipping: plugins after it see unscaled gradients and
+            must not unscale again), so the penalty acts at the right scale, ω uses
+            unscaled gradients and steps the scaler skips add nothing to ω.
+
+    ``si_lambda``, ``eps``, ``clamp`` and ``scaler`` may be assigned during training
+    (checked like here; the strength applies from the next step, the damping and clamp at
+    the next consolidation); so may each group's (:meth:`group`). The other options are
+    fixed: assigning them, or an unknown name, raises ``AttributeError``.
 
     Raises:
-        ValueError: on a bad option, here; on an unsupported optimizer for
-            ``"delta_params"`` or a parameter in two groups, when training starts.
+        ValueError: on a bad option, here; when training starts, on an unsupported
+            optimizer for ``"delta_params"``, a parameter in two groups, a group that
+            matches no parameter, or a state that does not fit the model.
 
     Example:
         >>> from avalanche.training import Naive
@@ -214,31 +246,37 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         ...     strategy.train(experience)
     """
 
-    clamp = "task"  # class default: a plugin pickled before the option existed still loads
-
-    def __init__(self, si_lambda: float = 1.0, *, eps: float = DEFAULT_EPS,
+    def __init__(self, si_lambda: Strength = 1.0, *, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
-                 importance: str = "total", clamp: str = "task"):
+                 importance: str = "total", clamp: str = "task",
+                 regularize_norm_layers: bool = False,
+                 state_dtype: Optional[torch.dtype] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None):
         super().__init__()
-        self.si_lambda = _check_strength(si_lambda, "si_lambda")
-        self.eps = _check_eps(eps, "eps")
-        if importance not in IMPORTANCE_MODES:
-            raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {importance!r}.")
-        self.importance = importance
-        if clamp not in CLAMP_MODES:
-            raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
-        self.clamp = clamp
-        self.excluded_parameters = _as_patterns(excluded_parameters or (), "excluded_parameters")
+        self._si_lambda = check_strength(si_lambda, "si_lambda")
+        self._eps = check_eps(eps, "eps")
+        self._importance = check_choice(importance, IMPORTANCE_MODES, "importance")
+        self._clamp = check_choice(clamp, CLAMP_MODES, "clamp")
+        self._excluded = as_patterns(excluded_parameters or (), "excluded_parameters")
+        self._norms = check_flag(regularize_norm_layers, "regularize_norm_layers")
+        self._state_dtype = check_state_dtype(state_dtype)
+        self._scaler_option = amp.check_scaler(scaler)
         self._groups = self._make_groups(groups)
-        self._store = torch.nn.Module()  # the state, as buffers named like the functional API
+        kinds = KINDS[:3] if importance == "delta_params" else KINDS
+        self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
+        self._exp = 0                  # index of the experience being trained (strengths)
+        self._resolve_strengths()
         self._dirty = True
+        self._patterns_checked = False
+        self._strict = True
         self._model: Optional[torch.nn.Module] = None
         self._param_ids: tuple[int, ...] = ()
+        self._scaler: Optional[torch.amp.GradScaler] = None
 
     def _make_groups(self, groups) -> list[_Group]:
         if groups is None:
-            return [_Group(None, _every_parameter, self.si_lambda, self.eps)]
+            return [_Group(None, _every_parameter, None, None)]
         if not isinstance(groups, Mapping) or not groups:
             raise ValueError("groups must be a non-empty mapping {name: ParamGroup(params=...)}, "
                              f"got {groups!r}; leave it out for one group of all parameters.")
@@ -250,13 +288,83 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             if not isinstance(spec, ParamGroup):
                 spec = ParamGroup(params=spec)
             matcher = spec.params if callable(spec.params) else \
-                _as_patterns(spec.params, f"groups[{key!r}].params")
+                as_patterns(spec.params, f"groups[{key!r}].params")
             made.append(_Group(
                 key, matcher,
-                self.si_lambda if spec.si_lambda is None else
-                _check_strength(spec.si_lambda, f"groups[{key!r}].si_lambda"),
-                self.eps if spec.eps is None else _check_eps(spec.eps, f"groups[{key!r}].eps")))
+                None if spec.si_lambda is None else
+                check_strength(spec.si_lambda, f"groups[{key!r}].si_lambda"),
+                None if spec.eps is None else check_eps(spec.eps, f"groups[{key!r}].eps")))
         return made
+
+    # ------------------------------------------------------------------ options
+
+    @property
+    def si_lambda(self) -> Strength:
+        """The strength :math:`c`: a number, a tuple (one per experience) or a callable."""
+        return self._si_lambda
+
+    @si_lambda.setter
+    def si_lambda(self, value) -> None:
+        self._si_lambda = check_strength(value, "si_lambda")
+        self._resolve_strengths()
+
+    @property
+    def eps(self) -> float:
+        """The damping :math:`\\xi` (used at the next consolidation)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps = check_eps(value, "eps")
+
+    @property
+    def clamp(self) -> str:
+        return self._clamp
+
+    @clamp.setter
+    def clamp(self, value) -> None:
+        self._clamp = check_choice(value, CLAMP_MODES, "clamp")
+
+    @property
+    def scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The GradScaler passed in (None: the strategy's own, found when training starts)."""
+        return self._scaler_option
+
+    @scaler.setter
+    def scaler(self, value) -> None:
+        self._scaler_option = amp.check_scaler(value)
+        self._dirty = True
+
+    importance = property(lambda self: self._importance, doc="Which gradient and step measure ω.")
+    excluded_parameters = property(lambda self: self._excluded)
+    regularize_norm_layers = property(lambda self: self._norms)
+    state_dtype = property(lambda self: self._state_dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in _LIVE:
+            super().__setattr__(name, value)
+        elif name in _FIXED:
+            raise AttributeError(
+                f"SIPlugin.{name} cannot change after construction ({_FIXED[name]}); build a "
+                f"new SIPlugin(..., {name}=...) and load this one's state_dict() into it.")
+        else:
+            close = difflib.get_close_matches(name, _LIVE + tuple(_FIXED), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"SIPlugin has no option {name!r}{hint} Options that may "
+                                 f"change during training: {', '.join(_LIVE)}.")
+
+    def group(self, key: Optional[str] = None) -> GroupOptions:
+        """The live options of group ``key`` (None: the default group)."""
+        return GroupOptions(self, self._group(key))
+
+    def _resolve_strengths(self) -> None:
+        for g in self._groups:
+            value = self._si_lambda if g.si_lambda is None else g.si_lambda
+            what = "si_lambda" if g.si_lambda is None else f"groups[{g.key!r}].si_lambda"
+            g.c = strength_at(value, self._exp, what)
+
+    def _eps_of(self, g: _Group) -> float:
+        return self._eps if g.eps is None else g.eps
 
     # ------------------------------------------------------------------ public state
 
@@ -285,26 +393,15 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
         The tensors are the live state: read, do not modify them.
         """
-        g = self._group(group)
-        return {name: self._buffer(g, "omega", i) for name, i in g.index.items()}
+        key = self._group(group).key
+        return {name: self._state.get(key, "omega", i)
+                for name, i in self._state.index[key].items()}
 
     def _group(self, key: Optional[str]) -> _Group:
         for g in self._groups:
             if g.key == key:
                 return g
         raise KeyError(f"no SI group {key!r}; the groups are {self.group_names}.")
-
-    def _buffer_name(self, g: _Group, kind: str, i: int) -> str:
-        return si_buffer_names(i, g.key)[_KINDS.index(kind)]
-
-    def _buffer(self, g: _Group, kind: str, i: int) -> Tensor:
-        return self._store._buffers[self._buffer_name(g, kind, i)]
-
-    def _set(self, g: _Group, kind: str, i: int, value: Tensor) -> None:
-        self._store._buffers[self._buffer_name(g, kind, i)] = value
-
-    def _kinds(self) -> tuple[str, ...]:
-        return _KINDS[:3] if self.importance == "delta_params" else _KINDS
 
     # ------------------------------------------------------------- building the lists
 
@@ -315,75 +412,37 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         per step. New parameters get Ω = 0 and θ* = their current value; a grown one keeps
         its state for the old slice.
         """
-        model = _unwrap(strategy.model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad
-                 and not _matches(n, self.excluded_parameters)]
-        owner: dict[str, _Group] = {}
-        for name, p in named:
-            hits = [g for g in self._groups if g.covers(name, p)]
-            if len(hits) > 1:
-                raise ValueError(f"parameter {name!r} is in SI groups "
-                                 f"{[g.key for g in hits]}; a parameter may be in one group "
-                                 "only: narrow the groups' patterns.")
-            if hits:
-                owner[name] = hits[0]
+        model = strategy.model
+        selected = select(model, self._groups, self._excluded,
+                          regularize_norm_layers=self._norms,
+                          check_patterns=not self._patterns_checked)
+        self._patterns_checked = True
+        self._state.check_loaded_names(self._model_names(model), strict=self._strict)
         for g in self._groups:
             g.clear_lists()
-        for name, p in named:
-            g = owner.get(name)
-            if g is None:
-                continue
-            if name not in g.index:
-                g.index[name] = len(g.index)
-                self._new_state(g, g.index[name], p)
-            else:
-                self._adapt_state(g, name, p)
-            i = g.index[name]
+        for g, name, p in selected:
+            i = self._state.track(g.key, name, p)
             g.names.append(name)
             g.params.append(p)
-            g.omega.append(self._buffer(g, "omega", i))
-            g.prev.append(self._buffer(g, "prev_theta", i))
-            g.running.append(self._buffer(g, "running_omega", i))
-            if self.importance != "delta_params":
-                g.pre.append(self._buffer(g, "pre_step_theta", i))
-        if self.importance == "delta_params":
-            for g in self._groups:
+            g.omega.append(self._state.get(g.key, "omega", i))
+            g.prev.append(self._state.get(g.key, "prev_theta", i))
+            g.running.append(self._state.get(g.key, "running_omega", i))
+            if self._importance != "delta_params":
+                g.pre.append(self._state.get(g.key, "pre_step_theta", i))
+        for g in self._groups:
+            if g.omega:
+                check_eps_for_dtype(self._eps_of(g), g.omega[0].dtype,
+                                    "eps" if g.eps is None else f"groups[{g.key!r}].eps")
+            if self._importance == "delta_params":
                 g.predictor = StepPredictor(strategy.optimizer, g.params) if g.params else None
-        self._model = strategy.model
-        self._param_ids = tuple(id(p) for p in strategy.model.parameters())
+        self._scaler = self._scaler_option or amp.find_scaler(strategy)
+        self._model = model
+        self._param_ids = tuple(id(p) for p in model.parameters())
         self._dirty = False
 
-    def _new_state(self, g: _Group, i: int, p: Tensor) -> None:
-        p = p.detach()
-        self._set(g, "omega", i, torch.zeros_like(p))
-        self._set(g, "prev_theta", i, p.clone())
-        self._set(g, "running_omega", i, torch.zeros_like(p))
-        if self.importance != "delta_params":
-            self._set(g, "pre_step_theta", i, torch.empty_like(p))
-
-    def _adapt_state(self, g: _Group, name: str, p: Tensor) -> None:
-        """Keep a known parameter's state: cast to its device/dtype, or grow with it."""
-        i = g.index[name]
-        p = p.detach()
-        for kind in self._kinds():
-            key = self._buffer_name(g, kind, i)
-            old = self._store._buffers.get(key)
-            if old is None:  # e.g. a state loaded from delta_params mode into another mode
-                self._store._buffers[key] = torch.empty_like(p) if kind == "pre_step_theta" \
-                    else torch.zeros_like(p)
-                continue
-            if old.shape != p.shape:
-                if old.dim() != p.dim() or any(o > n for o, n in zip(old.shape, p.shape)):
-                    raise ValueError(
-                        f"SI state of parameter {name!r} has shape {tuple(old.shape)} but the "
-                        f"model's has shape {tuple(p.shape)}; a parameter may only grow (as "
-                        "Avalanche's dynamic classifiers do). Load the state into the model it "
-                        "was saved from.")
-                new = p.clone() if kind == "prev_theta" else torch.zeros_like(p)
-                new[tuple(slice(0, s) for s in old.shape)] = old.to(p)
-                self._store._buffers[key] = new
-            elif old.device != p.device or old.dtype != p.dtype:
-                self._store._buffers[key] = old.to(device=p.device, dtype=p.dtype)
+    @staticmethod
+    def _model_names(model: torch.nn.Module) -> set[str]:
+        return {canonical_name(n) for n, _ in unwrap(model).named_parameters()}
 
     def _ensure_synced(self, strategy) -> None:
         if self._dirty or strategy.model is not self._model:
@@ -392,8 +451,10 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     # -------------------------------------------------------------------- the hooks
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        if self.importance == "delta_params":
+        if self._importance == "delta_params":
             check_optimizer_supported(strategy.optimizer)
+        self._exp = getattr(getattr(strategy, "clock", None), "train_exp_counter", self._exp)
+        self._resolve_strengths()
         self._sync(strategy)
 
     def after_eval(self, strategy, **kwargs) -> None:
@@ -405,11 +466,15 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
+        found_inf = None
+        if self._scaler is not None:
+            found_inf = amp.unscale_(self._scaler, strategy.optimizer,
+                                     [p for g in self._groups for p in g.params])
         for g in self._groups:
             if g.params:
-                self._after_backward_group(g)
+                self._after_backward_group(g, found_inf)
 
-    def _after_backward_group(self, g: _Group) -> None:
+    def _after_backward_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
         grads = [p.grad for p in g.params]
         idx = None
         if any(gr is None for gr in grads):
@@ -419,123 +484,133 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             # optimizer move them on old momentum.
             idx = [k for k, gr in enumerate(grads) if gr is not None]
             grads = [grads[k] for k in idx]
-        g.step_idx, g.step_grads, g.value, g.penalty = idx, grads, None, None
+        g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
         if not grads:
             return
         params = g.pick(g.params)
         # The weights before the step are recorded here, in the pass that reads them for
         # the penalty anyway (the optimizer step is what follows; a plugin that moves the
         # weights between the backward pass and the step has its move counted as part of it).
-        pre = None if self.importance == "delta_params" else g.pick(g.pre)
-        if self.importance == "delta_params":  # measured before the penalty joins the gradient
-            accumulate_from_delta(g.pick(g.running), grads, g.predictor.predict(grads, mask=idx))
-        if g.consolidated and g.si_lambda != 0.0:
+        pre = None if self._importance == "delta_params" else g.pick(g.pre)
+        if self._importance == "delta_params":  # measured before the penalty joins the gradient
+            delta = g.predictor.predict(grads, mask=idx)
+            if found_inf is not None:  # a step the scaler skips moves nothing
+                torch._foreach_mul_(delta, 1.0 - found_inf)
+            accumulate_from_delta(g.pick(g.running), grads, delta)
+        task = self._importance == "task"
+        if self._state.consolidated[g.key] and g.c != 0.0:
             # "task": the optimizer gets new gradient tensors with the penalty added; the
             # task gradients stay in g.step_grads for ω.
             total, g.value = penalty_step(grads, g.pick(g.omega), params, g.pick(g.prev),
-                                          strength=g.si_lambda, pre=pre,
-                                          in_place=self.importance != "task")
-            if self.importance == "task":
+                                          strength=g.c, pre=pre, in_place=not task)
+            if task:
                 for p, t in zip(params, total):
                     p.grad = t
-        elif pre is not None:
-            torch._foreach_copy_(pre, params)  # no_grad: no detach needed
+        else:
+            if pre is not None:
+                torch._foreach_copy_(pre, params)  # no_grad: no detach needed
+            if task:  # as above, so that ω never sees what a later plugin does to .grad
+                for p, gr in zip(params, grads):
+                    p.grad = gr.clone()
+        if pre is not None:
+            g.step_grads = grads
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs) -> None:
-        if self.importance == "delta_params":
-            return
         for g in self._groups:
-            if not g.step_grads:
-                continue
-            # ω += g·(θ_pre − θ); with "task" g is the task gradient
-            accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre), g.pick(g.params))
-            g.step_grads = []
+            if g.step_grads:
+                # ω += g·(θ_pre − θ); with "task" g is the task gradient
+                accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre),
+                                    g.pick(g.params))
+                g.step_grads = []
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
-        for g in self._groups:
-            consolidate(g.omega, g.prev, g.running, g.params, eps=g.eps, clamp=self.clamp,
-                        names=[f"{n!r} (SI group {g.label})" for n in g.names])
-            g.consolidated = g.consolidated or bool(g.params)
+        self._warn_if_unfrozen(strategy.model)
+        self.consolidate()
+
+    def consolidate(self) -> None:
+        r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
+        ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
+        \leftarrow 0`. Called after each experience.
+
+        Raises:
+            NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
+                group keeps its Ω and θ*, and the running ω of the experience is reset, so
+                the experience can be trained again once the weights are restored.
+        """
+        try:
+            new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
+                                      clamp=self._clamp,
+                                      names=[f"{n!r} (SI group {g.label})" for n in g.names])
+                   for g in self._groups]
+        except NonFiniteImportanceError as exc:
+            for key in self._state.index:
+                self._state.reset_running(key)
+            for g in self._groups:
+                g.step_grads, g.value, g.penalty = [], None, None
+            raise NonFiniteImportanceError(
+                f"{exc} Nothing was stored: Ω and θ* of earlier experiences are kept and this "
+                "experience's running importance ω is reset. Restore the weights from before "
+                "this experience and train it again.") from None
+        for g, omega in zip(self._groups, new):
+            commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
+            self._state.consolidated[g.key] = self._state.consolidated[g.key] or bool(g.params)
             g.step_grads, g.value, g.penalty = [], None, None
+
+    def _warn_if_unfrozen(self, model: torch.nn.Module) -> None:
+        """A parameter made trainable during the experience had no state: say so (it gets
+        state, with θ* = its value now, from the next experience)."""
+        tracked = {(g.key, n) for g in self._groups for n in g.names}
+        late = [n for g, n, _ in select(model, self._groups, self._excluded,
+                                        regularize_norm_layers=self._norms, check_patterns=False)
+                if (g.key, n) not in tracked]
+        if late:
+            warnings.warn(f"SIPlugin: parameter(s) {', '.join(map(repr, late))} became trainable "
+                          "during this experience; SI regularizes them from the next experience "
+                          "on (their importance for this one is 0). Unfreeze parameters between "
+                          "experiences to have it measured.", stacklevel=3)
+            self._dirty = True
 
     # ------------------------------------------------------------- saving and loading
 
     def state_dict(self) -> dict[str, Any]:
         """The plugin's state: every group's buffers and parameter index (tensors cloned)."""
-        return {
-            "format": _STATE_FORMAT,
-            "importance": self.importance,
-            "groups": {g.key: {"index": dict(g.index), "consolidated": g.consolidated}
-                       for g in self._groups},
-            "buffers": {k: v.detach().clone() for k, v in self._store._buffers.items()
-                        if v is not None},
-        }
+        return dict(self._state.state_dict(), importance=self._importance)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`, checking it against this plugin's groups.
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a :meth:`state_dict`, checked against this plugin's groups and, if it has seen
+        one (else when training starts), the model.
 
-        Tensors are copied; they move to the live parameters' device and dtype (now if
-        the plugin has seen the model, else when training starts).
+        Tensors are copied; they move to the live parameters' device and the state's dtype.
+        Nothing changes when an error is raised.
+
+        Args:
+            strict: every parameter the state names must be a parameter of the model (as
+                ``torch.nn.Module.load_state_dict``). With False, state for parameters the
+                model lacks is kept unused (it applies if such a parameter appears later).
 
         Raises:
-            ValueError: not a state of this plugin, other groups, or missing or
-                inconsistent buffers.
+            ValueError: not a state of this plugin, other groups, missing, inconsistent or
+                non-finite buffers, negative Ω under a clamp that forbids it, names the model
+                lacks (``strict``), or shapes that do not fit the model's.
         """
-        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _STATE_FORMAT:
-            raise ValueError("not an SIPlugin state: expected a dict from SIPlugin.state_dict() "
-                             f"with format {_STATE_FORMAT!r}.")
-        groups, buffers = state_dict.get("groups"), state_dict.get("buffers")
-        if not isinstance(groups, Mapping) or not isinstance(buffers, Mapping):
-            raise ValueError("SIPlugin state is missing its 'groups' or 'buffers' entry.")
-        if set(groups) != set(self.group_names):
-            raise ValueError(f"SIPlugin state has groups {sorted(groups, key=str)} but this plugin "
-                             f"has {sorted(self.group_names, key=str)}; build the plugin with "
-                             "the same groups= as the one that saved it.")
-        new_buffers: dict[str, Tensor] = {}
-        new_index: dict[Optional[str], dict[str, int]] = {}
+        new = SIState(self._state.index, self._state.kinds, self._state_dtype)
+        new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
+        if self._model is not None:
+            new.check_loaded_names(self._model_names(self._model), strict=strict)
+            for g, name, p in select(self._model, self._groups, self._excluded,
+                                     regularize_norm_layers=self._norms, check_patterns=False):
+                new.check_shape(g.key, name, p)
+        self._state = new
+        self._strict = strict
         for g in self._groups:
-            entry = groups[g.key]
-            index = dict(entry.get("index", {}))
-            if sorted(index.values()) != list(range(len(index))):
-                raise ValueError(f"SIPlugin state: group {g.label} has a broken parameter index "
-                                 f"{index}.")
-            for name, i in index.items():
-                shape = None
-                for kind in _KINDS[:3]:
-                    key = self._buffer_name(g, kind, i)
-                    t = buffers.get(key)
-                    if not isinstance(t, Tensor):
-                        raise ValueError(f"SIPlugin state: buffer {key!r} of parameter {name!r} "
-                                         "is missing.")
-                    if shape is not None and t.shape != shape:
-                        raise ValueError(f"SIPlugin state: buffer {key!r} has shape "
-                                         f"{tuple(t.shape)}, expected {tuple(shape)}.")
-                    shape = t.shape
-                    new_buffers[key] = t.detach().clone()
-                if self.importance != "delta_params":
-                    key = self._buffer_name(g, "pre_step_theta", i)
-                    new_buffers[key] = torch.empty_like(new_buffers[self._buffer_name(g, "omega", i)])
-            new_index[g.key] = index
-        self._store._buffers.clear()
-        self._store._buffers.update(new_buffers)
-        for g in self._groups:
-            g.index = new_index[g.key]
-            g.consolidated = bool(groups[g.key].get("consolidated", False))
             g.clear_lists()
         self._dirty = True
-        if self._model is not None:
-            model = _unwrap(self._model)
-            live = dict(model.named_parameters())
-            for g in self._groups:
-                for name in g.index:
-                    if name in live:
-                        self._adapt_state(g, name, live[name])
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled with the strategy (Avalanche checkpoints): the per-experience lists
-        # and the optimizer view are rebuilt on the next step, not saved.
+        # Pickled with the strategy (Avalanche checkpoints): the per-experience lists,
+        # the optimizer view and the strategy's scaler are found again on the next step.
         state = self.__dict__.copy()
         state["_groups"] = [_Group.__new__(_Group) for _ in self._groups]
         for new, old in zip(state["_groups"], self._groups):
@@ -543,4 +618,43 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             new.clear_lists()
         state["_dirty"] = True
         state["_model"] = None
+        state["_scaler"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_store" in state:  # pickled by avalanche_si 0.1 (an older Avalanche checkpoint)
+            state = _from_version_0_1(state)
+        self.__dict__.update(state)
+
+
+def _from_version_0_1(old: dict[str, Any]) -> dict[str, Any]:
+    """An SIPlugin pickled by avalanche_si 0.1, in today's layout, its state kept whole.
+
+    0.1 regularized normalization layers too, so the converted plugin does
+    (``regularize_norm_layers=True``); each named group kept a copy of its strength and
+    damping, so those stay fixed rather than following the plugin's.
+    """
+    importance = old.get("importance", "total")
+    groups = []
+    for og in old["_groups"]:
+        d = og.__dict__
+        default = d["key"] is None
+        groups.append(_Group(d["key"], d["matcher"], None if default else d["si_lambda"],
+                             None if default else d["eps"]))
+    st = SIState([g.key for g in groups],
+                 KINDS[:3] if importance == "delta_params" else KINDS, None)
+    st.store = old["_store"]
+    st.index = {og.__dict__["key"]: dict(og.__dict__["index"]) for og in old["_groups"]}
+    st.consolidated = {og.__dict__["key"]: bool(og.__dict__.get("consolidated", False))
+                       for og in old["_groups"]}
+    new = {k: v for k, v in old.items() if k.startswith("_") and k not in
+           ("_store", "_groups", "_dirty", "_model", "_param_ids")}
+    new.update(_si_lambda=old["si_lambda"], _eps=old["eps"], _importance=importance,
+               _clamp=old.get("clamp", "task"), _excluded=tuple(old["excluded_parameters"]),
+               _norms=True, _state_dtype=None, _scaler_option=None, _groups=groups, _state=st,
+               _exp=0, _dirty=True, _patterns_checked=True, _strict=True, _model=None,
+               _param_ids=(), _scaler=None)
+    for g in groups:
+        value = new["_si_lambda"] if g.si_lambda is None else g.si_lambda
+        g.c = strength_at(value, 0, "si_lambda")
+    return new

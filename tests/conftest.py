@@ -18,6 +18,10 @@ from avalanche.benchmarks.utils.classification_dataset import (  # noqa: E402
 )
 from avalanche.training import Naive  # noqa: E402
 
+#: every device of this machine: the numeric tests run on each, so the first machine with a
+#: GPU checks them all with the README's test command
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def make_tasks(n_tasks=3, n=48, dim=6, *, dtype=torch.float64, seed=0, offset_labels=False):
     """A list of (x, y, t) tensors: task t separates two classes along input axis t."""
@@ -37,16 +41,18 @@ def make_stream(tasks):
         train=datasets, test=[_tensor_dataset(x, y, task_labels=t) for x, y, t in tasks])))
 
 
-def mlp(dim=6, hidden=8, out=2, *, dtype=torch.float64, seed=0):
+def mlp(dim=6, hidden=8, out=2, *, dtype=torch.float64, seed=0, device="cpu"):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(),
                                torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, out)).to(dtype)
+                               torch.nn.Linear(hidden, out)).to(dtype=dtype, device=device)
 
 
-def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, evaluator=None, **kwargs):
-    return Naive(model=model, optimizer=optimizer, train_mb_size=mb, train_epochs=epochs,
-                 plugins=list(plugins), evaluator=evaluator, device="cpu", **kwargs)
+def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, evaluator=None, cls=Naive,
+             **kwargs):
+    device = next(model.parameters()).device
+    return cls(model=model, optimizer=optimizer, train_mb_size=mb, train_epochs=epochs,
+               plugins=list(plugins), evaluator=evaluator, device=device, **kwargs)
 
 
 def train_stream(strat, bench, **kwargs):
@@ -54,12 +60,15 @@ def train_stream(strat, bench, **kwargs):
         strat.train(exp, shuffle=False, num_workers=0, eval_streams=[], **kwargs)
 
 
-def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2, clamp="task"):
+def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2, clamp="task",
+                 rewrite_grads=None):
     """SI by the definition: a plain per-parameter loop with the penalty through autograd.
 
     ``groups``: list of (list of parameter names, strength c, damping xi).
+    ``rewrite_grads``: what another plugin does to the gradients before the step (in place).
     Returns ({name: Omega}, the trained model).
     """
+    device = next(model.parameters()).device
     named = dict(model.named_parameters())
     state = {n: dict(omega=torch.zeros_like(p), prev=p.detach().clone())
              for names, _, _ in groups for n, p in named.items() if n in names}
@@ -69,7 +78,7 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
         running = {n: torch.zeros_like(named[n]) for n in state}
         for _ in range(epochs):
             for i in range(0, len(x_all), mb):
-                x, y = x_all[i:i + mb], y_all[i:i + mb]
+                x, y = x_all[i:i + mb].to(device), y_all[i:i + mb].to(device)
                 task_loss = ce(model(x), y)
                 penalty = 0.0
                 if consolidated:
@@ -81,6 +90,8 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
                     task_loss, list(named.values()), retain_graph=True, allow_unused=True)))
                 optimizer.zero_grad()
                 (task_loss + penalty).backward()
+                if rewrite_grads is not None:
+                    rewrite_grads(model)
                 before = {n: p.detach().clone() for n, p in named.items()}
                 if importance == "delta_params":
                     predicted = predict_with_real_optimizer(optimizer, named, task_grads)

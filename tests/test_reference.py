@@ -127,13 +127,30 @@ def test_clamp_conventions_differ_where_a_task_contributes_negatively():
         SIPlugin(clamp="relu")
 
 
-def test_plugin_pickled_before_the_clamp_option_still_consolidates(tasks):
+def test_plugin_pickled_by_version_0_1_loads_whole_and_trains_on(tasks):
+    # tests/data/siplugin-0.1.pt: an SIPlugin with two groups, trained on two tasks by
+    # avalanche_si 0.1.0 and pickled as an Avalanche checkpoint pickles it (see its README)
     import pickle
+    from pathlib import Path
 
-    plugin = SIPlugin(2.0)
-    del plugin.__dict__["clamp"]  # what unpickling an older SIPlugin gives
-    plugin = pickle.loads(pickle.dumps(plugin))
-    model = mlp()
-    train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [plugin]),
-                 make_stream(tasks))
-    assert plugin.clamp == "task" and min(float(o.min()) for o in plugin.importances().values()) >= 0
+    blob = torch.load(Path(__file__).parent / "data" / "siplugin-0.1.pt", weights_only=False)
+    old = pickle.loads(blob["plugin"])
+    assert old.group_names == ["body", "head"] and old.clamp == "task"
+    saved = {k: v for k, v in blob["state_dict"]["buffers"].items()
+             if not k.startswith("si_pre_step_theta")}  # 0.1 also saved this scratch copy
+    assert old.state_dict()["buffers"].keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(old.state_dict()["buffers"][k], v), k
+    # it trains on exactly like a new plugin given the same state
+    fresh = SIPlugin(3.0, eps=0.1, regularize_norm_layers=True,
+                     groups={"body": ["0", "2"], "head": ParamGroup(params=["4"], si_lambda=1.0)})
+    fresh.load_state_dict(blob["state_dict"])
+    runs = []
+    for plugin in (old, fresh):
+        model = mlp()
+        model.load_state_dict(blob["model"])
+        train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [plugin]),
+                     make_stream(tasks[2:]))
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["0.weight"], blob["model"]["0.weight"])

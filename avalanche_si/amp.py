@@ -1,0 +1,94 @@
+r"""Mixed precision: SI with ``torch.amp.GradScaler``.
+
+With a gradient scaler the backward pass leaves :math:`S\,g` in ``.grad`` (:math:`S` the loss
+scale, 65,536 at the start), and ``scaler.step`` divides by :math:`S` and *skips* the step
+(weights unchanged) when any gradient is inf or NaN. SI must therefore
+
+- add its penalty's gradient :math:`2c\,\Omega(\theta - \theta^*)` to the *unscaled*
+  gradient, or the penalty acts :math:`S` times too weakly;
+- measure :math:`\omega` with unscaled gradients;
+- add nothing to :math:`\omega` for a skipped step (its inf gradient times a zero step is
+  NaN otherwise).
+
+:func:`unscale_` does the first two the way PyTorch documents for gradient clipping
+(``scaler.unscale_(optimizer)`` between the backward pass and ``scaler.step``) and the third
+by zeroing the non-finite entries of the gradients SI reads: the step is skipped anyway, as
+the scaler decided when it unscaled, and a step that does not move a weight then adds
+exactly 0. :class:`~avalanche_si.SIPlugin` calls it in ``after_backward`` when the strategy
+has a scaler (or one is passed as ``scaler=``); with the functional API call it yourself::
+
+    scaler.scale(loss).backward()
+    found_inf = avalanche_si.amp.unscale_(scaler, optimizer, params)
+    F.si_pre_optim_step(net, params)
+    scaler.step(optimizer)
+    scaler.update()
+    F.si_post_optim_step(net, params)
+
+Nothing here imports Avalanche.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import GradScaler, OptState
+
+__all__ = ["unscale_", "find_scaler", "check_scaler"]
+
+
+def check_scaler(value: Any) -> Optional[GradScaler]:
+    if value is None or isinstance(value, GradScaler):
+        return value
+    raise ValueError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, if "
+                     f"it has one), got {value!r}.")
+
+
+def find_scaler(strategy: Any) -> Optional[GradScaler]:
+    """The ``torch.amp.GradScaler`` among the strategy's attributes (an AMP subclass's
+    ``self.scaler``, whatever its name), or None.
+
+    Raises:
+        ValueError: the strategy holds several; pass the one in use as ``scaler=``.
+    """
+    found = {name: v for name, v in vars(strategy).items() if isinstance(v, GradScaler)}
+    if len(found) > 1:
+        raise ValueError(f"the strategy holds several GradScalers ({', '.join(sorted(found))}); "
+                         "pass the one that scales the loss as SIPlugin(scaler=...).")
+    return next(iter(found.values()), None)
+
+
+def unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
+             params: Sequence[Tensor] = ()) -> Optional[Tensor]:
+    r"""Unscale ``optimizer``'s gradients now (unless already done for this step) and zero
+    the non-finite entries of ``params``' gradients.
+
+    Call between the backward pass and ``scaler.step(optimizer)``. ``scaler.step`` then
+    neither unscales again nor changes its decision to skip the step.
+
+    Returns:
+        ``found_inf``, a float 0-d tensor on the scaler's device: 1 when ``scaler.step``
+        will skip this step, else 0 (no host synchronisation); None when the scaler is
+        disabled (the gradients are not scaled then).
+    """
+    if not scaler.is_enabled():
+        return None
+    try:
+        opt_state = scaler._per_optimizer_states[id(optimizer)]
+        if opt_state["stage"] is OptState.READY:
+            scaler.unscale_(optimizer)
+        elif opt_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("avalanche_si.amp.unscale_ was called after scaler.step(); "
+                               "call it between the backward pass and the step.")
+        per_device = list(opt_state["found_inf_per_device"].values())
+    except (AttributeError, KeyError, TypeError) as exc:  # pragma: no cover - torch changed
+        raise RuntimeError(f"this torch's GradScaler ({torch.__version__}) keeps its state in "
+                           f"a way avalanche_si does not know ({exc!r}); please report it.") from exc
+    device = scaler._scale.device if scaler._scale is not None else None
+    found_inf = sum(t.to(device, non_blocking=True) for t in per_device) if per_device else \
+        torch.zeros((), device=device)
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    return found_inf

@@ -1,0 +1,116 @@
+r"""The plugin's options: what each accepts, checked the same way at construction and when
+assigned later.
+
+Numbers may be Python numbers, numpy scalars or one-element tensors. The strength
+:math:`c` may also change with the experience, as Avalanche's own plugin allows: a list
+(one value per experience, the last one repeated) or a callable of the experience index.
+
+Nothing here imports Avalanche.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_dtype",
+           "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES"]
+
+IMPORTANCE_MODES = ("total", "task", "delta_params")
+CLAMP_MODES = ("task", "total", "none")
+
+#: a strength: a number, one number per experience, or a function of the experience index
+Strength = Union[float, Sequence[float], Callable[[int], float]]
+
+_EPS_HINT = "1e-3 is the default, 0.1 the value of van de Ven et al. 2019 and Zenke et al. 2017"
+
+
+def as_number(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a real number (Python, numpy, or a one-element
+    tensor), else None. Booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:  # numpy's bool_ and other exotic scalars: refused; 0-d arrays: accepted
+        import numpy as np
+        if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "fiu":
+            return float(value)
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        pass
+    return None
+
+
+def _strength_number(value: Any, what: str) -> float:
+    x = as_number(value)
+    if x is None or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{what} (the SI strength c) must be a finite number >= 0, got "
+                         f"{value!r}.")
+    return x
+
+
+def check_strength(value: Any, what: str) -> Strength:
+    """A valid strength: a number >= 0, a non-empty list of them (one per experience), or a
+    callable ``(experience_index) -> number`` (checked when called)."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{what} is an empty list; give one strength per experience "
+                             "(the last one is used for later experiences), or a number.")
+        return tuple(_strength_number(v, f"{what}[{k}]") for k, v in enumerate(value))
+    return _strength_number(value, what)
+
+
+def strength_at(value: Strength, experience: int, what: str) -> float:
+    """The strength for the ``experience``-th experience trained (0-based, Avalanche's
+    ``strategy.clock.train_exp_counter``): a list's entry, its last one beyond its end (as
+    Avalanche's plugin does), or the callable's value, checked."""
+    if isinstance(value, tuple):
+        return value[min(experience, len(value) - 1)]
+    if callable(value):
+        return _strength_number(value(experience), f"{what}({experience})")
+    return value
+
+
+def check_eps(value: Any, what: str) -> float:
+    x = as_number(value)
+    if x is None or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{what} (the damping xi) must be a finite number > 0, got {value!r}; "
+                         f"{_EPS_HINT}.")
+    return x
+
+
+def check_eps_for_dtype(eps: float, dtype: torch.dtype, what: str) -> None:
+    """ξ must survive in the state's dtype, or Ω = ω / (Δ² + ξ) divides by 0 where Δ = 0."""
+    tiny = torch.finfo(dtype).tiny
+    if eps < tiny:
+        raise ValueError(f"{what} = {eps:g} is below the smallest normal {dtype} number "
+                         f"({tiny:g}), so (θ − θ*)² + ξ would be 0 for a weight that did not "
+                         f"move and its importance infinite; raise it ({_EPS_HINT}).")
+
+
+def check_state_dtype(value: Any) -> Optional[torch.dtype]:
+    if value is None or value in (torch.float32, torch.float64):
+        return value
+    raise ValueError(f"state_dtype must be None (float32 for 16-bit weights, else the weights' "
+                     f"dtype), torch.float32 or torch.float64, got {value!r}.")
+
+
+def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}.")
+    return value

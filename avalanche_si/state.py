@@ -1,0 +1,226 @@
+r"""SI's state: buffers named like the functional API's, keyed by parameter name.
+
+For parameter ``i`` of group ``_name``: :math:`\Omega` (``si_omega_name_weights_i``),
+:math:`\theta^*` (``si_prev_theta...``), :math:`\omega` (``si_running_omega...``) and
+:math:`\theta_\text{pre\_step}` (``si_pre_step_theta...``, not kept with
+``importance="delta_params"``). ``i`` numbers a group's parameters in the order they were
+first seen, so a new head never shifts another parameter's state.
+
+- **dtype**: the state's dtype is ``state_dtype``, else float32 for 16-bit weights (so that
+  :math:`\omega` and :math:`\Omega` do not accumulate in 8 or 11 mantissa bits), else the
+  weights' dtype. Memory: 4 numbers of that dtype per regularized weight (3 with
+  ``delta_params``); for bfloat16/float16 weights 16 bytes each, 8x the weights.
+- **growth**: Avalanche's dynamic heads grow their output dimension, so a parameter's first
+  dimension may grow (the old slice keeps its state, new rows start with
+  :math:`\Omega = 0`, :math:`\theta^* = \theta`); any other change of shape is an error that
+  names the parameter and both shapes.
+- **saving**: :meth:`SIState.state_dict` / :meth:`SIState.load_state_dict`, checked: finite
+  values, :math:`\Omega \ge 0` where the clamp promises it, and (``strict``) every saved name
+  a parameter of the model it is used with.
+
+Nothing here imports Avalanche.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .functional import si_buffer_names
+from .groups import canonical_name
+
+__all__ = ["SIState", "STATE_FORMAT", "KINDS", "state_dtype_for"]
+
+STATE_FORMAT = "avalanche_si.SIPlugin/1"
+KINDS = ("omega", "prev_theta", "running_omega", "pre_step_theta")
+_SAVED = KINDS[:3]  # θ_pre_step is scratch within one step: never saved
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def state_dtype_for(param: Tensor, state_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if state_dtype is not None:
+        return state_dtype
+    return torch.float32 if param.dtype in _LOW else param.dtype
+
+
+def can_grow(old: torch.Size, new: torch.Size) -> bool:
+    """Whether ``old`` may become ``new``: same rank, first dimension not smaller, the
+    others equal (a classifier gaining output units)."""
+    return len(old) == len(new) and (len(new) == 0 or (new[0] >= old[0] and old[1:] == new[1:]))
+
+
+class SIState:
+    """The buffers of every group and the name index (name → i) of each group.
+
+    Args:
+        keys: the groups' keys (``None`` for the default group).
+        kinds: the buffers kept per parameter (:data:`KINDS`, or its first three).
+        state_dtype: see the module's docstring.
+    """
+
+    def __init__(self, keys: Iterable[Optional[str]], kinds: tuple[str, ...],
+                 state_dtype: Optional[torch.dtype]):
+        self.kinds = kinds
+        self.state_dtype = state_dtype
+        self.store = torch.nn.Module()  # buffers named like the functional API's
+        self.index: dict[Optional[str], dict[str, int]] = {k: {} for k in keys}
+        self.consolidated: dict[Optional[str], bool] = {k: False for k in self.index}
+        #: names a loaded state holds, to be checked against the first model it meets
+        self.unchecked: Optional[dict[Optional[str], set[str]]] = None
+
+    # ------------------------------------------------------------------ buffers
+
+    def name(self, key: Optional[str], kind: str, i: int) -> str:
+        return si_buffer_names(i, key)[KINDS.index(kind)]
+
+    def get(self, key: Optional[str], kind: str, i: int) -> Tensor:
+        return self.store._buffers[self.name(key, kind, i)]
+
+    def _set(self, key, kind, i, value: Tensor) -> None:
+        self.store._buffers[self.name(key, kind, i)] = value
+
+    def track(self, key: Optional[str], name: str, param: Tensor) -> int:
+        """The position of ``name`` in group ``key``, its state created or adapted to
+        ``param`` (device, dtype, grown shape).
+
+        Raises:
+            ValueError: the saved state's shape cannot become the parameter's.
+        """
+        index = self.index[key]
+        p = param.detach()
+        dtype = state_dtype_for(p, self.state_dtype)
+        if name not in index:
+            i = index[name] = len(index)
+            self._set(key, "omega", i, torch.zeros_like(p, dtype=dtype))
+            self._set(key, "prev_theta", i, p.to(dtype, copy=True))
+            self._set(key, "running_omega", i, torch.zeros_like(p, dtype=dtype))
+            if "pre_step_theta" in self.kinds:
+                self._set(key, "pre_step_theta", i, torch.empty_like(p, dtype=dtype))
+            return i
+        i = index[name]
+        for kind in self.kinds:
+            old = self.store._buffers.get(self.name(key, kind, i))
+            if old is None:  # a state loaded from delta_params mode into another mode
+                self._set(key, kind, i, torch.empty_like(p, dtype=dtype))
+                continue
+            if old.shape != p.shape:
+                if not can_grow(old.shape, p.shape):
+                    raise ValueError(
+                        f"SI state of parameter {name!r} has shape {tuple(old.shape)} but the "
+                        f"model's parameter has shape {tuple(p.shape)}: only the first "
+                        "dimension may grow (a classifier gaining outputs, as Avalanche's "
+                        "dynamic heads do). Load the state into the architecture it was saved "
+                        "from, or start a new SIPlugin for this one.")
+                new = p.to(dtype, copy=True) if kind == "prev_theta" else \
+                    torch.zeros_like(p, dtype=dtype)
+                new[: old.shape[0]] = old.to(new)
+                self._set(key, kind, i, new)
+            elif old.device != p.device or old.dtype != dtype:
+                self._set(key, kind, i, old.to(device=p.device, dtype=dtype))
+        return i
+
+    def check_shape(self, key: Optional[str], name: str, param: Tensor) -> None:
+        """Raise now, as :meth:`track` would later, if ``param`` cannot take the state."""
+        i = self.index[key].get(name)
+        if i is not None:
+            old = self.get(key, "omega", i)
+            if old.shape != param.shape and not can_grow(old.shape, param.shape):
+                self.track(key, name, param)  # raises with the message
+
+    def reset_running(self, key: Optional[str]) -> None:
+        """ω ← 0 for every parameter of the group (a diverged task's path integral)."""
+        for i in self.index[key].values():
+            self.get(key, "running_omega", i).zero_()
+
+    # ------------------------------------------------------------- saving, loading
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "groups": {k: {"index": dict(ix), "consolidated": self.consolidated[k]}
+                       for k, ix in self.index.items()},
+            "buffers": {self.name(k, kind, i): self.get(k, kind, i).detach().clone()
+                        for k, ix in self.index.items() for i in ix.values() for kind in _SAVED},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, clamp: str, labels) -> None:
+        """Replace the state by a checked copy of ``state_dict`` (nothing changes on error).
+
+        ``labels`` maps a group key to how messages name it.
+
+        Raises:
+            ValueError: not a state of this plugin, other groups, missing, inconsistent or
+                non-finite buffers, or Ω < 0 under a clamp that forbids it.
+        """
+        if not isinstance(state_dict, Mapping) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("not an SIPlugin state: expected a dict from SIPlugin.state_dict() "
+                             f"with format {STATE_FORMAT!r}.")
+        groups, buffers = state_dict.get("groups"), state_dict.get("buffers")
+        if not isinstance(groups, Mapping) or not isinstance(buffers, Mapping):
+            raise ValueError("SIPlugin state is missing its 'groups' or 'buffers' entry.")
+        if set(groups) != set(self.index):
+            raise ValueError(f"SIPlugin state has groups {sorted(groups, key=str)} but this plugin "
+                             f"has {sorted(self.index, key=str)}; build the plugin with the same "
+                             "groups= as the one that saved it.")
+        new_buffers: dict[str, Tensor] = {}
+        new_index: dict[Optional[str], dict[str, int]] = {}
+        for key in self.index:
+            label = labels(key)
+            raw = dict(groups[key].get("index", {}))
+            if sorted(raw.values()) != list(range(len(raw))):
+                raise ValueError(f"SIPlugin state: group {label} has a broken parameter index "
+                                 f"{raw}.")
+            index = {canonical_name(n): i for n, i in raw.items()}  # saved from a compiled model
+            if len(index) != len(raw):
+                raise ValueError(f"SIPlugin state: group {label} names a parameter twice once "
+                                 f"torch.compile's '_orig_mod.' is removed: {sorted(raw)}.")
+            for name, i in index.items():
+                shape = None
+                for kind in _SAVED:
+                    bname = self.name(key, kind, i)
+                    t = buffers.get(bname)
+                    if not isinstance(t, Tensor):
+                        raise ValueError(f"SIPlugin state: buffer {bname!r} of parameter "
+                                         f"{name!r} is missing.")
+                    if shape is not None and t.shape != shape:
+                        raise ValueError(f"SIPlugin state: buffer {bname!r} has shape "
+                                         f"{tuple(t.shape)}, expected {tuple(shape)}.")
+                    shape = t.shape
+                    if not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"SIPlugin state: buffer {bname!r} of parameter "
+                                         f"{name!r} holds non-finite values; it was saved from "
+                                         "a run that diverged.")
+                    if kind == "omega" and clamp != "none" and bool((t < 0).any()):
+                        raise ValueError(f"SIPlugin state: importance {bname!r} of parameter "
+                                         f"{name!r} has negative entries, which clamp={clamp!r} "
+                                         "never produces; it comes from clamp='none': load it "
+                                         "into SIPlugin(clamp='none').")
+                    new_buffers[bname] = t.detach().clone()
+                if "pre_step_theta" in self.kinds:
+                    new_buffers[self.name(key, "pre_step_theta", i)] = torch.empty_like(
+                        new_buffers[self.name(key, "omega", i)])
+            new_index[key] = index
+        self.store._buffers.clear()
+        self.store._buffers.update(new_buffers)
+        self.index = new_index
+        self.consolidated = {k: bool(groups[k].get("consolidated", False)) for k in self.index}
+        self.unchecked = {k: set(ix) for k, ix in new_index.items()}
+
+    def check_loaded_names(self, model_names: set[str], *, strict: bool) -> None:
+        """After a load: every saved name must be a parameter of the model it first meets
+        (with ``strict``), and each such parameter must fit its state's shape."""
+        if self.unchecked is None:
+            return
+        unknown = sorted(n for names in self.unchecked.values() for n in names
+                         if n not in model_names)
+        if unknown and strict:
+            shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+            model = ", ".join(map(repr, sorted(model_names)[:5]))
+            raise ValueError(
+                f"SIPlugin state names {len(unknown)} parameter(s) the model does not have "
+                f"({shown}; the model has {model}, ...): it was saved from another model. "
+                "Load it with load_state_dict(state, strict=False) to keep that state unused "
+                "(it applies again if such parameters appear, e.g. a head that is added later).")
+        self.unchecked = None
