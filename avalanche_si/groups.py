@@ -109,6 +109,17 @@ def norm_layer_parameters(model: torch.nn.Module) -> set[str]:
     return out
 
 
+def sparse_gradient_parameters(model: torch.nn.Module) -> set[str]:
+    """Canonical names of parameters that get sparse gradients (``nn.Embedding`` and
+    ``nn.EmbeddingBag`` built with ``sparse=True``)."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True:
+            for p_name, _ in module.named_parameters(recurse=False):
+                out.add(canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name))
+    return out
+
+
 def select(model: torch.nn.Module, groups: Sequence, excluded: Sequence[str], *,
            regularize_norm_layers: bool, check_patterns: bool
            ) -> list[tuple[Any, str, torch.nn.Parameter]]:
@@ -119,8 +130,8 @@ def select(model: torch.nn.Module, groups: Sequence, excluded: Sequence[str], *,
     name of the model, frozen ones included: a typo must not switch SI off silently.
 
     Raises:
-        ValueError: a parameter is in two groups, or (``check_patterns``) a group covers no
-            parameter of the model.
+        ValueError: a parameter is in two groups, a regularized parameter gets sparse
+            gradients, or (``check_patterns``) a group covers no parameter of the model.
 
     Warns:
         UserWarning: (``check_patterns``) an ``excluded_parameters`` pattern matches no name.
@@ -140,6 +151,11 @@ def select(model: torch.nn.Module, groups: Sequence, excluded: Sequence[str], *,
                              "parameter may be in one group only: narrow the groups' patterns.")
         if hits:
             out.append((hits[0], name, p))
+    sparse = sparse_gradient_parameters(plain) & {name for _, name, _ in out}
+    if sparse:
+        raise ValueError(f"SI needs dense gradients, but {', '.join(map(repr, sorted(sparse)))} "
+                         "get sparse ones (an embedding built with sparse=True): build it with "
+                         "sparse=False, or leave it out with excluded_parameters=[...].")
     return out
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from avalanche.core import SupervisedPlugin
 
 from . import amp
+from .consolidation import ConsolidationPolicy, make_policy
 from .functional import (
     CLAMP_MODES,
     DEFAULT_EPS,
@@ -145,6 +146,7 @@ class GroupOptions:
 #: options that may change during training, and those fixed at construction (and why)
 _LIVE = ("si_lambda", "eps", "clamp", "scaler")
 _FIXED = {
+    "consolidate": "its state is part of the plugin's",
     "importance": "the state it keeps depends on it",
     "excluded_parameters": "which parameters have state depends on it",
     "groups": "the state is named by group",
@@ -183,7 +185,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         si_lambda: the strength :math:`c` of the penalty (>= 0; 0 switches the penalty
             off and leaves training bit-identical to training without the plugin). A list
             gives one strength per experience (the last repeats), a callable
-            ``(experience_index) -> c`` computes it, as Avalanche's plugin allows.
+            ``(experience_index) -> c`` computes it, as Avalanche's plugin allows; the index
+            counts the consolidations so far (on an ordinary stream: the experiences
+            trained; on an online stream: the tasks, not the mini-experiences).
         eps: the damping :math:`\xi > 0` of the consolidation (default 1e-3).
         excluded_parameters: name patterns (see :class:`ParamGroup`) of parameters never
             regularized.
@@ -220,6 +224,12 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         state_dtype: the dtype of the state; None (default) keeps it in float32 for
             float16/bfloat16 weights (so that ω and Ω accumulate accurately) and in the
             weights' dtype otherwise; ``torch.float32`` or ``torch.float64`` force one.
+        consolidate: when to consolidate (:mod:`avalanche_si.consolidation`): None (default)
+            after each experience, or at the real task boundaries of an online stream that
+            shows them (an error on one that hides them); ``"experience"`` after every
+            experience, online ones included; ``"boundary"`` at task boundaries only; an
+            ``int`` k every k optimizer steps (van de Ven's task-free SI); or a
+            :class:`~avalanche_si.consolidation.LossPlateau` (Aljundi et al. 2019).
         scaler: the ``torch.amp.GradScaler`` that scales the loss, for mixed-precision
             training. None (default) uses the strategy's own if it has one as an
             attribute. The plugin unscales the gradients in ``after_backward`` (as PyTorch
@@ -252,6 +262,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                  importance: str = "total", clamp: str = "task",
                  regularize_norm_layers: bool = False,
                  state_dtype: Optional[torch.dtype] = None,
+                 consolidate: Union[None, str, int, ConsolidationPolicy] = None,
                  scaler: Optional[torch.amp.GradScaler] = None):
         super().__init__()
         self._si_lambda = check_strength(si_lambda, "si_lambda")
@@ -262,12 +273,14 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._norms = check_flag(regularize_norm_layers, "regularize_norm_layers")
         self._state_dtype = check_state_dtype(state_dtype)
         self._scaler_option = amp.check_scaler(scaler)
+        self._policy = make_policy(consolidate)
         self._groups = self._make_groups(groups)
         kinds = KINDS[:3] if importance == "delta_params" else KINDS
         self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
-        self._exp = 0                  # index of the experience being trained (strengths)
+        self._consolidations = 0       # the index that lists of strengths are read at
         self._resolve_strengths()
         self._dirty = True
+        self._signature: tuple = ()    # the model, optimizer and trainable flags last synced
         self._patterns_checked = False
         self._strict = True
         self._model: Optional[torch.nn.Module] = None
@@ -336,6 +349,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._dirty = True
 
     importance = property(lambda self: self._importance, doc="Which gradient and step measure ω.")
+    consolidate = property(lambda self: self._policy, doc="When SI consolidates (a policy).")
     excluded_parameters = property(lambda self: self._excluded)
     regularize_norm_layers = property(lambda self: self._norms)
     state_dtype = property(lambda self: self._state_dtype)
@@ -361,7 +375,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         for g in self._groups:
             value = self._si_lambda if g.si_lambda is None else g.si_lambda
             what = "si_lambda" if g.si_lambda is None else f"groups[{g.key!r}].si_lambda"
-            g.c = strength_at(value, self._exp, what)
+            g.c = strength_at(value, self._consolidations, what)
 
     def _eps_of(self, g: _Group) -> float:
         return self._eps if g.eps is None else g.eps
@@ -438,7 +452,17 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._scaler = self._scaler_option or amp.find_scaler(strategy)
         self._model = model
         self._param_ids = tuple(id(p) for p in model.parameters())
+        self._signature = self._signature_of(strategy)
         self._dirty = False
+
+    @staticmethod
+    def _signature_of(strategy) -> tuple:
+        """What the lists depend on: an online stream starts hundreds of experiences, and
+        the lists are rebuilt only when this changes."""
+        opt = getattr(strategy, "optimizer", None)
+        return (id(strategy.model), id(opt),
+                tuple(id(g) for g in getattr(opt, "param_groups", ())),
+                tuple((id(p), p.requires_grad) for p in strategy.model.parameters()))
 
     @staticmethod
     def _model_names(model: torch.nn.Module) -> set[str]:
@@ -453,9 +477,10 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs) -> None:
         if self._importance == "delta_params":
             check_optimizer_supported(strategy.optimizer)
-        self._exp = getattr(getattr(strategy, "clock", None), "train_exp_counter", self._exp)
-        self._resolve_strengths()
-        self._sync(strategy)
+        if self._dirty or self._signature != self._signature_of(strategy):
+            self._sync(strategy)
+        if self._policy.at_experience_start(getattr(strategy, "experience", None)):
+            self.consolidate_now()  # a task boundary seen as the next task starts
 
     def after_eval(self, strategy, **kwargs) -> None:
         # Evaluation may adapt the model (new heads, grown classifiers): rebuild the
@@ -523,16 +548,21 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                 accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre),
                                     g.pick(g.params))
                 g.step_grads = []
+        if self._policy.at_step(getattr(strategy, "loss", None)):
+            self.consolidate_now()
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ensure_synced(strategy)
-        self._warn_if_unfrozen(strategy.model)
-        self.consolidate()
+        if self._signature != self._signature_of(strategy):
+            self._warn_if_unfrozen(strategy.model)
+        if self._policy.at_experience_end(getattr(strategy, "experience", None)):
+            self.consolidate_now()
 
-    def consolidate(self) -> None:
+    def consolidate_now(self) -> None:
         r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
         ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
-        \leftarrow 0`. Called after each experience.
+        \leftarrow 0`. The ``consolidate`` policy calls it (after each experience by
+        default); call it yourself to consolidate at a point of your choosing.
 
         Raises:
             NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
@@ -557,6 +587,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
             self._state.consolidated[g.key] = self._state.consolidated[g.key] or bool(g.params)
             g.step_grads, g.value, g.penalty = [], None, None
+        self._consolidations += 1
+        self._policy.consolidated()
+        self._resolve_strengths()
 
     def _warn_if_unfrozen(self, model: torch.nn.Module) -> None:
         """A parameter made trainable during the experience had no state: say so (it gets
@@ -575,8 +608,12 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     # ------------------------------------------------------------- saving and loading
 
     def state_dict(self) -> dict[str, Any]:
-        """The plugin's state: every group's buffers and parameter index (tensors cloned)."""
-        return dict(self._state.state_dict(), importance=self._importance)
+        """The plugin's state: every group's buffers and parameter index (tensors cloned),
+        the number of consolidations and the consolidation policy's state."""
+        return dict(self._state.state_dict(), importance=self._importance,
+                    consolidations=self._consolidations,
+                    policy={"type": type(self._policy).__name__,
+                            "state": self._policy.state_dict()})
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load a :meth:`state_dict`, checked against this plugin's groups and, if it has seen
@@ -597,13 +634,24 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         """
         new = SIState(self._state.index, self._state.kinds, self._state_dtype)
         new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
+        policy = state_dict.get("policy")
+        if policy is not None and policy["type"] != type(self._policy).__name__:
+            raise ValueError(f"SIPlugin state was saved with consolidation policy "
+                             f"{policy['type']}, this plugin has {type(self._policy).__name__}; "
+                             "build it with the same consolidate= option.")
         if self._model is not None:
             new.check_loaded_names(self._model_names(self._model), strict=strict)
             for g, name, p in select(self._model, self._groups, self._excluded,
                                      regularize_norm_layers=self._norms, check_patterns=False):
                 new.check_shape(g.key, name, p)
+        if policy is not None:
+            self._policy.load_state_dict(policy["state"])
         self._state = new
         self._strict = strict
+        # states saved before 0.2 lack the count: 1 if anything was consolidated, else 0
+        self._consolidations = int(state_dict.get(
+            "consolidations", int(any(new.consolidated.values()))))
+        self._resolve_strengths()
         for g in self._groups:
             g.clear_lists()
         self._dirty = True
@@ -652,9 +700,10 @@ def _from_version_0_1(old: dict[str, Any]) -> dict[str, Any]:
     new.update(_si_lambda=old["si_lambda"], _eps=old["eps"], _importance=importance,
                _clamp=old.get("clamp", "task"), _excluded=tuple(old["excluded_parameters"]),
                _norms=True, _state_dtype=None, _scaler_option=None, _groups=groups, _state=st,
-               _exp=0, _dirty=True, _patterns_checked=True, _strict=True, _model=None,
-               _param_ids=(), _scaler=None)
+               _consolidations=int(any(st.consolidated.values())), _dirty=True,
+               _patterns_checked=True, _strict=True, _model=None, _param_ids=(), _scaler=None,
+               _policy=make_policy(None), _signature=())
     for g in groups:
         value = new["_si_lambda"] if g.si_lambda is None else g.si_lambda
-        g.c = strength_at(value, 0, "si_lambda")
+        g.c = strength_at(value, new["_consolidations"], "si_lambda")
     return new

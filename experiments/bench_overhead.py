@@ -3,6 +3,8 @@
     python -m experiments.bench_overhead            # the full table (about 10 minutes)
     python -m experiments.bench_overhead --quick    # a smaller one (about a minute)
     python -m experiments.bench_overhead --threads 1   # the same with one torch thread
+    python -m experiments.bench_overhead --device cuda --amp   # on a GPU, mixed precision
+    python -m experiments.bench_overhead --baseline ../old/avalanche_si   # old vs new, one run
 
 Part 1, per step: one training iteration of an MLP (Adam, batch 128, data already in
 memory: random inputs and random labels from two pools of coprime sizes, so that an input
@@ -125,17 +127,25 @@ class Bench:
     part of SI's overhead in earlier versions of this table.
     """
 
-    def __init__(self, widths, plugin_factory, *, batch=128, seed=0):
+    def __init__(self, widths, plugin_factory, *, batch=128, seed=0, device="cpu", amp=False):
         torch.manual_seed(seed)
-        self.model = mlp(widths)
+        self.device = torch.device(device)
+        self.model = mlp(widths).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.inputs = [torch.randn(batch, widths[0]) for _ in range(31)]
-        self.labels = [torch.randint(0, widths[-1], (batch,)) for _ in range(32)]
+        self.inputs = [torch.randn(batch, widths[0], device=self.device) for _ in range(31)]
+        self.labels = [torch.randint(0, widths[-1], (batch,), device=self.device)
+                       for _ in range(32)]
         self.step_count = 0
         self.plugins = [plugin_factory()] if plugin_factory else []
-        self.s = SimpleNamespace(model=self.model, optimizer=self.opt, loss=None, device="cpu",
-                                 plugins=self.plugins,
+        # mixed precision: 16-bit forward under autocast, loss scaled by a GradScaler, which
+        # SIPlugin finds on the strategy (here, its stand-in) as users' AMP strategies hold it
+        self.amp_dtype = (torch.bfloat16 if self.device.type == "cpu" else torch.float16) \
+            if amp else None
+        self.s = SimpleNamespace(model=self.model, optimizer=self.opt, loss=None,
+                                 device=self.device, plugins=self.plugins,
                                  clock=SimpleNamespace(train_exp_counter=0, train_iterations=0))
+        if amp:
+            self.s.scaler = torch.amp.GradScaler(self.device.type)
         _call(self.plugins, "before_training_exp", self.s)
         self.steps(3)                                    # a short first task ...
         _call(self.plugins, "after_training_exp", self.s)
@@ -151,12 +161,23 @@ class Bench:
             self.step_count += 1
             _call(plugins, "before_training_iteration", s)
             self.opt.zero_grad()
-            s.loss = ce(self.model(x), y)
+            if self.amp_dtype is None:
+                s.loss = ce(self.model(x), y)
+            else:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    s.loss = ce(self.model(x).float(), y)
             _call(plugins, "before_backward", s)
-            s.loss.backward()
+            if self.amp_dtype is None:
+                s.loss.backward()
+            else:
+                s.scaler.scale(s.loss).backward()
             _call(plugins, "after_backward", s)
             _call(plugins, "before_update", s)
-            self.opt.step()
+            if self.amp_dtype is None:
+                self.opt.step()
+            else:
+                s.scaler.step(self.opt)
+                s.scaler.update()
             _call(plugins, "after_update", s)
             _call(plugins, "after_training_iteration", s)
             s.clock.train_iterations += 1
@@ -165,7 +186,9 @@ class Bench:
         p = self.plugins[0] if self.plugins else None
         if p is None:
             return 0
-        if isinstance(p, SIPlugin):
+        if hasattr(p, "_state"):  # SIPlugin
+            return sum(b.numel() * b.element_size() for b in p._state.store.buffers())
+        if hasattr(p, "_store"):  # SIPlugin of an older version (--baseline)
             return sum(b.numel() * b.element_size() for b in p._store.buffers())
         if isinstance(p, LoopSI):
             return sum(t.numel() * t.element_size() for t in p.prev + p.omega + p.running)
@@ -215,6 +238,26 @@ def peak_step_bytes(bench: Bench) -> int:
     return tracker.peak
 
 
+def load_baseline(path: str):
+    """Another copy of the ``avalanche_si`` package (say, a checkout of the previous
+    release), imported as ``avalanche_si_baseline`` beside this one, so that both are timed
+    side by side in one run."""
+    import importlib.util
+    import os
+    import sys
+
+    init = os.path.join(path, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--baseline {path}: no __init__.py there; give the folder of an "
+                         "avalanche_si package (e.g. a git worktree's avalanche_si).")
+    spec = importlib.util.spec_from_file_location("avalanche_si_baseline", init,
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["avalanche_si_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 VARIANTS = {
     "no SI": None,
     "SIPlugin total": lambda: SIPlugin(1.0, eps=0.1, importance="total"),
@@ -241,6 +284,12 @@ class Row:
     faults: float
 
 
+def _sync(device) -> None:
+    """Wait for the device's queued work, so wall time measures it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing)."""
     try:
@@ -250,14 +299,18 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_model(name, widths, *, repeats, steps) -> list[Row]:
-    benches = {v: Bench(widths, f) for v, f in VARIANTS.items()}
-    times = {v: [] for v in VARIANTS}
-    faults = {v: 0 for v in VARIANTS}
+def bench_model(name, widths, *, repeats, steps, device="cpu", amp=False,
+                variants=None) -> list[Row]:
+    variants = variants or VARIANTS
+    benches = {v: Bench(widths, f, device=device, amp=amp) for v, f in variants.items()}
+    times = {v: [] for v in variants}
+    faults = {v: 0 for v in variants}
     for _ in range(repeats):  # interleaved: every variant sees the same machine load
         for v, b in benches.items():
+            _sync(device)
             f0, t0 = _minor_faults(), time.perf_counter()
             b.steps(steps)
+            _sync(device)
             times[v].append((time.perf_counter() - t0) / steps * 1e3)
             faults[v] += _minor_faults() - f0
     base_peak = peak_step_bytes(benches["no SI"])
@@ -273,7 +326,7 @@ def bench_model(name, widths, *, repeats, steps) -> list[Row]:
     return rows
 
 
-def _naive_strategy(stream, hidden: int, iterations: int, si_plugin=None):
+def _naive_strategy(stream, hidden: int, iterations: int, si_plugin=None, device="cpu"):
     """An Avalanche ``Naive`` strategy on ``stream``: 784-H-H MLP (seed 0), Adam lr 1e-3,
     batch 128, ``iterations`` mini-batches per ``train`` call, ``si_plugin`` (if any) first."""
     from avalanche.training import Naive
@@ -288,10 +341,11 @@ def _naive_strategy(stream, hidden: int, iterations: int, si_plugin=None):
     if si_plugin is not None:
         plugins.insert(0, si_plugin)
     return Naive(model=model, optimizer=opt, train_mb_size=128, train_epochs=1,
-                 plugins=plugins, evaluator=None, device="cpu")
+                 plugins=plugins, evaluator=None, device=device)
 
 
-def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400) -> dict:
+def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400,
+               device="cpu") -> dict:
     """Target 4: Avalanche + SIPlugin vs bare loops, split MNIST (van de Ven), same run.
 
     Also times the same Avalanche strategy without SI, so the SI overhead *inside a real
@@ -305,13 +359,13 @@ def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400)
 
     def avalanche_run(with_si: bool):
         strat = _naive_strategy(stream, hidden, iterations,
-                                SIPlugin(500.0, eps=0.1) if with_si else None)
+                                SIPlugin(500.0, eps=0.1) if with_si else None, device=device)
         for exp in stream.benchmark.train_stream:
             strat.train(exp, eval_streams=[], num_workers=0)
 
     def bare_run(with_si: bool):
         torch.manual_seed(0)
-        model = SharedHeadNet(784, (hidden, hidden), 2)
+        model = SharedHeadNet(784, (hidden, hidden), 2).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         params = list(model.parameters())
         g = torch.Generator().manual_seed(0)
@@ -319,6 +373,7 @@ def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400)
             for x, y, _ in TensorBatches(task.x_train, task.y_train, t, 128,
                                          iterations=iterations, generator=g):
                 opt.zero_grad()
+                x, y = x.to(device), y.to(device)
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 if with_si and t:
                     loss = loss + 500.0 * F.si_regularizer(model, params)
@@ -338,13 +393,16 @@ def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400)
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dict:
+def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str, device="cpu",
+                baseline=None) -> dict:
     """Target 1 as worded: SIPlugin's per-iteration overhead over *the same Avalanche
     strategy without it*.
 
@@ -362,7 +420,7 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
     exps = list(stream.benchmark.train_stream)
 
     def strategy(si_plugin):
-        strat = _naive_strategy(stream, hidden, chunk, si_plugin)
+        strat = _naive_strategy(stream, hidden, chunk, si_plugin, device=device)
         strat.train(exps[0], eval_streams=[], num_workers=0)
         return strat
 
@@ -372,21 +430,27 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str) -> dic
                       strategy(ForeachSIPlugin(500.0, eps=0.1)),
                   "Avalanche Naive + Avalanche's SI plugin":
                       strategy(SynapticIntelligencePlugin(si_lambda=1000.0, eps=0.1))}
+    if baseline is not None:
+        strategies["Avalanche Naive + SIPlugin (baseline)"] = strategy(
+            baseline.SIPlugin(500.0, eps=0.1))
     times = {k: [] for k in strategies}
     names = list(strategies)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            _sync(device)
             t0 = time.perf_counter()
             strategies[k].train(exps[1], eval_streams=[], num_workers=0)
+            _sync(device)
             times[k].append((time.perf_counter() - t0) / chunk * 1e3)
     out = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
     params = list(strategies["Avalanche Naive, no SI"].model.parameters())
     out["n"] = sum(p.numel() for p in params)
-    out["passes alone"] = passes_alone([p.shape for p in params], repeats=max(repeats, 15))
+    out["passes alone"] = passes_alone([p.shape for p in params], repeats=max(repeats, 15),
+                                       device=device)
     return out
 
 
-def passes_alone(shapes, *, repeats: int) -> float:
+def passes_alone(shapes, *, repeats: int, device="cpu") -> float:
     """Median ms of ``SIPlugin``'s per-step work alone (``importance="total"``): the penalty
     pass (g += 2cΩ(θ − θ*), θ_pre = θ, the penalty's sum) and the importance pass
     (ω += g·(θ_pre − θ)), on tensors of the given shapes, through the functional calls the
@@ -397,16 +461,18 @@ def passes_alone(shapes, *, repeats: int) -> float:
     from avalanche_si import functional as F
 
     g = torch.Generator().manual_seed(0)
-    lists = [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(6)]
+    lists = [[(torch.randn(s, generator=g) * 1e-2).to(device) for s in shapes] for _ in range(6)]
     grads, omega, params, prev, pre, running = lists
     omega = [o.abs() for o in omega]
-    junk = torch.empty(16 * 2 ** 20)
+    junk = torch.empty(16 * 2 ** 20, device=device)
     times = []
     for _ in range(repeats):
         junk.fill_(1.0)
+        _sync(device)
         t0 = time.perf_counter()
         _, value = F.penalty_step(grads, omega, params, prev, strength=500.0, pre=pre)
         F.accumulate_from_pre(running, grads, pre, params)
+        _sync(device)
         times.append(time.perf_counter() - t0)
         del value
     return statistics.median(times) * 1e3
@@ -432,12 +498,33 @@ def main(argv=None) -> int:
     ap.add_argument("--no-strategy", action="store_true",
                     help="skip the overhead inside an Avalanche strategy (target 1 as worded)")
     ap.add_argument("--strategy-hidden", type=int, nargs="+", default=[400, 1000])
+    ap.add_argument("--device", default="cpu",
+                    help="where to run (cpu, cuda, cuda:1 ...); default cpu")
+    ap.add_argument("--amp", action="store_true",
+                    help="mixed precision in the per-step table: autocast (bfloat16 on the CPU, "
+                         "float16 on a GPU) and a GradScaler, for every variant alike")
+    ap.add_argument("--baseline", metavar="PATH", default=None,
+                    help="the folder of another avalanche_si package (e.g. a checkout of the "
+                         "previous release): its SIPlugin is timed beside this one, in the same "
+                         "run, in the per-step and in-strategy tables")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own choice, one per core); the "
                          "relative overhead depends on it, since SI's elementwise passes and "
                          "the matrix products scale differently with threads")
     args = ap.parse_args(argv)
     from .options import default_data_root
+
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.amp and not args.no_e2e:
+        print("# --amp applies to the per-step table only; the end-to-end table runs in float32")
+    variants = dict(VARIANTS)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    if baseline is not None:
+        variants["SIPlugin total (baseline)"] = lambda: baseline.SIPlugin(
+            1.0, eps=0.1, importance="total")
+        variants["SIPlugin task (baseline)"] = lambda: baseline.SIPlugin(
+            1.0, eps=0.1, importance="task")
 
     if args.threads is not None:
         if args.threads < 1:
@@ -455,7 +542,8 @@ def main(argv=None) -> int:
     if args.no_steps:
         models = []
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, device {args.device}"
+          + (", mixed precision (--amp)" if args.amp else ""))
     if models:
         print(f"\n# SI per-step overhead: Adam, batch 128, penalty active; median of {repeats} "
               "interleaved repeats")
@@ -465,7 +553,8 @@ def main(argv=None) -> int:
     for name, widths in models:
         n = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         steps = 5 if args.quick else max(4, min(20, int(2e7 / n)))  # ~ the same time per variant
-        for r in bench_model(name, widths, repeats=repeats, steps=steps):
+        for r in bench_model(name, widths, repeats=repeats, steps=steps, device=args.device,
+                             amp=args.amp, variants=variants):
             mult = r.persistent / (4 * r.n)
             print(f"| {r.model} | {r.n / 1e6:.2f}M | {r.tensors} | {r.variant} | {r.median_ms:.2f} "
                   f"({r.min_ms:.2f}-{r.max_ms:.2f}) | {100 * r.overhead:+.1f}% | "
@@ -484,7 +573,8 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for hidden in ([400] if args.quick else args.strategy_hidden):
             t = in_strategy(hidden, chunk=chunk, repeats=reps,
-                            data_root=args.data_root or default_data_root())
+                            data_root=args.data_root or default_data_root(),
+                            device=args.device, baseline=baseline)
             cells = [t[k] for k in ("Avalanche Naive, no SI", "Avalanche Naive + SIPlugin",
                                     "Avalanche Naive + SIPlugin, _foreach only",
                                     "Avalanche Naive + Avalanche's SI plugin")]
@@ -495,11 +585,17 @@ def main(argv=None) -> int:
                   f"{text[3]} | {100 * (theirs / b - 1):+.1f}% | "
                   f"{(ours - b) / (theirs - b):.2f} | {t['passes alone']:.2f} | "
                   f"{(theirs - b) / 4:.2f} |", flush=True)
+            old = t.get("Avalanche Naive + SIPlugin (baseline)")
+            if old is not None:
+                print(f"|   | baseline | | {old[0]:.2f} ({old[1]:.2f}-{old[2]:.2f}) | "
+                      f"{100 * (old[0] / b - 1):+.1f}% | this SIPlugin / baseline: "
+                      f"{ours / old[0]:.3f} | | | | | | |", flush=True)
     if not args.no_e2e:
         iterations = 200 if args.quick else args.e2e_iterations
         reps = 1 if args.quick else 3
         for hidden in ([400] if args.quick else args.e2e_hidden):
-            t = end_to_end(iterations, reps, args.data_root or default_data_root(), hidden)
+            t = end_to_end(iterations, reps, args.data_root or default_data_root(), hidden,
+                           device=args.device)
             base, plain = t["bare loop + functional SI"], t["bare loop, no SI"]
             av = t["Avalanche Naive, no SI"]
             print(f"\n# End to end: split MNIST (van de Ven protocol), 5 tasks x {iterations} "

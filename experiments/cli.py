@@ -193,10 +193,12 @@ def _configs(args) -> list:
 
 def cmd_run(args) -> int:
     from .report import write_report
-    from .run import result_path, run, save_result
+    from .run import result_path, run
 
     configs = _configs(args)
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
+    if not args.dry_run:
+        _check_writable(out)
     todo = [c for c in configs if args.force or not result_path(out, c).exists()]
     print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
@@ -223,7 +225,7 @@ def cmd_run(args) -> int:
                                          config=dataclasses.asdict(cfg), dir=str(out)))
         result = run(cfg, stream=streams[key], loggers=loggers,
                      log=lambda m: print(m, flush=True))
-        path = save_result(out, result)
+        path = _save(out, result)
         for lg in loggers:
             lg.log_result(result)
             lg.finish()
@@ -240,6 +242,36 @@ def cmd_run(args) -> int:
             lg.log_markdown_table(report["summary_md"])
             lg.finish()
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any training, a results folder that cannot be written."""
+    probe = out / ".avalanche_si-write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a "
+                         "folder you can write to.") from None
+
+
+def _save(out: Path, result: dict) -> Path:
+    """Save a run's result; if its folder has become unwritable, save it elsewhere and say
+    where, rather than lose the run to a traceback."""
+    from .run import save_result
+
+    try:
+        return save_result(out, result)
+    except OSError as exc:
+        import tempfile
+
+        rescue = Path(tempfile.mkdtemp(prefix="avalanche_si-results-"))
+        path = save_result(rescue, result)
+        print(f"warning: could not write to {out} ({exc.strerror or exc}); this run's result "
+              f"is in {path}: move it to {out}/{result['run_id']}.json", file=sys.stderr,
+              flush=True)
+        return path
 
 
 def cmd_report(args) -> int:

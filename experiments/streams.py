@@ -11,6 +11,7 @@ protocols do.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,18 +34,35 @@ def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor
 
     cls = {"mnist": torchvision.datasets.MNIST, "fmnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    folder = Path(root) / cls.__name__ if name in ("mnist", "fmnist") else Path(root)
+    created = _first_missing(folder / "raw")  # what a failed download must not leave behind
     try:
         ds = cls(root, train=train, download=True)
     except Exception as exc:  # offline, read-only folder, corrupt files ...
-        folder = Path(root) / cls.__name__ if name in ("mnist", "fmnist") else Path(root)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(
             f"{cls.__name__} is not in {folder} and could not be downloaded ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass --data-root with "
-            f"the folder that holds {cls.__name__}/raw (or set ${DATA_ENV}).") from None
+            f"the folder that holds {cls.__name__}/raw (or set ${DATA_ENV}), whose files are "
+            f"listed in the docs' data page.") from None
     data = torch.as_tensor(ds.data)
     x = data.float().div_(255.0)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (None if it all exists):
+    everything under it is created by the download, so removing it on failure removes
+    nothing of the user's."""
+    path = Path(path).absolute()
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def _digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -314,6 +314,35 @@ def test_missing_dataset_names_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "none" / "FashionMNIST") in err and "--data-root" in err
+    assert not (tmp_path / "none").exists()  # the failed download left no empty folders
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = main(["run", "--out", str(blocker / "results"), *FAST])
+    err = capsys.readouterr()
+    assert code == 2 and "cannot write there" in err.err and "[1/" not in err.out
+
+
+def test_a_finished_run_survives_an_unwritable_results_folder(tmp_path, capsys, monkeypatch):
+    import experiments.run as run_module
+
+    real = run_module.save_result
+    out = tmp_path / "res"
+
+    def failing(folder, result):
+        if Path(folder) == out:
+            raise PermissionError(13, "Permission denied")
+        return real(folder, result)
+
+    monkeypatch.setattr(run_module, "save_result", failing)
+    code = main(["run", "--out", str(out), "--method", "naive", "--scenario", "task",
+                 "--seeds", "0", "--iterations", "5", "--hidden", "8", "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 0 and "could not write to" in err
+    saved = Path(err.split("result is in ")[1].split(":")[0])
+    assert json.loads(saved.read_text())["run_id"] == "split-digits/task/naive/seed0"
 
 
 def test_cli_wandb_offline_writes_runs(tmp_path):

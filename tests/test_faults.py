@@ -639,3 +639,26 @@ def test_gradient_rewritten_by_a_later_plugin_is_defined_the_same_in_every_task(
                  make_stream(tasks))
     for n in names:
         torch.testing.assert_close(si.importances()[n], ref_omega[n], rtol=1e-9, atol=1e-12)
+
+
+class SparseEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.EmbeddingBag(10, 8, sparse=True).double()
+        self.out = torch.nn.Linear(14, 2).double()
+
+    def forward(self, x):
+        return self.out(torch.cat([self.emb((x.abs() * 3).long().clamp(max=9)), x], 1))
+
+
+def test_sparse_gradients_are_refused_before_training_naming_the_fix():
+    model = SparseEmbedding()
+    si = SIPlugin(1.0)
+    with pytest.raises(ValueError, match="'emb.weight' get sparse ones.*sparse=False.*excluded"):
+        train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [si]),
+                     make_stream(make_tasks(2)))
+    si = SIPlugin(1.0, excluded_parameters=["emb"])
+    train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [si]),
+                 make_stream(make_tasks(2)))
+    assert sorted(si.importances()) == ["out.bias", "out.weight"]

@@ -8,17 +8,19 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 
 from avalanche_si import NonFiniteImportanceError, ParamGroup, SIPlugin, _fused
-from conftest import make_stream, make_tasks, mlp, strategy, train_stream
+from conftest import DEVICES, make_stream, make_tasks, mlp, strategy, train_stream
 
 
 def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_strength_zero_is_bit_identical_to_no_plugin(tasks):
+@pytest.mark.parametrize("device", DEVICES)
+def test_strength_zero_is_bit_identical_to_no_plugin(tasks, device):
     runs = []
-    for plugins in ([], [SIPlugin(si_lambda=0.0)], [SIPlugin(0.0, importance="task")]):
-        model = mlp()
+    for plugins in ([], [SIPlugin(si_lambda=0.0)], [SIPlugin(0.0, importance="task")],
+                    [SIPlugin(0.0, importance="delta_params")]):
+        model = mlp(device=device)
         train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), plugins),
                      make_stream(tasks))
         runs.append(weights(model))
@@ -87,8 +89,9 @@ def test_state_on_parameter_dtype_and_model_state_dict_unchanged(tasks):
     assert "si_omega_weights_0" in state["buffers"]
 
 
-def _run(tasks, *, stop_after=None, resume=None, opt=lambda p: torch.optim.SGD(p, lr=0.1)):
-    model = mlp()
+def _run(tasks, *, stop_after=None, resume=None, opt=lambda p: torch.optim.SGD(p, lr=0.1),
+         device="cpu"):
+    model = mlp(device=device)
     si = SIPlugin(3.0, eps=0.1)
     strat = strategy(model, opt(model.parameters()), [si])
     bench = make_stream(tasks)
@@ -105,21 +108,23 @@ def _run(tasks, *, stop_after=None, resume=None, opt=lambda p: torch.optim.SGD(p
     return weights(model), si
 
 
-def test_resume_from_plugin_state_dict_equals_uninterrupted(tasks):
-    full, si_full = _run(tasks)
-    saved = _run(tasks, stop_after=0)
-    resumed, si_resumed = _run(tasks, resume=saved)
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_from_plugin_state_dict_equals_uninterrupted(tasks, device):
+    full, si_full = _run(tasks, device=device)
+    saved = _run(tasks, stop_after=0, device=device)
+    resumed, si_resumed = _run(tasks, resume=saved, device=device)
     for n in full:
         assert torch.equal(full[n], resumed[n]), n
     for n, o in si_full.importances().items():
         assert torch.equal(o, si_resumed.importances()[n])
 
 
-def test_resume_from_avalanche_checkpoint_equals_uninterrupted(tasks, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_from_avalanche_checkpoint_equals_uninterrupted(tasks, tmp_path, device):
     from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 
     def build():
-        model = mlp()
+        model = mlp(device=device)
         return strategy(model, torch.optim.Adam(model.parameters(), lr=0.05),
                         [SIPlugin(3.0, eps=0.1, importance="task")]), model
 

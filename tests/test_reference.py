@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from avalanche_si import ParamGroup, SIPlugin, functional as F
-from conftest import make_stream, mlp, reference_si, strategy, train_stream
+from conftest import DEVICES, make_stream, mlp, reference_si, strategy, train_stream
 
 GROUPS = {"body": (["0.weight", "0.bias", "2.weight", "2.bias"], 0.7, 1e-3),
           "head": (["4.weight", "4.bias"], 3.0, 0.1)}
@@ -15,15 +15,16 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-def test_plugin_matches_reference_with_two_groups(tasks, importance, opt):
-    ref_model = mlp()
+def test_plugin_matches_reference_with_two_groups(tasks, importance, opt, device):
+    ref_model = mlp(device=device)
     ref_omega, ref_model = reference_si(
         ref_model, OPTIMIZERS[opt](ref_model.parameters()), tasks,
         list(GROUPS.values()), importance=importance)
 
-    model = mlp()
+    model = mlp(device=device)
     plugin = SIPlugin(si_lambda=123.0, eps=5.0, importance=importance, groups={
         name: ParamGroup(params=names, si_lambda=c, eps=xi) for name, (names, c, xi) in GROUPS.items()})
     train_stream(strategy(model, OPTIMIZERS[opt](model.parameters()), [plugin]), make_stream(tasks))
@@ -38,15 +39,16 @@ def test_plugin_matches_reference_with_two_groups(tasks, importance, opt):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("importance", ["total", "delta_params"])
-def test_functional_api_matches_reference(tasks, importance):
+def test_functional_api_matches_reference(tasks, importance, device):
     """A manual loop on the four functions, two groups on one net, equals the definition."""
-    ref_model = mlp()
+    ref_model = mlp(device=device)
     ref_omega, ref_model = reference_si(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.05),
                                         tasks, list(GROUPS.values()), importance=importance)
     from conftest import predict_with_real_optimizer
 
-    model = mlp()
+    model = mlp(device=device)
     named = dict(model.named_parameters())
     groups = {g: ([named[n] for n in names], c, xi) for g, (names, c, xi) in GROUPS.items()}
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -54,7 +56,7 @@ def test_functional_api_matches_reference(tasks, importance):
     for t, (x_all, y_all, _) in enumerate(tasks):
         for _ in range(2):
             for i in range(0, len(x_all), 8):
-                task_loss = ce(model(x_all[i:i + 8]), y_all[i:i + 8])
+                task_loss = ce(model(x_all[i:i + 8].to(device)), y_all[i:i + 8].to(device))
                 loss = task_loss
                 if t > 0:
                     loss = loss + sum(c * F.si_regularizer(model, ps, g) for g, (ps, c, _) in groups.items())

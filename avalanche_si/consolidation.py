@@ -1,0 +1,296 @@
+r"""When SI consolidates: after each experience, at real task boundaries, every k steps, or
+on a loss plateau.
+
+Consolidation is :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta^*)^2 +
+\xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`. On an ordinary stream
+an experience is a task and consolidating after each is the paper's algorithm. On an
+online stream (Avalanche's ``split_online_stream``) an experience is a mini-batch or a few,
+so "after each experience" is after every few samples: the penalty starts inside the first
+task. The policies here decide instead:
+
+- ``"experience"``: after every experience (:class:`AfterEachExperience`);
+- ``"boundary"``: at the real task boundaries of an online stream built with
+  ``access_task_boundaries=True`` (:class:`AtTaskBoundaries`); an error if it hides them;
+- an ``int`` k: every k optimizer steps, across experience ends, as van de Ven's task-free
+  SI does with ``--update-every`` (:class:`EveryKSteps`);
+- :class:`LossPlateau`: when the training loss settles on a plateau after a peak (Aljundi,
+  Kelchtermans & Tuytelaars, "Task-Free Continual Learning", CVPR 2019).
+
+``None`` (the default) consolidates after each experience on ordinary streams and at the
+task boundaries on an online stream that shows them, and refuses an online stream that
+hides them, where no choice is right for every user.
+
+Consolidating when :math:`\omega = 0` adds nothing, so consolidating twice in a row is
+harmless. Consolidating often (small k) makes :math:`(\theta - \theta^*)^2` small, and
+:math:`\Omega \approx \omega / \xi`: then the damping :math:`\xi` sets the scale of the
+importances, and the strength :math:`c` that works depends on it.
+
+Each policy's state (step counts, the loss window) is part of the plugin's ``state_dict``.
+Nothing here imports Avalanche: experiences are read by duck typing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ["ConsolidationPolicy", "AfterEachExperience", "AtTaskBoundaries", "EveryKSteps",
+           "LossPlateau", "make_policy", "HiddenBoundariesError"]
+
+
+class HiddenBoundariesError(ValueError):
+    """The stream hides the task boundaries the policy needs."""
+
+
+def _boundaries(experience) -> Optional[tuple[bool, bool, Any]]:
+    """``(is_first_subexp, is_last_subexp, origin id)`` of an online sub-experience, or None
+    for an ordinary experience. Raises :class:`HiddenBoundariesError` if it hides them."""
+    if not hasattr(type(experience), "__mro__") or not any(
+            c.__name__ == "OnlineCLExperience" for c in type(experience).__mro__):
+        return None
+    try:
+        # Avalanche 0.6.0's strategies leave experiences in logging mode, where nothing is
+        # masked: the stream's own flag says whether the learner may use the boundaries
+        if not getattr(experience, "access_task_boundaries", False):
+            raise AttributeError("access_task_boundaries is False")
+        first, last = bool(experience.is_first_subexp), bool(experience.is_last_subexp)
+        origin = experience.origin_experience
+    except Exception as exc:  # that, or Avalanche's MaskedAttributeError in train mode
+        raise HiddenBoundariesError(
+            "this online stream hides its task boundaries (built with "
+            "access_task_boundaries=False), so SIPlugin cannot consolidate at them. Choose "
+            "when to consolidate: SIPlugin(consolidate=k) every k optimizer steps (van de "
+            "Ven's task-free SI uses k = 100), consolidate=LossPlateau(...) on loss plateaus, "
+            "or consolidate='experience' after every mini-experience; or build the stream "
+            "with split_online_stream(..., access_task_boundaries=True).") from exc
+    if origin is None:  # blurred streams (their flag is False anyway)
+        raise HiddenBoundariesError(
+            "this online stream has no task boundaries (its sub-experiences mix tasks, as "
+            "split_continuous_linear_decay_stream makes them): choose SIPlugin(consolidate=k) "
+            "or consolidate=LossPlateau(...).")
+    return first, last, getattr(origin, "current_experience", id(origin))
+
+
+class ConsolidationPolicy:
+    """When to consolidate. The plugin calls the three methods; each returns whether to
+    consolidate now. Subclass to write your own; keep its state in :meth:`state_dict`."""
+
+    def at_experience_start(self, experience) -> bool:
+        return False
+
+    def at_step(self, loss: Optional[torch.Tensor]) -> bool:
+        return False
+
+    def at_experience_end(self, experience) -> bool:
+        return False
+
+    def consolidated(self) -> None:
+        """Told after every consolidation, whoever asked for it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class AfterEachExperience(ConsolidationPolicy):
+    """After every experience (the paper's algorithm on an ordinary stream of tasks)."""
+
+    def at_experience_end(self, experience) -> bool:
+        return True
+
+
+class AtTaskBoundaries(ConsolidationPolicy):
+    """At the real task boundaries of an online stream; after each experience on an ordinary
+    one.
+
+    A task ends with the sub-experience marked ``is_last_subexp``, or, since Avalanche
+    0.6.0's ``split_online_stream`` marks it only when the experience size does not divide
+    the task's length, when a sub-experience marked ``is_first_subexp`` (or of another
+    origin experience) starts after training on another task: then the consolidation
+    happens before training on the new task, with the weights the old one ended with.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False   # trained since the last consolidation, on the current task
+        self.origin: Any = None
+
+    def at_experience_start(self, experience) -> bool:
+        b = _boundaries(experience)
+        if b is None:
+            return False
+        first, _, origin = b
+        new_task = first or (self.origin is not None and origin != self.origin)
+        self.origin = origin
+        return new_task and self.pending
+
+    def at_step(self, loss) -> bool:
+        self.pending = True
+        return False
+
+    def at_experience_end(self, experience) -> bool:
+        b = _boundaries(experience)
+        return True if b is None else (b[1] and self.pending)
+
+    def consolidated(self) -> None:
+        self.pending = False
+
+    def state_dict(self):
+        return {"pending": self.pending, "origin": self.origin}
+
+    def load_state_dict(self, state):
+        self.pending, self.origin = bool(state["pending"]), state["origin"]
+
+
+class _Auto(AtTaskBoundaries):
+    """The default: after each experience on ordinary streams, at the boundaries on online
+    streams that show them, an error on those that hide them."""
+
+    def __repr__(self) -> str:
+        return "default (after each experience; at task boundaries on online streams)"
+
+
+class EveryKSteps(ConsolidationPolicy):
+    """Every ``k`` optimizer steps, counted across experience ends (van de Ven's task-free
+    SI, ``--update-every k``; 100 in his code).
+
+    Args:
+        k: steps between consolidations (>= 1).
+    """
+
+    def __init__(self, k: int):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"consolidate=k must be a whole number of steps >= 1, got {k!r}.")
+        self.k, self.steps = k, 0
+
+    def at_step(self, loss) -> bool:
+        self.steps += 1
+        return self.steps % self.k == 0
+
+    def state_dict(self):
+        return {"k": self.k, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        if state["k"] != self.k:
+            raise ValueError(f"the saved policy consolidated every {state['k']} steps, this one "
+                             f"every {self.k}; build the plugin with consolidate={state['k']}.")
+        self.steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        return f"EveryKSteps({self.k})"
+
+
+class LossPlateau(ConsolidationPolicy):
+    r"""Consolidate when the training loss settles on a plateau after a peak (Aljundi,
+    Kelchtermans & Tuytelaars, CVPR 2019, as in their code).
+
+    The last ``window`` training losses (``strategy.loss`` after each step, SI's penalty
+    not included) have mean :math:`\mu` and variance :math:`\sigma^2` (over fewer losses
+    until ``window`` have been seen). A *peak* is :math:`\mu > \mu_p + \sigma_p`, with
+    :math:`\mu_p, \sigma_p^2` the window's statistics at the last plateau (the first one
+    needs no peak). A *plateau* after a peak is :math:`\mu <` ``mean_threshold`` and
+    :math:`\sigma^2 <` ``variance_threshold``: then SI consolidates.
+
+    The losses stay on their device; reading the window's statistics is one host
+    synchronisation, every ``check_every`` steps (1: every step, as in their code; more
+    keeps a GPU's queue full at the price of up to that many steps of delay).
+
+    Args:
+        window: losses in the window (5 in their code).
+        mean_threshold, variance_threshold: the plateau's bounds on :math:`\mu` and
+            :math:`\sigma^2` (0.2 and 0.1 in their code, for their loss; set them for
+            yours: the loss a task settles at, and how much it still moves).
+        check_every: steps between two checks of the window.
+    """
+
+    def __init__(self, window: int = 5, mean_threshold: float = 0.2,
+                 variance_threshold: float = 0.1, *, check_every: int = 1):
+        for name, v in (("window", window), ("check_every", check_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LossPlateau({name}=...) must be a whole number >= 1, "
+                                 f"got {v!r}.")
+        for name, v in (("mean_threshold", mean_threshold),
+                        ("variance_threshold", variance_threshold)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v <= 0:
+                raise ValueError(f"LossPlateau({name}=...) must be a finite number > 0, "
+                                 f"got {v!r}.")
+        self.window, self.check_every = window, check_every
+        self.mean_threshold, self.variance_threshold = float(mean_threshold), \
+            float(variance_threshold)
+        self.losses: Optional[torch.Tensor] = None  # ring buffer, on the loss's device
+        self.seen = 0
+        self.peak = True              # a first plateau needs no peak
+        self.last_mean = self.last_var = math.inf
+
+    def at_step(self, loss) -> bool:
+        if loss is None:
+            raise ValueError("LossPlateau needs the training loss: strategy.loss was not set "
+                             "at this step.")
+        loss = loss.detach().reshape(()).float()
+        if self.losses is None or self.losses.device != loss.device:
+            self.losses = torch.zeros(self.window, device=loss.device)
+        self.losses[self.seen % self.window] = loss  # no host synchronisation
+        self.seen += 1
+        if self.seen % self.check_every:
+            return False
+        n = min(self.seen, self.window)
+        recent = self.losses[:n]
+        stats = torch.stack([recent.mean(), recent.var(unbiased=False)])
+        stats = _mean_across_ranks(stats)
+        mean, var = (float(x) for x in stats.tolist())  # the one host synchronisation
+        if not self.peak and mean > self.last_mean + math.sqrt(self.last_var):
+            self.peak = True
+        if self.peak and mean < self.mean_threshold and var < self.variance_threshold:
+            self.peak, self.last_mean, self.last_var = False, mean, var
+            return True
+        return False
+
+    def state_dict(self):
+        return {"window": self.window, "seen": self.seen, "peak": self.peak,
+                "last_mean": self.last_mean, "last_var": self.last_var,
+                "losses": None if self.losses is None else self.losses.detach().cpu().clone()}
+
+    def load_state_dict(self, state):
+        if state["window"] != self.window:
+            raise ValueError(f"the saved LossPlateau had window={state['window']}, this one "
+                             f"{self.window}.")
+        self.seen, self.peak = int(state["seen"]), bool(state["peak"])
+        self.last_mean, self.last_var = float(state["last_mean"]), float(state["last_var"])
+        self.losses = None if state["losses"] is None else state["losses"].clone()
+
+    def __repr__(self) -> str:
+        return (f"LossPlateau(window={self.window}, mean_threshold={self.mean_threshold:g}, "
+                f"variance_threshold={self.variance_threshold:g}, "
+                f"check_every={self.check_every})")
+
+
+def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Under ``torch.distributed``, every rank must decide alike: average the statistics."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+def make_policy(value: Union[None, str, int, ConsolidationPolicy]) -> ConsolidationPolicy:
+    """The policy an option value names (see the module's docstring)."""
+    if value is None:
+        return _Auto()
+    if isinstance(value, ConsolidationPolicy):
+        return value
+    if value == "experience":
+        return AfterEachExperience()
+    if value == "boundary":
+        return AtTaskBoundaries()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return EveryKSteps(value)
+    raise ValueError(f"consolidate must be None (the default), 'experience', 'boundary', a "
+                     f"number of steps k >= 1 or a LossPlateau(...), got {value!r}.")
