@@ -21,7 +21,7 @@ from .functional import (  # noqa: E402
 from .plugin import CLAMP_MODES, IMPORTANCE_MODES, GroupOptions, ParamGroup, SIPlugin  # noqa: E402
 from . import amp  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SIPlugin",

@@ -75,12 +75,19 @@ class SIWandBLogger(BaseLogger):
 
     # ------------------------------------------------------------ Avalanche's side
 
+    def _step(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` against ``train/iteration`` once training has begun (a run that only
+        carries tables and plots, such as the CLI's report run, gets no step of 0)."""
+        if self.iteration > 0:
+            data["train/iteration"] = self.iteration
+        return data
+
     def log_single_metric(self, name, value, x_plot) -> None:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return  # images, dicts, confusion matrices: not logged by this logger
-        self.run.log({name: value, "train/iteration": self.iteration})
+        self.run.log(self._step({name: value}))
 
     def after_training_iteration(self, strategy, metric_values=None, **kwargs) -> None:
         self.iteration = strategy.clock.train_iterations
@@ -133,19 +140,19 @@ class SIWandBLogger(BaseLogger):
 
     def log_accuracy_row(self, trained_task: int, accuracies: Iterable[Optional[float]]) -> None:
         """Accuracy on every task after training task ``trained_task`` (0-based)."""
-        data: dict[str, Any] = {"train/iteration": self.iteration}
+        data: dict[str, Any] = {}
         for j, a in enumerate(accuracies):
             if a is not None:
                 data[f"accuracy/task{j + 1}"] = a
-        self.run.log(data)
+        self.run.log(self._step(data))
 
     def log_result(self, result: dict) -> None:
         """The accuracy matrix as a table, the headline numbers as summary, the JSON as artifact."""
         acc = result["accuracy_matrix"]
-        table = self._wandb.Table(columns=["after task"] + [f"task {j + 1}" for j in range(len(acc))],
+        table = self._wandb.Table(columns=["after"] + [f"task {j + 1}" for j in range(len(acc[0]))],
                                   data=[[i + 1] + list(row)
                                         for i, row in enumerate(acc)])
-        self.run.log({"results/accuracy_matrix": table, "train/iteration": self.iteration})
+        self.run.log(self._step({"results/accuracy_matrix": table}))
         for key in ("final_average_accuracy", "average_forgetting", "seconds"):
             if key in result and isinstance(result[key], (int, float)) and math.isfinite(result[key]):
                 self.run.summary[key] = result[key]
@@ -156,21 +163,47 @@ class SIWandBLogger(BaseLogger):
 
     def log_images(self, paths: Iterable[Path], *, prefix: str = "plots") -> None:
         """PNG plots as wandb images (keyed by file name)."""
-        data: dict[str, Any] = {"train/iteration": self.iteration}
+        data: dict[str, Any] = {}
         for p in paths:
             data[f"{prefix}/{Path(p).stem}"] = self._wandb.Image(str(p))
-        self.run.log(data)
+        self.run.log(self._step(data))
 
     def log_markdown_table(self, path: Path, *, key: str = "results/summary") -> None:
-        """A Markdown table (as ``report`` writes it) as a wandb table."""
+        """A Markdown table (as ``report`` writes it) as a wandb table with numbers as
+        numbers: a ``mean ± SEM`` column becomes two numeric columns, ``<name>`` and
+        ``<name> SEM``; empty cells become missing values."""
         lines = [l for l in Path(path).read_text().splitlines() if l.startswith("|")]
         header = [c.strip() for c in lines[0].strip("|").split("|")]
         rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
-        self.run.log({key: self._wandb.Table(columns=header, data=rows),
-                      "train/iteration": self.iteration})
+        split = [any("±" in r[j] for r in rows) for j in range(len(header))]
+        columns = []
+        for name, two in zip(header, split):
+            columns += [name, f"{name} SEM"] if two else [name]
+        data = []
+        for r in rows:
+            out = []
+            for cell, two in zip(r, split):
+                if two:
+                    mean, _, sem = cell.partition("±")
+                    out += [_number(mean), _number(sem)]
+                else:
+                    out.append(_number(cell))
+            data.append(out)
+        self.run.log(self._step({key: self._wandb.Table(columns=columns, data=data)}))
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def _number(cell: str):
+    """A table cell as a float if it is one, None if empty, else the text."""
+    cell = cell.strip()
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _si_plugins(strategy) -> list[SIPlugin]:

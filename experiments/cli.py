@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from .presets import PRESETS
-from .options import (BENCHMARKS, CLASS_ORDERS, INITS, LOSSES, METHODS, SCENARIOS, TASK_HEADS,
-                      DataError, default_data_root)
+from .options import (BENCHMARKS, CLASS_ORDERS, INITS, LOSSES, METHODS, ONLINE_METHODS,
+                      SCENARIOS, TASK_HEADS, DataError, default_data_root)
 
 IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
 CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
@@ -23,22 +23,45 @@ SPLIT_CLASSES = {"split-mnist": 10, "split-fmnist": 10, "split-digits": 10, "spl
                  "split-cifar100": 100}
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one to show (not None, not a flag's False); options
+    whose default depends on the preset say so in their help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class UsageError(ValueError):
     """Bad command-line input; the message says how to fix it."""
 
 
 def _parser() -> argparse.ArgumentParser:
+    fmt = _Help
     p = argparse.ArgumentParser(
-        prog="python -m experiments",
-        description="Synaptic Intelligence on continual-learning streams, through Avalanche.")
+        prog="python -m experiments", formatter_class=fmt,
+        description="Synaptic Intelligence on continual-learning streams, through Avalanche. "
+                    "With no arguments: the main job (SI, Naive and Avalanche's SI on "
+                    "scikit-learn's digits, every scenario, three seeds; offline).")
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("run", help="train and evaluate; write one JSON per run, then the report")
+    r = sub.add_parser("run", formatter_class=fmt,
+                       help="train and evaluate; write one JSON per run, then the report")
     r.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a published protocol (sets benchmark, network, optimizer, iterations, c)")
-    r.add_argument("--benchmark", choices=BENCHMARKS, default=None)
-    r.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
-    r.add_argument("--method", nargs="+", choices=METHODS,
-                   default=["naive", "si", "avalanche-si"])
+    r.add_argument("--benchmark", choices=BENCHMARKS, default=None,
+                   help="the data, when no --preset sets it (split-digits needs no download); "
+                        "with an online preset, the tasks its stream is made of")
+    r.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                   help="task: a head per task, task labels at test; domain: one shared head "
+                        "of a task's size; class: one head over all classes (online presets: "
+                        "task and domain)")
+    r.add_argument("--method", nargs="+", choices=sorted(set(METHODS + ONLINE_METHODS),
+                                                         key=(METHODS + ONLINE_METHODS).index),
+                   default=None, metavar="METHOD",
+                   help="methods to run: " + ", ".join(METHODS) + "; on online and task-free "
+                        "presets: " + ", ".join(ONLINE_METHODS) + " (SI by when it "
+                        "consolidates). Default: naive si avalanche-si, or every online method")
     r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=None,
                    help="SIPlugin importance mode(s), for --method si (default: the preset's, "
                         "else total)")
@@ -46,11 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="where SIPlugin clamps the importance at 0 (task: each task's part, "
                         "the paper; total: the running sum, Zenke's code; none: van de Ven's "
                         "code), for --method si (default: the preset's, else task)")
-    r.add_argument("--task-head", choices=TASK_HEADS, default="separate",
+    r.add_argument("--task-head", choices=TASK_HEADS, default=None,
                    help="Task-IL output layer: separate (a head per task, Avalanche's "
                         "MultiHeadClassifier) or shared (one layer, each task's units selected "
                         "by its label: van de Ven's code); results of shared go to e.g. "
-                        "si-shared_head/")
+                        "si-shared_head/. Default: the preset's, else separate")
     r.add_argument("--class-order", choices=CLASS_ORDERS, default="seeded",
                    help="split benchmarks: which classes form which task for a seed; seeded "
                         "(torch's generator) or vandeven (the orders of van de Ven & Tolias's "
@@ -68,30 +91,60 @@ def _parser() -> argparse.ArgumentParser:
                         "probabilities clipped to [1e-7, 1-1e-7], so an example's gradient is "
                         "exactly zero once its class has p > 1-1e-7); results of keras go to "
                         "e.g. naive-loss_keras/")
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    r.add_argument("--si-lambda", type=float, default=None, help="SI strength c (all scenarios)")
-    r.add_argument("--eps", type=float, default=None, help="SI damping xi")
-    r.add_argument("--ewc-lambda", type=float, default=None)
-    r.add_argument("--lr", type=float, default=None)
-    r.add_argument("--iterations", type=int, default=None, help="mini-batches per task")
-    r.add_argument("--epochs", type=int, default=None, help="epochs per task (instead of iterations)")
-    r.add_argument("--batch-size", type=int, default=None)
-    r.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes")
-    r.add_argument("--n-tasks", type=int, default=None)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="random seeds; each fixes the class split, data order and initialisation")
+    r.add_argument("--si-lambda", type=float, default=None,
+                   help="SI strength c, in every scenario (default: the preset's per scenario)")
+    r.add_argument("--eps", type=float, default=None,
+                   help="SI damping xi (default: the preset's, 0.1 in the published protocols)")
+    r.add_argument("--ewc-lambda", type=float, default=None,
+                   help="EWC strength, for --method ewc (default 5000)")
+    r.add_argument("--lr", type=float, default=None,
+                   help="Adam's learning rate (default: the preset's)")
+    r.add_argument("--iterations", type=int, default=None,
+                   help="mini-batches per task (default: the preset's)")
+    r.add_argument("--epochs", type=int, default=None,
+                   help="epochs per task, instead of --iterations")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="mini-batch size (default: the preset's)")
+    r.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="hidden layer sizes of the MLP (default: the preset's)")
+    r.add_argument("--n-tasks", type=int, default=None,
+                   help="number of tasks (default: the preset's, or 5 split / 10 permuted)")
+    r.add_argument("--consolidate-every", type=int, default=None, metavar="K",
+                   help="online presets, si-k: optimizer steps between consolidations "
+                        "(default: the preset's, 100 as van de Ven's --update-every)")
+    r.add_argument("--plateau", type=float, nargs=3, default=None,
+                   metavar=("WINDOW", "MEAN", "VARIANCE"),
+                   help="online presets, si-plateau: the loss window's length and the mean and "
+                        "variance below which it is a plateau (default: the preset's)")
+    r.add_argument("--fuzziness", type=int, default=None, metavar="N",
+                   help="task-free presets: iterations over which one context gives way to "
+                        "the next, on each side of the transition (default: the preset's, 500 "
+                        "as van de Ven's; at most half of --iterations)")
+    r.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="online presets: iterations between two accuracy measurements over "
+                        "all tasks (default: a twentieth of the stream)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     r.add_argument("--data-root", default=None,
                    help=f"folder with torchvision's dataset folders (default ${'{'}AVALANCHE_SI_DATA{'}'} "
                         "or ./data)")
-    r.add_argument("--out", default=None, help="results folder (default results/<preset>)")
+    r.add_argument("--out", default=None,
+                   help="results folder (default results/<preset>, results/digits for the "
+                        "main job)")
     r.add_argument("--force", action="store_true", help="rerun runs whose results exist")
     r.add_argument("--wandb", action="store_true", help="log each run to Weights & Biases")
-    r.add_argument("--wandb-project", default="avalanche-si")
+    r.add_argument("--wandb-project", default="avalanche-si",
+                   help="wandb project of --wandb runs (they are written under <out>/wandb/)")
     r.add_argument("--no-report", action="store_true", help="skip tables and plots")
     r.add_argument("--dry-run", action="store_true",
                    help="list the runs these options make, each marked done (its JSON exists "
                         "in the results folder) or to run, and train nothing")
-    rep = sub.add_parser("report", help="rebuild tables and plots from saved results")
-    rep.add_argument("--out", default="results/digits")
+    rep = sub.add_parser("report", formatter_class=fmt,
+                         help="rebuild tables and plots from saved results")
+    rep.add_argument("--out", default="results/digits",
+                     help="the results folder to read (its seed*.json files) and write "
+                          "summary.md, summary.csv, paired.md and plots/ into")
     rep.add_argument("--readme", default=None, metavar="README.md",
                      help="then refresh this file's '<!-- copy of PATH -->' blocks from the "
                           "files they name (how this project's README tables are made)")
@@ -103,7 +156,26 @@ def _configs(args) -> list:
 
     preset_name = args.preset or ("digits" if args.benchmark in (None, "split-digits") else None)
     preset = dict(PRESETS[preset_name]) if preset_name else {}
-    if args.benchmark and preset and args.benchmark != preset["benchmark"]:
+    online = preset.get("stream", "tasks") != "tasks"
+    if args.method is None:
+        args.method = list(ONLINE_METHODS) if online else ["naive", "si", "avalanche-si"]
+    wrong = [m for m in args.method if m not in (ONLINE_METHODS if online else METHODS)]
+    if wrong:
+        raise UsageError(f"--method {' '.join(wrong)}: "
+                         + (f"the online preset {preset_name} runs {', '.join(ONLINE_METHODS)}."
+                            if online else f"the online methods run on online presets only "
+                                           f"(vandeven-taskfree-*, avalanche-online-*)."))
+    if not online:
+        for opt in ("consolidate_every", "plateau", "eval_every", "fuzziness"):
+            if getattr(args, opt) is not None:
+                raise UsageError(f"--{opt.replace('_', '-')} applies to online presets only.")
+    if online and "class" in (args.scenario or []) and args.scenario != list(SCENARIOS):
+        raise UsageError("online presets run the task and domain scenarios (SI does not help "
+                         "class-incremental learning); drop --scenario class.")
+    if online and args.scenario == list(SCENARIOS):
+        args.scenario = ["task", "domain"]
+    if args.benchmark and preset and args.benchmark != preset["benchmark"] and \
+            preset.get("stream", "tasks") == "tasks":  # an online preset is a stream protocol
         raise UsageError(f"--benchmark {args.benchmark} contradicts --preset {preset_name} "
                          f"({preset['benchmark']}); drop one of them.")
     if args.iterations is not None and args.epochs is not None:
@@ -116,7 +188,7 @@ def _configs(args) -> list:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
     if "si" not in args.method and args.si_clamp is not None:
         raise UsageError("--si-clamp applies to --method si only; add si to --method.")
-    si_methods = {"si", "avalanche-si", "avalanche-si-fixed"}
+    si_methods = {"si", "avalanche-si", "avalanche-si-fixed"} | set(ONLINE_METHODS[1:])
     for opt, value in (("--si-lambda", args.si_lambda), ("--eps", args.eps)):
         if value is not None and not si_methods & set(args.method):
             raise UsageError(f"{opt} applies to the SI methods only (si, avalanche-si, "
@@ -126,7 +198,8 @@ def _configs(args) -> list:
     if args.hidden is not None and any(h <= 0 for h in args.hidden):
         raise UsageError(f"--hidden sizes must be positive integers, got "
                          f"{' '.join(map(str, args.hidden))}.")
-    if args.task_head != "separate" and "task" not in args.scenario:
+    task_head = args.task_head or preset.get("task_head", "separate")
+    if args.task_head not in (None, "separate") and "task" not in args.scenario:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
@@ -138,7 +211,8 @@ def _configs(args) -> list:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name} must be > 0, got {v}.")
-    for name in ("iterations", "epochs", "batch_size", "n_tasks"):
+    for name in ("iterations", "epochs", "batch_size", "n_tasks", "consolidate_every",
+                 "eval_every", "fuzziness"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}.")
@@ -148,10 +222,18 @@ def _configs(args) -> list:
     clamps = args.si_clamp or [preset.get("si_clamp", "task")]
     init = args.init or preset.get("init", "torch")  # Zenke's preset: their Keras init
     base = {k: v for k, v in preset.items()
-            if k not in ("si_lambda", "si_importance", "si_clamp", "init")}
+            if k not in ("si_lambda", "si_importance", "si_clamp", "init", "task_head")}
+    if args.plateau is not None:
+        w, m, v = args.plateau
+        if w != int(w) or w < 1 or m <= 0 or v <= 0:
+            raise UsageError("--plateau takes a whole window length >= 1 and a mean and a "
+                             "variance threshold > 0.")
+        args.plateau = (int(w), m, v)
     overrides = dict(si_eps=args.eps, ewc_lambda=args.ewc_lambda, lr=args.lr,
                      batch_size=args.batch_size, n_tasks=args.n_tasks,
-                     hidden=tuple(args.hidden) if args.hidden else None)
+                     hidden=tuple(args.hidden) if args.hidden else None,
+                     consolidate_every=args.consolidate_every, plateau=args.plateau,
+                     eval_every=args.eval_every, fuzziness=args.fuzziness)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.epochs is not None:
         base.update(iterations=None, epochs=args.epochs)
@@ -161,6 +243,9 @@ def _configs(args) -> list:
         base["benchmark"] = args.benchmark
     if "benchmark" not in base:
         raise UsageError("choose a --benchmark or a --preset.")
+    if base.get("stream") == "fuzzy" and 2 * base.get("fuzziness", 0) > (base.get("iterations") or 0):
+        raise UsageError(f"--fuzziness {base['fuzziness']} is more than half of --iterations "
+                         f"{base.get('iterations')}: a transition must fit in a context.")
     n_classes = SPLIT_CLASSES.get(base["benchmark"])
     if n_classes and args.n_tasks and n_classes % args.n_tasks:
         raise UsageError(f"{base['benchmark']} has {n_classes} classes, which --n-tasks "
@@ -183,7 +268,7 @@ def _configs(args) -> list:
                 for seed in args.seeds:
                     configs.append(RunConfig(**base, scenario=scenario, method=method, seed=seed,
                                              si_lambda=c, si_importance=importance, si_clamp=clamp,
-                                             task_head=args.task_head if scenario == "task"
+                                             task_head=task_head if scenario == "task"
                                              else "separate", class_order=args.class_order,
                                              init=init, loss=args.loss,
                                              data_root=data_root, device=args.device,
@@ -203,6 +288,8 @@ def cmd_run(args) -> int:
     print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
     def label(cfg):  # the same words in the dry-run listing and the training log
+        if cfg.method in ("naive", "joint", "ewc"):
+            return cfg.run_id() + (f"  lambda={cfg.ewc_lambda:g}" if cfg.method == "ewc" else "")
         return f"{cfg.run_id()}  c={cfg.si_lambda:g} xi={cfg.si_eps:g}"
 
     if args.dry_run:

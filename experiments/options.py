@@ -12,6 +12,8 @@ BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist"
 SCENARIOS = ("task", "domain", "class")
 CLASS_ORDERS = ("seeded", "vandeven")
 METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
+#: the methods of online and task-free presets (experiments/online.py): SI by consolidation policy
+ONLINE_METHODS = ("naive", "si-experience", "si-k", "si-plateau", "si-boundary")
 TASK_HEADS = ("separate", "shared")  # Task-IL output: a head per task, or one masked layer
 INITS = ("torch", "glorot")          # linear layers: PyTorch's default, or Keras's Dense
 LOSSES = ("torch", "keras")          # cross-entropy: PyTorch's, or Keras 2's clipped one

@@ -31,6 +31,30 @@ PRESETS = {
                                  pad=0, n_tasks=10, si_eps=0.1, si_lambda=0.1,
                                  si_importance="task", si_clamp="total", init="glorot"),
 }
+# Loss plateaus (si-plateau): window, mean and variance thresholds chosen from Naive's
+# training loss on seed 0 (never from test accuracy), replaying Aljundi et al.'s detector on
+# it, so that it fires about once per context: a loss that settles near 0 within a context
+# needs far lower thresholds than their toy problem's 0.2 and 0.1.
+# Task-free streams after van de Ven's main_task_free.py (--stream fuzzy-boundaries; defaults
+# from params/param_values.py with no_boundaries=True): contexts of 2000 (split) or 5000
+# (permuted) mini-batches of 128, transitions ramped over 2 x 500 iterations, c = 10,
+# xi = 0.1, consolidation every 100 iterations (--update-every); Task-IL through one output
+# layer masked by the task label, as in his code. Methods: experiments/online.py.
+PRESETS["vandeven-taskfree-split-mnist"] = dict(
+    benchmark="split-mnist", stream="fuzzy", hidden=(400, 400), lr=1e-3, betas=(0.9, 0.999),
+    batch_size=128, iterations=2000, fuzziness=500, si_eps=0.1, si_lambda=10.0,
+    consolidate_every=100, task_head="shared", plateau=(100, 0.005, 5e-5))
+PRESETS["vandeven-taskfree-permuted-mnist"] = dict(
+    benchmark="permuted-mnist", stream="fuzzy", hidden=(1000, 1000), lr=1e-4,
+    betas=(0.9, 0.999), batch_size=128, iterations=5000, pad=2, n_tasks=10, fuzziness=500,
+    si_eps=0.1, si_lambda=10.0, consolidate_every=100, task_head="shared")
+# Avalanche's online split MNIST: split_online_stream(experience_size=10), one pass, batch
+# 10, the boundaries hidden (access_task_boundaries=False) but for si-boundary.
+PRESETS["avalanche-online-split-mnist"] = dict(
+    benchmark="split-mnist", stream="online", experience_size=10, hidden=(400, 400), lr=1e-3,
+    betas=(0.9, 0.999), batch_size=10, iterations=None, si_eps=0.1, si_lambda=10.0,
+    consolidate_every=100, task_head="shared", plateau=(100, 0.1, 0.005))
+
 # The Fashion-MNIST counterparts use the MNIST protocols unchanged (no published SI number).
 PRESETS["vandeven-split-fmnist"] = dict(PRESETS["vandeven-split-mnist"], benchmark="split-fmnist")
 PRESETS["vandeven-permuted-fmnist"] = dict(PRESETS["vandeven-permuted-mnist"],

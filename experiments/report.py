@@ -202,6 +202,39 @@ def write_report(out: Path) -> dict:
             "paired_md": out / "paired.md", "plots": plots}
 
 
+_STYLES = [dict(linestyle="-", marker="o", markersize=7, markerfacecolor="none"),
+           dict(linestyle="--", marker="s", markersize=4),
+           dict(linestyle=":", marker="^", markersize=5),
+           dict(linestyle="-.", marker="D", markersize=3),
+           dict(linestyle=(0, (5, 1)), marker="v", markersize=4),
+           dict(linestyle=(0, (1, 1)), marker="x", markersize=6)]
+
+
+def _style(k: int) -> dict:
+    """Line styles that keep identical curves apart (Avalanche's SI equals Naive's curve
+    exactly in several tables: drawn solid with hollow markers under a dashed one)."""
+    return dict(_STYLES[k % len(_STYLES)], linewidth=1.6)
+
+
+def _band(ax, xs, runs_values, label, k):
+    stats = [mean_sem(list(v)) for v in zip(*runs_values)]
+    m = [s[0] for s in stats]
+    e = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+    ax.plot(xs, m, label=label, zorder=3 + k, **_style(k))
+    ax.fill_between(xs, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], alpha=0.15)
+
+
+def _short(layer: str, width: int = 28) -> str:
+    """A parameter name that fits a panel title: its last components."""
+    parts = layer.split(".")
+    out = parts[-1]
+    for p in reversed(parts[:-1]):
+        if len(p) + 1 + len(out) > width:
+            return "…" + out
+        out = p + "." + out
+    return out
+
+
 def write_plots(out: Path, results: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -217,45 +250,60 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
     rank = method_rank(results)
     for (bench, scen), methods in sorted(by_setting.items()):
         names = sorted(methods, key=rank)
-        # 1. average accuracy on the tasks seen so far, as tasks arrive
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in names:
+        online = any("stream_accuracy" in r for rs in methods.values() for r in rs)
+        title = f"{bench}, {scen}-incremental"
+        # 1. mean accuracy: on the tasks seen so far as tasks arrive, or, on an online
+        # stream, on all tasks as the stream goes by
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for k, method in enumerate(names):
             rs = methods[method]
-            T = len(rs[0]["accuracy_matrix"])
-            curves = [[100 * sum(r["accuracy_matrix"][i][: i + 1]) / (i + 1) for i in range(T)]
-                      for r in rs]
-            stats = [mean_sem([c[i] for c in curves]) for i in range(T)]
-            m = [s[0] for s in stats]
-            e = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-            xs = list(range(1, T + 1))
-            ax.plot(xs, m, marker="o", label=f"{method} (n={len(rs)})")
-            ax.fill_between(xs, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], alpha=0.2)
-        ax.set(xlabel="tasks trained", ylabel="mean accuracy on tasks seen (%)",
-               title=f"{bench}, {scen}-incremental", xticks=xs)
+            if online:
+                xs = [it for it, _ in rs[0]["stream_accuracy"]]
+                curves = [[100 * _mean([a for a in row if a is not None])
+                           for _, row in r["stream_accuracy"]] for r in rs]
+                style_xs = xs
+            else:
+                T = len(rs[0]["accuracy_matrix"])
+                curves = [[100 * sum(r["accuracy_matrix"][i][: i + 1]) / (i + 1)
+                           for i in range(T)] for r in rs]
+                style_xs = list(range(1, T + 1))
+            _band(ax, style_xs, curves, f"{method} (n={len(rs)})", k)
+        if online:
+            for b in methods[names[0]][0].get("boundaries", [])[:-1]:
+                ax.axvline(b, color="grey", linewidth=0.6, alpha=0.5)
+            ax.set(xlabel="training iteration (grey: where the task changes)",
+                   ylabel="mean accuracy on all tasks (%)")
+        else:
+            ax.set(xlabel="tasks trained", ylabel="mean accuracy on tasks seen (%)",
+                   xticks=style_xs)
+        ax.set_title(f"{title}\nmean over seeds, band ± SEM", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
         # 2. accuracy matrices, mean over seeds, one panel per method
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, method in zip(axes[0], names):
+        fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.2, 3.4),
+                                 squeeze=False, sharey=True)
+        for p_i, (ax, method) in enumerate(zip(axes[0], names)):
             rs = methods[method]
-            T = len(rs[0]["accuracy_matrix"])
+            rows, cols = len(rs[0]["accuracy_matrix"]), len(rs[0]["accuracy_matrix"][0])
             mat = [[float("nan") if rs[0]["accuracy_matrix"][i][j] is None else
-                    100 * sum(r["accuracy_matrix"][i][j] for r in rs) / len(rs) for j in range(T)]
-                   for i in range(T)]
+                    100 * sum(r["accuracy_matrix"][i][j] for r in rs) / len(rs)
+                    for j in range(cols)] for i in range(rows)]
             im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
-            for i in range(T):
-                for j in range(T):
-                    if math.isnan(mat[i][j]):
-                        continue
-                    ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if mat[i][j] < 60 else "black")
-            ax.set(title=method, xlabel="evaluated on task", ylabel="after training task",
-                   xticks=range(T), yticks=range(T), xticklabels=range(1, T + 1),
-                   yticklabels=range(1, T + 1))
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy %")
-        fig.suptitle(f"{bench}, {scen}-incremental: accuracy matrix")
+            for i in range(rows):
+                for j in range(cols):
+                    if not math.isnan(mat[i][j]):
+                        ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                                color="white" if mat[i][j] < 60 else "black")
+            ax.set(title=f"{method} (n={len(rs)})", xlabel="evaluated on task",
+                   xticks=range(cols), xticklabels=range(1, cols + 1), yticks=range(rows),
+                   yticklabels=range(1, rows + 1))
+            ax.title.set_fontsize(9)
+            if p_i == 0:
+                ax.set_ylabel("after task boundary" if online else "after training task")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy % (mean over seeds)")
+        fig.suptitle(f"{title}: accuracy matrix", fontsize=10)
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_accuracy_matrix.png"))
         # 3. distribution of Ω per layer after each task (SIPlugin runs, first seed)
         for method in names:
@@ -264,7 +312,8 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
                 continue
             r = min(rs, key=lambda r: r["config"]["seed"])
             layers = [k for k in r["omega"][0] if k.endswith("weight")] or list(r["omega"][0])
-            fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+            fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2),
+                                     squeeze=False)
             lo, hi = r["omega"][0][layers[0]]["log10_range"]
             for ax, layer in zip(axes[0], layers):
                 for t, snap in enumerate(r["omega"]):
@@ -273,12 +322,18 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
                     h = snap[layer]["log10_hist"]
                     edges = [lo + (hi - lo) * k / len(h) for k in range(len(h) + 1)]
                     ax.stairs(h, edges, label=f"after task {t + 1}")
-                ax.set(title=layer, xlabel="log10 Ω", ylabel="weights")
+                ax.set(xlabel="log10 Ω", ylabel="weights")
+                ax.set_title(_short(layer), fontsize=9)
             axes[0][0].legend(fontsize=7)
-            fig.suptitle(f"{bench}, {scen}, {method} (seed {r['config']['seed']}): Ω per layer")
+            fig.suptitle(f"{bench}, {scen}, {method} (seed {r['config']['seed']}): Ω per layer",
+                         fontsize=10)
             fig.tight_layout()
             paths.append(_save(fig, plot_dir / f"{bench}_{scen}_{method}_omega.png"))
     return paths
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _save(fig, path: Path) -> Path:

@@ -50,6 +50,13 @@ class RunConfig:
     data_root: str = "data"
     device: str = "cpu"
     preset: Optional[str] = None
+    # online and task-free streams (experiments/online.py); "tasks": one experience per task
+    stream: str = "tasks"             # tasks | fuzzy (van de Ven's task-free) | online (Avalanche's)
+    fuzziness: int = 500              # fuzzy: iterations over which a transition ramps, each side
+    experience_size: int = 10         # online: samples per mini-experience
+    consolidate_every: int = 100      # si-k: steps between consolidations (van de Ven's --update-every)
+    plateau: tuple[int, float, float] = (100, 0.2, 0.01)  # si-plateau: window, mean, variance
+    eval_every: Optional[int] = None  # online: iterations between two accuracy measurements
 
     def run_id(self) -> str:
         method = self.method
@@ -57,7 +64,7 @@ class RunConfig:
             method += f"-{self.si_importance}"
         if self.method == "si" and self.si_clamp != "task":
             method += f"-clamp_{self.si_clamp}"
-        if self.scenario == "task" and self.task_head == "shared":
+        if self.scenario == "task" and self.task_head == "shared" and self.stream == "tasks":
             method += "-shared_head"
         if self.init != "torch":
             method += f"-init_{self.init}"
@@ -110,8 +117,9 @@ class FixedAvalancheSI(SynapticIntelligencePlugin):
 
 
 def method_plugins(cfg: RunConfig) -> list:
-    """The regularization plugins of a method (the data loader is added by :func:`run`)."""
-    if cfg.method in ("naive", "joint"):
+    """The regularization plugins of a method (the data loader is added by :func:`run`;
+    online methods' SI plugin by :func:`experiments.online.run_online`)."""
+    if cfg.method in ("naive", "joint") or cfg.stream != "tasks":
         return []
     if cfg.method == "si":
         return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance,
@@ -167,7 +175,9 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
     if loggers:
         from avalanche.training.plugins import EvaluationPlugin
         from avalanche.evaluation.metrics import loss_metrics
-        evaluator = EvaluationPlugin(loss_metrics(minibatch=True, epoch=True), loggers=loggers)
+        # the training loss per step comes from SIWandBLogger every log_every iterations; a
+        # per-iteration Loss_MB on top of it only floods the run
+        evaluator = EvaluationPlugin(loss_metrics(epoch=True), loggers=loggers)
     else:
         evaluator = None
     strategy = Naive(model=model, optimizer=optimizer, criterion=make_criterion(cfg.loss),
@@ -175,8 +185,19 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
                      train_epochs=1 if cfg.iterations else cfg.epochs,
                      plugins=plugins, evaluator=evaluator, device=cfg.device)
     si = next((p for p in plugins if isinstance(p, SIPlugin)), None)
-    acc, omegas, task_seconds = [], [], []
-    for exp in stream.benchmark.train_stream:
+    acc, omegas, task_seconds, online = [], [], [], {}
+    if cfg.stream != "tasks":
+        from .online import run_online
+
+        def make_strategy(extra):
+            return Naive(model=model, optimizer=optimizer, criterion=make_criterion(cfg.loss),
+                         train_mb_size=cfg.batch_size, train_epochs=1,
+                         plugins=extra + [p for p in plugins if not isinstance(p, FastTensorLoader)],
+                         evaluator=evaluator, device=cfg.device)
+
+        online = run_online(cfg, stream, strategy_factory=make_strategy, log=log)
+        acc, task_seconds = online.pop("accuracy_matrix"), [online["train_seconds"]]
+    for exp in (stream.benchmark.train_stream if cfg.stream == "tasks" else ()):
         t0 = time.perf_counter()
         strategy.train(exp, eval_streams=[], num_workers=0)
         task_seconds.append(time.perf_counter() - t0)
@@ -204,6 +225,7 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         # CPU time of this process, all its threads: unlike "seconds" it does not grow when
         # other runs share the cores, so it compares runs made under different load.
         "cpu_seconds": time.process_time() - cpu_started,
+        **online,
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], "-m", "experiments"]
                             + sys.argv[1:]),
         "torch": torch.__version__,

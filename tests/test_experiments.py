@@ -570,3 +570,56 @@ def test_init_option_names_its_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--init", "he"])
     assert "invalid choice: 'he'" in capsys.readouterr().err
+
+
+def test_online_presets_run_every_policy_and_record_the_stream(tmp_path, capsys):
+    # a tiny fuzzy-boundary stream: 5 contexts x 40 iterations, transitions over 2 x 10
+    out = tmp_path / "tf"
+    code = main(["run", "--preset", "vandeven-taskfree-split-mnist", "--benchmark", "split-digits",
+                 "--scenario", "domain", "task", "--seeds", "0", "--iterations", "40",
+                 "--fuzziness", "10", "--hidden", "16", "--consolidate-every", "15",
+                 "--plateau", "5", "0.5", "0.05", "--eval-every", "20", "--out", str(out)])
+    assert code == 0
+    for scenario in ("domain", "task"):
+        runs = {m: json.loads((out / f"split-digits/{scenario}/{m}/seed0.json").read_text())
+                for m in ("naive", "si-experience", "si-k", "si-plateau", "si-boundary")}
+        assert runs["naive"]["consolidations"] == 0
+        assert runs["si-experience"]["consolidations"] == 200  # one mini-batch an experience
+        assert runs["si-k"]["consolidation_steps"] == list(range(15, 201, 15))
+        # the boundary reference consolidates where the most likely context changes
+        assert runs["si-boundary"]["consolidation_steps"] == runs["si-boundary"]["boundaries"]
+        assert runs["si-boundary"]["boundaries"] == [20, 60, 100, 140, 180, 200]
+        for r in runs.values():
+            assert len(r["accuracy_matrix"]) == 6 and r["iterations"] == 200
+            assert [it for it, _ in r["stream_accuracy"]][:2] == [20, 40]
+        # consolidating after every one-step experience leaves the penalty's gradient 0:
+        # exactly Naive
+        assert runs["si-experience"]["accuracy_matrix"] == runs["naive"]["accuracy_matrix"]
+    assert (out / "plots" / "split-digits_domain_average_accuracy.png").exists()
+
+
+def test_avalanche_online_preset_hides_boundaries_but_for_the_reference(tmp_path):
+    out = tmp_path / "on"
+    code = main(["run", "--preset", "avalanche-online-split-mnist", "--benchmark", "split-digits",
+                 "--scenario", "domain", "--seeds", "0", "--hidden", "16", "--method", "si-k",
+                 "si-boundary", "--consolidate-every", "25", "--out", str(out), "--no-report"])
+    assert code == 0
+    k = json.loads((out / "split-digits/domain/si-k/seed0.json").read_text())
+    b = json.loads((out / "split-digits/domain/si-boundary/seed0.json").read_text())
+    assert k["consolidation_steps"] == list(range(25, k["iterations"] + 1, 25))
+    # a task ends where its mini-experiences do; the last one only if marked as last
+    assert set(b["consolidation_steps"]) <= set(b["boundaries"])
+    assert len(b["consolidation_steps"]) >= 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--preset", "vandeven-taskfree-split-mnist", "--method", "si"], "the online preset"),
+    (["run", "--method", "si-k"], "online methods run on online presets only"),
+    (["run", "--consolidate-every", "5"], "--consolidate-every applies to online presets only"),
+    (["run", "--preset", "vandeven-taskfree-split-mnist", "--iterations", "100"],
+     "--fuzziness 500 is more than half of --iterations 100"),
+    (["run", "--preset", "vandeven-taskfree-split-mnist", "--plateau", "0", "1", "1"], "--plateau"),
+])
+def test_online_options_are_checked(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
