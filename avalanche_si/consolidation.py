@@ -203,9 +203,10 @@ class LossPlateau(ConsolidationPolicy):
 
     Args:
         window: losses in the window (5 in their code).
-        mean_threshold, variance_threshold: the plateau's bounds on :math:`\mu` and
-            :math:`\sigma^2` (0.2 and 0.1 in their code, for their loss; set them for
-            yours: the loss a task settles at, and how much it still moves).
+        mean_threshold: the plateau's bound on :math:`\mu` (0.2 in their code, for their
+            loss; set it for yours: about the loss a task settles at).
+        variance_threshold: the plateau's bound on :math:`\sigma^2` (0.1 in their code; how
+            much the settled loss still moves).
         check_every: steps between two checks of the window.
     """
 

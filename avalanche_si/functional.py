@@ -162,7 +162,9 @@ def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequ
 
     Args:
         grads: the parameters' gradients, updated in place.
-        omega, params, prev: :math:`\Omega`, :math:`\theta`, :math:`\theta_\text{prev}`.
+        omega: :math:`\Omega`.
+        params: :math:`\theta`.
+        prev: :math:`\theta_\text{prev}`.
         strength: the SI strength :math:`c`.
 
     Returns:
@@ -204,8 +206,10 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
     and a copy. Both paths give the same bits for :math:`g'` and ``pre``.
 
     Args:
-        grads, omega, params, prev: :math:`g`, :math:`\Omega`, :math:`\theta`,
-            :math:`\theta_\text{prev}`.
+        grads: :math:`g`, the gradients.
+        omega: :math:`\Omega`.
+        params: :math:`\theta`.
+        prev: :math:`\theta_\text{prev}`.
         strength: the SI strength :math:`c`.
         in_place: add to ``grads`` (True) or leave them as they are and return new
             tensors (False: the task gradient survives the step, for ``importance="task"``).
@@ -341,8 +345,10 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
     and leaves ``omega``, ``prev`` and ``running`` untouched.
 
     Args:
-        omega, prev, running, params: :math:`\Omega`, :math:`\theta_\text{prev}`,
-            :math:`\omega`, :math:`\theta` (lists of equal length and shapes).
+        omega: :math:`\Omega` (all four lists of equal length and shapes).
+        prev: :math:`\theta_\text{prev}`.
+        running: :math:`\omega`.
+        params: :math:`\theta`.
         eps: the damping :math:`\xi > 0`.
         names: how the error message names each parameter (default: ``#<position>``).
     """

@@ -44,8 +44,11 @@ class SIWandBLogger(BaseLogger):
     """Log Avalanche metrics and SI diagnostics to a wandb run.
 
     Args:
-        project, name, config, dir, mode: passed to ``wandb.init`` (``mode`` None lets
-            ``WANDB_MODE`` decide).
+        project: the wandb project.
+        name: the run's name.
+        config: the run's configuration.
+        dir: where wandb writes the run (``<dir>/wandb/``).
+        mode: ``"online"``, ``"offline"`` or ``"disabled"``; None lets ``WANDB_MODE`` decide.
         log_every: log the SI penalty every this many training iterations.
         histogram_bins: bins of the log10 Ω histograms.
         run: an existing wandb run to log into instead of starting one.
@@ -55,7 +58,7 @@ class SIWandBLogger(BaseLogger):
     def __init__(self, *, project: str = "avalanche-si", name: Optional[str] = None,
                  config: Optional[dict] = None, dir: Optional[str] = None,
                  mode: Optional[str] = None, log_every: int = 50, histogram_bins: int = 64,
-                 run: Any = None, **init_kwargs):
+                 run: Any = None, **init_kwargs: Any):
         super().__init__()
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {log_every!r}.")

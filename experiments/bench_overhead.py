@@ -36,6 +36,7 @@ same training on the same preloaded tensors with the same SI maths (the function
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import statistics
 import time
 import warnings
@@ -450,6 +451,77 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str, device
     return out
 
 
+def online_overhead(hidden: int, *, chunk: int, repeats: int, data_root: str,
+                    device="cpu") -> dict:
+    """Issue 17's target: an online run with SI against the same run without it.
+
+    Avalanche's online split MNIST (Domain-IL, ``split_online_stream``, mini-experiences of 10
+    samples, batch 10, one step each), 784-H-H, Adam: ``Naive`` without SI and with
+    ``SIPlugin`` under each consolidation policy, each on its own copy of the stream, timed in
+    turn over ``chunk`` mini-experiences (rotating who goes first). Also the cost of one
+    consolidation (``consolidate_now``) on this model, timed alone.
+    """
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+
+    from avalanche_si.consolidation import LossPlateau
+    from .online import _decorated
+    from .streams import make_stream
+
+    stream = make_stream("split-mnist", "domain", root=data_root, seed=0)
+
+    def sub_experiences(boundaries):
+        while True:  # as long as the timing needs
+            for e in split_online_stream(stream.benchmark.train_stream, experience_size=10,
+                                         shuffle=True, seed=0,
+                                         access_task_boundaries=boundaries):
+                yield _decorated(e, list(e.dataset.targets),
+                                 list(e.dataset.targets_task_labels))
+
+    variants = {"no SI": (None, False),
+                "SIPlugin, task boundaries": (lambda: SIPlugin(10.0, eps=0.1), True),
+                "SIPlugin, every 100 steps": (lambda: SIPlugin(10.0, eps=0.1, consolidate=100),
+                                              False),
+                "SIPlugin, loss plateau": (lambda: SIPlugin(
+                    10.0, eps=0.1, consolidate=LossPlateau(100, 0.1, 0.005)), False)}
+    runs = {}
+    for name, (factory, boundaries) in variants.items():
+        from avalanche.training import Naive
+        from .models import SharedHeadNet
+
+        torch.manual_seed(0)
+        model = SharedHeadNet(784, (hidden, hidden), 2)
+        si = factory() if factory else None
+        strat = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                      train_mb_size=10, plugins=[si] if si else [], evaluator=None,
+                      device=device)
+        runs[name] = (strat, sub_experiences(boundaries), si)
+    times = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            strat, exps, _ = runs[k]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(chunk):
+                strat.train(next(exps), eval_streams=[], num_workers=0)
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
+    out = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    out["consolidations"] = {k: runs[k][2]._consolidations for k in names if runs[k][2]}
+    si = runs["SIPlugin, every 100 steps"][2]
+    calls = []
+    for _ in range(max(repeats, 15)):
+        _sync(device)
+        t0 = time.perf_counter()
+        si.consolidate_now()
+        _sync(device)
+        calls.append((time.perf_counter() - t0) * 1e3)
+    out["consolidate_now ms"] = statistics.median(calls)
+    out["n"] = sum(p.numel() for p in runs["no SI"][0].model.parameters())
+    out["steps"] = repeats * chunk
+    return out
+
+
 def passes_alone(shapes, *, repeats: int, device="cpu") -> float:
     """Median ms of ``SIPlugin``'s per-step work alone (``importance="total"``): the penalty
     pass (g += 2cΩ(θ − θ*), θ_pre = θ, the penalty's sum) and the importance pass
@@ -498,6 +570,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-strategy", action="store_true",
                     help="skip the overhead inside an Avalanche strategy (target 1 as worded)")
     ap.add_argument("--strategy-hidden", type=int, nargs="+", default=[400, 1000])
+    ap.add_argument("--no-online", action="store_true",
+                    help="skip the online-stream table (SI per consolidation policy)")
     ap.add_argument("--device", default="cpu",
                     help="where to run (cpu, cuda, cuda:1 ...); default cpu")
     ap.add_argument("--amp", action="store_true",
@@ -507,15 +581,65 @@ def main(argv=None) -> int:
                     help="the folder of another avalanche_si package (e.g. a checkout of the "
                          "previous release): its SIPlugin is timed beside this one, in the same "
                          "run, in the per-step and in-strategy tables")
+    ap.add_argument("--save", metavar="NAME", default=None,
+                    help="also write the output to results/bench_overhead/NAME.txt (what the "
+                         "docs' performance page shows) and its provenance (date, commit, "
+                         "machine, threads) to NAME.json")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own choice, one per core); the "
                          "relative overhead depends on it, since SI's elementwise passes and "
                          "the matrix products scale differently with threads")
     args = ap.parse_args(argv)
-    from .options import default_data_root
-
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.save is None:
+        return _main(args)
+    import contextlib
+    import io
+    import json
+    import os
+    import shlex
+    import sys
+
+    from .run import CODE_COMMIT
+
+    shown, skip = [], False  # the command, without where the data lie or where output goes
+    for a in (argv if argv is not None else sys.argv[1:]):
+        if skip:
+            skip = False
+        elif a in ("--data-root", "--save"):
+            skip = True
+        elif not a.startswith(("--data-root=", "--save=")):
+            shown.append(a)
+    command = "python -m experiments.bench_overhead " + " ".join(map(shlex.quote, shown))
+    buffer = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text):
+            sys.__stdout__.write(text)
+            buffer.write(text)
+            return len(text)
+
+    with contextlib.redirect_stdout(Tee()):
+        print(f"$ {command}")
+        code = _main(args)
+    out = Path("results") / "bench_overhead"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.save}.txt").write_text(buffer.getvalue())
+    (out / f"{args.save}.json").write_text(json.dumps({
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": CODE_COMMIT,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": args.device, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, indent=1))
+    return code
+
+
+def _main(args) -> int:
+    from .options import default_data_root
+
     if args.amp and not args.no_e2e:
         print("# --amp applies to the per-step table only; the end-to-end table runs in float32")
     variants = dict(VARIANTS)
@@ -527,8 +651,6 @@ def main(argv=None) -> int:
             1.0, eps=0.1, importance="task")
 
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
     models = [("MLP H=400", [784, 400, 400, 10]), ("MLP H=1000", [784, 1000, 1000, 10]),
@@ -536,13 +658,10 @@ def main(argv=None) -> int:
               ("deep MLP 32x256", [784] + [256] * 31 + [10])]
     if args.quick:
         models = [m for m in models if "2000" not in m[0]]
-    if args.repeats is not None and args.repeats < 1:
-        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     repeats = args.repeats or (5 if args.quick else 15)
     if args.no_steps:
         models = []
-    print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}"
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (", mixed precision (--amp)" if args.amp else ""))
     if models:
         print(f"\n# SI per-step overhead: Adam, batch 128, penalty active; median of {repeats} "
@@ -590,6 +709,26 @@ def main(argv=None) -> int:
                 print(f"|   | baseline | | {old[0]:.2f} ({old[1]:.2f}-{old[2]:.2f}) | "
                       f"{100 * (old[0] / b - 1):+.1f}% | this SIPlugin / baseline: "
                       f"{ours / old[0]:.3f} | | | | | | |", flush=True)
+    if not args.no_online:
+        chunk, reps = (100, 3) if args.quick else (300, 9)
+        reps = args.repeats or reps
+        t = online_overhead(400, chunk=chunk, repeats=reps,
+                            data_root=args.data_root or default_data_root(), device=args.device)
+        base = t["no SI"][0]
+        print(f"\n# SI on an online stream: Avalanche's online split MNIST (Domain-IL, "
+              f"mini-experiences of 10 samples, one step each), 784-400-400 ({t['n'] / 1e6:.2f}M "
+              f"weights), Adam, c = 10; median (min-max) of {reps} alternating chunks of {chunk} "
+              f"mini-experiences")
+        print("| run | ms per mini-experience | vs no SI | consolidations in "
+              f"{t['steps']} steps |")
+        print("|---|---|---|---|")
+        for k in ("no SI", "SIPlugin, task boundaries", "SIPlugin, every 100 steps",
+                  "SIPlugin, loss plateau"):
+            m, lo, hi = t[k]
+            print(f"| {k} | {m:.2f} ({lo:.2f}-{hi:.2f}) | {m / base:.2f} | "
+                  f"{t['consolidations'].get(k, '')} |", flush=True)
+        print(f"\nOne consolidation (`consolidate_now`, every group, checked): "
+              f"{t['consolidate_now ms']:.2f} ms on these {t['n'] / 1e6:.2f}M weights.")
     if not args.no_e2e:
         iterations = 200 if args.quick else args.e2e_iterations
         reps = 1 if args.quick else 3

@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="results/digits",
                      help="the results folder to read (its seed*.json files) and write "
                           "summary.md, summary.csv, paired.md and plots/ into")
+    rep.add_argument("--docs", default=None, metavar="DOCS",
+                     help="instead of one folder, regenerate the documentation's result pages "
+                          "(DOCS/reproductions/, DOCS/performance.md) and results/headline.md "
+                          "from every folder of results/")
     rep.add_argument("--readme", default=None, metavar="README.md",
                      help="then refresh this file's '<!-- copy of PATH -->' blocks from the "
                           "files they name (how this project's README tables are made)")
@@ -366,6 +370,16 @@ def cmd_report(args) -> int:
 
     if args.readme and not Path(args.readme).is_file():
         raise UsageError(f"--readme {args.readme}: no such file.")
+    if args.docs:
+        from .docs import write_docs
+
+        written = write_docs(Path(args.docs), Path("results"))
+        print(f"{len(written)} files written under {args.docs}/ and results/headline.md")
+        if args.readme:
+            changed = refresh_readme(Path(args.readme))
+            print(f"{args.readme}: " + (f"refreshed {', '.join(changed)}" if changed
+                                         else "its copied tables were current"))
+        return 0
     try:
         write_report(Path(args.out))
         changed = refresh_readme(Path(args.readme)) if args.readme else None

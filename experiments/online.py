@@ -152,7 +152,7 @@ class Probe(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         self.iterations += 1
-        self.loss_sum += float(strategy.loss)
+        self.loss_sum += float(strategy.loss.detach())
         if self.iterations % self.every == 0:
             self.losses.append([self.iterations, self.loss_sum / self.every])
             self.loss_sum = 0.0

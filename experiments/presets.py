@@ -80,3 +80,94 @@ PUBLISHED = {
     ("zenke-permuted-mnist", "domain", "si"): (96.9, None),
     ("zenke-permuted-mnist", "domain", "naive"): (57.4, None),  # c = 0
 }
+
+# The headline table (README, docs): (results folder, scenario, our SI run, our Naive run).
+# Avalanche's plugin is compared in each page's paired table (same seeds), not here: its rows
+# have fewer seeds than Naive's in some tables.
+HEADLINE = [
+    ("vandeven-split-mnist", "task", "si", "naive"),
+    ("vandeven-split-mnist", "domain", "si", "naive"),
+    ("vandeven-split-mnist", "class", "si", "naive"),
+    ("vandeven-permuted-mnist", "task", "si", "naive"),
+    ("vandeven-permuted-mnist", "domain", "si", "naive"),
+    ("zenke-permuted-mnist", "domain", "si-task-clamp_total-init_glorot", "naive-init_glorot"),
+]
+
+# What each results folder's runs are, for its documentation page.
+DESCRIPTIONS = {
+    "digits": """
+scikit-learn's bundled 8×8 digits (1,797 images, a fixed 70/30 split) as five tasks of two
+classes, an MLP 64-100-100, Adam (lr 1e-3), batch 32, 300 iterations per task, ξ = 0.1. No
+download: this is the main job, `python -m experiments`. The strengths c (10 in Task- and
+Domain-IL, 0.5 in Class-IL) were picked by a sweep over 0.1/1/10/100 on these same seeds, so
+the SI rows are tuned on their own test sets; the point of the table is the comparison with
+Avalanche's plugin, which on a CPU equals Naive.
+""",
+    "vandeven-split-mnist": """
+van de Ven & Tolias (2019), "Three scenarios for continual learning": five tasks of two digits,
+an MLP 784-400-400, Adam (lr 1e-3, betas 0.9/0.999), batch 128, 2,000 iterations per task,
+ξ = 0.1, c = 50 (Task-IL), 500 (Domain-IL), 0.5 (Class-IL); published means over 20 seeds.
+Rows `-vdv_order` train on the paper's own 20 class splits (`--class-order vandeven`, seeds 1
+to 20); `-shared_head` uses their one masked Task-IL output layer; `si-clamp_none` their
+unclamped Ω; `avalanche-si` is Avalanche's plugin as shipped, `avalanche-si-fixed` the same
+with only its aliasing bug fixed.
+""",
+    "vandeven-permuted-mnist": """
+van de Ven & Tolias (2019): ten permutations of MNIST padded to 32×32, an MLP 1024-1000-1000,
+Adam (lr 1e-4), batch 128, 5,000 iterations per task, ξ = 0.1, c = 5 (Task- and Domain-IL).
+Task-IL uses a head per task (Avalanche's `MultiHeadClassifier`) or, in `-shared_head` rows,
+their one masked output layer.
+""",
+    "zenke-permuted-mnist": """
+Zenke, Poole & Ganguli (2017): ten permutations of MNIST (28×28), an MLP 784-2000-2000, Adam
+(lr 1e-3), batch 256, 20 epochs per task, ξ = 0.1, c = 0.1; one shared output (Domain-IL).
+SI runs as their code does: ω from the gradient without the penalty (`--si-importance task`),
+Ω clamped as a running total (`--si-clamp total`), Keras's Glorot initialisation
+(`--init glorot`); rows without `-init_glorot` use PyTorch's default initialisation, and
+`-loss_keras` rows Keras's clipped cross-entropy. Published: 96.9 with c = 0.1, 57.4 with
+c = 0 (one run each).
+""",
+    "vandeven-split-fmnist": """
+The split-MNIST protocol of van de Ven & Tolias (2019) on Fashion-MNIST, unchanged (no
+published SI number to compare with).
+""",
+    "vandeven-permuted-fmnist": """
+The permuted-MNIST protocol of van de Ven & Tolias (2019) on Fashion-MNIST, unchanged (no
+published SI number to compare with).
+""",
+    "rerun-1thread": """
+Naive runs of the split Fashion-MNIST and permuted MNIST tables rerun at one torch thread.
+Runs repeat bit for bit only at the same thread count; the older Naive runs in those tables
+recorded none, and with these reruns Avalanche's SI plugin equals Naive entry for entry, as it
+must on a CPU.
+""",
+    "vandeven-taskfree-split-mnist": """
+van de Ven's task-free protocol (`main_task_free.py --stream fuzzy-boundaries` of
+GMvandeVen/continual-learning, defaults of `params/param_values.py` without boundaries): five
+contexts of two digits, 2,000 iterations each, every sample of a mini-batch of 128 drawn from a
+context chosen by that iteration's probabilities, which ramp linearly over 2 × 500 iterations
+around each transition (context 1 is seen for half a period at the start and half at the end);
+an MLP 784-400-400, Adam (lr 1e-3), c = 10, ξ = 0.1; Task-IL through one output layer masked by
+the task label, as in his code. Each mini-batch is one Avalanche `OnlineCLExperience`. Methods:
+`si-experience` consolidates after every experience (what a plugin that always consolidates
+after each experience does), `si-k` every 100 steps (his `--update-every`), `si-plateau` on
+loss plateaus (Aljundi et al. 2019; window 100, thresholds 0.005 and 5e-5, chosen on Naive's
+training loss of seed 0), and `si-boundary`, the reference that is told where the most likely
+context changes. Only `si-boundary` sees the boundaries. The accuracy matrix has a row at each
+such change and at the end.
+""",
+    "vandeven-taskfree-permuted-mnist": """
+van de Ven's task-free protocol on permuted MNIST: ten contexts of 5,000 iterations, fuzzy
+transitions over 2 × 500 iterations, batch 128, an MLP 1024-1000-1000, Adam (lr 1e-4), c = 10,
+ξ = 0.1. Methods as on the task-free split MNIST page.
+""",
+    "avalanche-online-split-mnist": """
+Avalanche's own online stream: split MNIST (five tasks of two digits) cut by
+`split_online_stream(..., experience_size=10)` into mini-experiences of 10 samples, trained one
+pass with batch 10 by an ordinary `Naive` strategy, MLP 784-400-400, Adam (lr 1e-3), c = 10,
+ξ = 0.1. The stream hides its boundaries (`access_task_boundaries=False`) from every method
+but `si-boundary`. `si-experience` consolidates after every mini-experience, `si-k` every 100
+steps, `si-plateau` on loss plateaus (window 100, thresholds 0.1 and 0.005, chosen on Naive's
+training loss of seed 0).
+""",
+}

@@ -78,8 +78,13 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['benchmark']} | {r['scenario']} | {r['method']} | {c} | {r['seeds']} | "
                      f"{_pm(r['accuracy'], r['accuracy_sem'])} | "
                      f"{_pm(r['forgetting'], r['forgetting_sem'])} | {pub} | "
-                     f"{r['minutes_per_run']:.1f} |")
+                     f"{_minutes(r['minutes_per_run'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _minutes(m: float) -> str:
+    """Two significant digits, so that a run of seconds does not read 0.0."""
+    return f"{m:.0f}" if m >= 10 else f"{m:.1f}" if m >= 1 else f"{m:.2f}"
 
 
 def paired(results: list[dict]) -> list[dict]:
@@ -224,7 +229,7 @@ def _band(ax, xs, runs_values, label, k):
     ax.fill_between(xs, [a - b for a, b in zip(m, e)], [a + b for a, b in zip(m, e)], alpha=0.15)
 
 
-def _short(layer: str, width: int = 28) -> str:
+def _short(layer: str, width: int = 34) -> str:
     """A parameter name that fits a panel title: its last components."""
     parts = layer.split(".")
     out = parts[-1]
@@ -235,13 +240,13 @@ def _short(layer: str, width: int = 28) -> str:
     return out
 
 
-def write_plots(out: Path, results: list[dict]) -> list[Path]:
+def write_plots(out: Path, results: list[dict], *, plot_dir=None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plot_dir = out / "plots"
+    plot_dir = Path(plot_dir) if plot_dir is not None else out / "plots"
     plot_dir.mkdir(exist_ok=True)
     paths = []
     by_setting = defaultdict(lambda: defaultdict(list))
@@ -254,7 +259,7 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
         title = f"{bench}, {scen}-incremental"
         # 1. mean accuracy: on the tasks seen so far as tasks arrive, or, on an online
         # stream, on all tasks as the stream goes by
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(8.2, 4.2))
         for k, method in enumerate(names):
             rs = methods[method]
             if online:
@@ -278,7 +283,7 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
                    xticks=style_xs)
         ax.set_title(f"{title}\nmean over seeds, band ± SEM", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
         # 2. accuracy matrices, mean over seeds, one panel per method

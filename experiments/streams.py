@@ -44,8 +44,8 @@ def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor
         raise DataError(
             f"{cls.__name__} is not in {folder} and could not be downloaded ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass --data-root with "
-            f"the folder that holds {cls.__name__}/raw (or set ${DATA_ENV}), whose files are "
-            f"listed in the docs' data page.") from None
+            f"the folder that holds {cls.__name__}/raw (or set ${DATA_ENV}); "
+            f"docs/guide/data.md lists its files.") from None
     data = torch.as_tensor(ds.data)
     x = data.float().div_(255.0)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()

@@ -623,3 +623,31 @@ def test_avalanche_online_preset_hides_boundaries_but_for_the_reference(tmp_path
 def test_online_options_are_checked(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_yaml_expands_to_command_lines_the_cli_accepts(capsys):
+    # what `wandb agent` does with experiments/sweep.yaml: for each point of the grid, the
+    # command list with ${env} dropped, ${program} replaced and ${args} as --name=value
+    import itertools
+
+    import yaml
+
+    sweep = yaml.safe_load((ROOT / "experiments" / "sweep.yaml").read_text())
+    assert sweep["method"] == "grid"
+    names = list(sweep["parameters"])
+    grid = list(itertools.product(*(sweep["parameters"][n]["values"] for n in names)))
+    assert len(grid) == 3 * 9 * 3
+    for point in grid:
+        argv = []
+        for part in sweep["command"]:
+            if part == "${env}":
+                continue
+            if part == "${args}":
+                argv += [f"--{n}={v}" for n, v in zip(names, point)]
+            else:
+                argv.append(part.replace("${program}", sweep["program"]))
+        assert argv[:4] == ["python", "-m", "experiments", "run"]
+        assert main(argv[3:] + ["--dry-run"]) == 0, argv
+        out = capsys.readouterr().out
+        scenario, c, seed = (dict(zip(names, point))[k] for k in ("scenario", "si-lambda", "seeds"))
+        assert f"split-mnist/{scenario}/si/seed{seed}  c={c:g} xi=0.1" in out, out

@@ -20,10 +20,13 @@ def test_ci_runs_the_readme_test_command():
     assert 'export AVALANCHE_SI_DATA' in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_main_command_runs_the_experiments_default():
-    main_cmd = _bash_blocks()[0].strip()
+def test_readme_gives_exactly_two_commands_for_a_fresh_machine():
+    section = README.split("## Two commands for a fresh machine", 1)[1].split("\n## ", 1)[0]
+    main_cmd, test_cmd = (b.strip() for b in re.findall(r"```bash\n(.*?)```", section, re.S))
     assert main_cmd.startswith("pip install -c constraints.txt") and main_cmd.endswith(
         "python -m experiments")
+    assert test_cmd.startswith("pip install -c constraints.txt") and test_cmd.endswith(
+        "python -m pytest")
 
 
 def test_package_does_not_import_experiments():
@@ -36,18 +39,18 @@ def test_constraints_pin_the_local_torch():
     assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
 
 
-def test_readme_result_tables_are_copies_of_the_results_files():
-    # every reproduction table in the README is a verbatim copy of a summary.md / paired.md
-    # that `python -m experiments report` wrote (refresh with `report --readme README.md`)
+def test_readme_headline_is_the_current_copy_of_the_results():
+    # the README's headline table is results/headline.md, which the docs generator computes
+    # from the runs (refresh both with `report --docs docs --readme README.md`)
+    from experiments.docs import headline
     from experiments.report import readme_copies
 
+    assert headline(ROOT / "results") == (ROOT / "results" / "headline.md").read_text()
     copies = readme_copies(ROOT / "README.md")
-    presets = {path.split("/")[1] for path, _, _ in copies}
-    assert {"vandeven-split-mnist", "vandeven-permuted-mnist", "zenke-permuted-mnist",
-            "vandeven-split-fmnist", "vandeven-permuted-fmnist"} <= presets
+    assert [path for path, _, _ in copies] == ["results/headline.md"]
     for path, body, current in copies:
         assert body == current, f"README's copy of {path} is stale: python -m experiments " \
-                                f"report --out {Path(path).parent} --readme README.md"
+                                "report --docs docs --readme README.md"
 
 
 @pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "results").iterdir()
@@ -62,16 +65,48 @@ def test_results_tables_are_what_the_run_files_give(folder):
     assert paired_table(paired(results)) == (out / "paired.md").read_text()
 
 
-DATA = os.environ.get("AVALANCHE_SI_DATA", "data")
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-@pytest.mark.skipif(not (Path(DATA) / "MNIST" / "raw").exists(),
-                    reason=f"MNIST not found under $AVALANCHE_SI_DATA ({DATA})")
-def test_readme_usage_example_runs(capsys):
-    usage = README.split("## Usage", 1)[1]
-    code = re.search(r"```python\n(.*?)```", usage, flags=re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+def test_readme_is_a_front_page():
+    assert len(README.splitlines()) <= 250 and len(README) <= 20_000
+    for heading in ("## Install", "## Quick start", "## Two commands for a fresh machine",
+                    "## Options", "## Documentation"):
+        assert heading in README
+
+
+def test_every_readme_python_block_runs_offline_and_prints_what_the_readme_shows(capsys):
+    import torch
+
+    quick, options = _python_blocks()  # the quick start, then the options example
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the README's output was printed at one thread
+    try:
+        exec(compile(quick, "README.md (quick start)", "exec"), {"__name__": "readme"})
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "after task 5: SI penalty" in out
-    accs = [float(x) for x in re.findall(r"'Exp\d+': ([0-9.]+)", out)]
-    assert len(accs) == 5 and sum(accs) / 5 > 0.9, out
+    shown = re.search(r"```text\n(.*?)```", README.split("## Quick start", 1)[1], re.S).group(1)
+    for line in shown.splitlines():
+        if line.strip() and line.strip() != "...":
+            assert line in out.splitlines(), (line, out)
+    penalties = [float(v) for v in re.findall(r"SI penalty ([0-9.]+)", out)]
+    assert len(penalties) == 4 and min(penalties) > 0  # visibly non-zero while training
+    exec(compile(options, "README.md (options)", "exec"), {"__name__": "readme"})
+    assert "['body', 'head'] LossPlateau(window=100" in capsys.readouterr().out
+
+
+USER_FACING = [ROOT / "README.md", ROOT / "CHANGELOG.md"] + sorted((ROOT / "docs").rglob("*.md"))
+
+
+@pytest.mark.parametrize("path", USER_FACING, ids=lambda p: str(p.relative_to(ROOT)))
+def test_user_facing_text_names_no_commits_dates_pauses_or_outside_files(path):
+    text = path.read_text()
+    text = re.sub(r"`[0-9a-f]{64}`", "", text)  # the datasets' SHA-256 sums are data
+    assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text), \
+        "a commit hash"
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), "a date"
+    assert "paused" not in text and "../shared" not in text and "SI_NOTES" not in text
+
+
