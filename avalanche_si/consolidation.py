@@ -199,7 +199,9 @@ class LossPlateau(ConsolidationPolicy):
 
     The losses stay on their device; reading the window's statistics is one host
     synchronisation, every ``check_every`` steps (1: every step, as in their code; more
-    keeps a GPU's queue full at the price of up to that many steps of delay).
+    keeps a GPU's queue full at the price of up to that many steps of delay). Under DDP the
+    window holds the losses averaged over the ranks (one all-reduce per check), so every rank
+    decides alike, and as one process training on the global mini-batch would.
 
     Args:
         window: losses in the window (5 in their code).
@@ -242,9 +244,10 @@ class LossPlateau(ConsolidationPolicy):
         if self.seen % self.check_every:
             return False
         n = min(self.seen, self.window)
-        recent = self.losses[:n]
+        # under DDP, the window of the losses averaged over the ranks (step by step): the
+        # loss of the global mini-batch, as one process would see it
+        recent = _mean_across_ranks(self.losses)[:n]
         stats = torch.stack([recent.mean(), recent.var(unbiased=False)])
-        stats = _mean_across_ranks(stats)
         mean, var = (float(x) for x in stats.tolist())  # the one host synchronisation
         if not self.peak and mean > self.last_mean + math.sqrt(self.last_var):
             self.peak = True
@@ -273,7 +276,8 @@ class LossPlateau(ConsolidationPolicy):
 
 
 def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Under ``torch.distributed``, every rank must decide alike: average the statistics."""
+    """Under ``torch.distributed``, every rank must decide alike: the ranks' average of
+    ``t`` (``t`` itself otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = t.clone()
         torch.distributed.all_reduce(t)

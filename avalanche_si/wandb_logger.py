@@ -72,16 +72,20 @@ class SIWandBLogger(BaseLogger):
             run = wandb.init(project=project, name=name, config=config or {}, dir=dir, mode=mode,
                              reinit="create_new", **init_kwargs)
         self.run = run
-        self.run.define_metric("train/iteration")
-        self.run.define_metric("*", step_metric="train/iteration")
         self.iteration = 0
+        self._axis = False  # train/iteration declared as every metric's x axis yet?
 
     # ------------------------------------------------------------ Avalanche's side
 
     def _step(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` against ``train/iteration`` once training has begun (a run that only
-        carries tables and plots, such as the CLI's report run, gets no step of 0)."""
+        """``data`` against ``train/iteration`` once training has begun. The axis is declared
+        then too: wandb fills a declared step metric into every row, so a run that only
+        carries tables and plots (the CLI's report run) would get a step of 0."""
         if self.iteration > 0:
+            if not self._axis:
+                self.run.define_metric("train/iteration")
+                self.run.define_metric("*", step_metric="train/iteration")
+                self._axis = True
             data["train/iteration"] = self.iteration
         return data
 
@@ -96,22 +100,21 @@ class SIWandBLogger(BaseLogger):
         self.iteration = strategy.clock.train_iterations
         if self.iteration % self.log_every:
             return
-        data = {"train/iteration": self.iteration}
+        data = {}
         if isinstance(getattr(strategy, "loss", None), torch.Tensor):
-            data["train/loss"] = float(strategy.loss)
+            data["train/loss"] = float(strategy.loss.detach())
         for k, si in enumerate(_si_plugins(strategy)):
             penalty = si.penalty
             if penalty is not None:
                 data[_key(k, "si/penalty")] = float(penalty)
-        self.run.log(data)
+        self.run.log(self._step(data))
 
     def after_training_exp(self, strategy, metric_values=None, **kwargs) -> None:
         self.iteration = strategy.clock.train_iterations
-        data: dict[str, Any] = {"train/iteration": self.iteration,
-                                "train/experience": strategy.clock.train_exp_counter}
+        data: dict[str, Any] = {"train/experience": strategy.clock.train_exp_counter}
         for k, si in enumerate(_si_plugins(strategy)):
             data.update(self.omega_statistics(si, prefix=_key(k, "si")))
-        self.run.log(data)
+        self.run.log(self._step(data))
 
     def omega_statistics(self, si: SIPlugin, *, prefix: str = "si") -> dict[str, Any]:
         """Ω mean / max / fractions of zeros and of negatives, and a log10 histogram of the
@@ -178,7 +181,7 @@ class SIWandBLogger(BaseLogger):
         lines = [l for l in Path(path).read_text().splitlines() if l.startswith("|")]
         header = [c.strip() for c in lines[0].strip("|").split("|")]
         rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
-        split = [any("±" in r[j] for r in rows) for j in range(len(header))]
+        split = ["±" in header[j] or any("±" in r[j] for r in rows) for j in range(len(header))]
         columns = []
         for name, two in zip(header, split):
             columns += [name, f"{name} SEM"] if two else [name]

@@ -4,7 +4,7 @@ import os
 import warnings
 
 
-def train_rank(rank, world_size, port, out_dir):
+def train_rank(rank, world_size, port, out_dir, consolidate=None):
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed as dist
@@ -16,10 +16,12 @@ def train_rank(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = torch.nn.parallel.DistributedDataParallel(mlp())
-        si = SIPlugin(2.0, groups={"body": ["0", "2"], "head": ["4"]}, importance="task")
+        si = SIPlugin(2.0, groups={"body": ["0", "2"], "head": ["4"]}, importance="task",
+                      consolidate=consolidate)
         train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [si], mb=4),
                      make_stream(make_tasks()))
         torch.save({"omega": {g: si.importances(g) for g in ("body", "head")},
+                    "consolidations": si.state_dict()["consolidations"],
                     "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from avalanche_si import SIPlugin
+from avalanche_si.consolidation import LossPlateau
 from conftest import make_stream, make_tasks, mlp, strategy, train_stream
 
 
@@ -17,22 +18,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
+POLICIES = {"experience": lambda: None, "every 5 steps": lambda: 5,
+            # decided on the loss averaged over the ranks: the same steps as one process
+            "loss plateau": lambda: LossPlateau(2, 0.4, 0.02)}
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_ddp_two_ranks_equal_a_single_process_run(tmp_path):
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_ddp_two_ranks_equal_a_single_process_run(tmp_path, policy):
     from _ddp_worker import train_rank
 
-    mp.start_processes(train_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(train_rank, args=(2, _free_port(), str(tmp_path), POLICIES[policy]()),
+                       nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     # One process with twice the mini-batch sees what the two ranks see together: each
     # rank takes every other sample, and DDP averages the two halves' gradients.
     model = mlp()
-    si = SIPlugin(2.0, groups={"body": ["0", "2"], "head": ["4"]}, importance="task")
+    si = SIPlugin(2.0, groups={"body": ["0", "2"], "head": ["4"]}, importance="task",
+                  consolidate=POLICIES[policy]())
     train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [si], mb=8),
                  make_stream(make_tasks()))
     assert SIPlugin.supports_distributed
+    consolidations = si.state_dict()["consolidations"]
+    assert consolidations >= 2
     for r in ranks:
+        assert r["consolidations"] == consolidations
         assert sorted(r["omega"]["body"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
         for g in ("body", "head"):
             for n, o in si.importances(g).items():

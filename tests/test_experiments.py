@@ -362,8 +362,18 @@ def test_cli_wandb_offline_writes_runs(tmp_path):
     keys = set().union(*run["history"])
     assert run["config"]["method"] == "si" and {"accuracy/task5", "si/all/omega_mean"} <= keys
     assert 0 < run["summary"]["final_average_accuracy"] <= 1
+    assert not [k for k in keys if k.startswith("Loss_MB")]  # train/loss every log_every only
     report = read_run(runs[1])
     assert "results/summary" in set().union(*report["history"])
+    # the report run trained nothing: no train/iteration step of 0 in it
+    assert not any("train/iteration" in row for row in report["history"])
+    # its summary table holds numbers, a "mean ± SEM" column as two numeric columns
+    table = next(row["results/summary"] for row in report["history"] if "results/summary" in row)
+    data = json.loads((runs[1] / "files" / table["path"]).read_text())
+    acc = data["columns"].index("accuracy % (mean ± SEM)")
+    assert data["columns"][acc + 1] == "accuracy % (mean ± SEM) SEM"
+    assert all(isinstance(r[acc], float) for r in data["data"])
+    assert all(isinstance(r[data["columns"].index("seeds")], float) for r in data["data"])
 
 
 def test_cli_mode_lists_mirror_the_package():
