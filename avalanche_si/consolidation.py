@@ -298,4 +298,5 @@ def make_policy(value: Union[None, str, int, ConsolidationPolicy]) -> Consolidat
     if isinstance(value, int) and not isinstance(value, bool):
         return EveryKSteps(value)
     raise ValueError(f"consolidate must be None (the default), 'experience', 'boundary', a "
-                     f"number of steps k >= 1 or a LossPlateau(...), got {value!r}.")
+                     f"number of steps k >= 1, a LossPlateau(...) or another ConsolidationPolicy, "
+                     f"got {value!r}.")

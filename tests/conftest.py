@@ -55,6 +55,18 @@ def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, evaluator=None, cl
                plugins=list(plugins), evaluator=evaluator, device=device, **kwargs)
 
 
+def weights(model):
+    """A copy of the model's parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b):
+    """Two ``{name: tensor}`` dicts equal to the bit."""
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
 def train_stream(strat, bench, **kwargs):
     for exp in bench.train_stream:
         strat.train(exp, shuffle=False, num_workers=0, eval_streams=[], **kwargs)

@@ -12,17 +12,7 @@ from avalanche.training import OnlineNaive
 
 from avalanche_si import SIPlugin
 from avalanche_si.consolidation import HiddenBoundariesError, LossPlateau
-from conftest import make_stream, make_tasks, mlp, strategy, train_stream
-
-
-def weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
+from conftest import assert_same, make_stream, make_tasks, mlp, strategy, train_stream, weights
 
 
 class Counting(SIPlugin):

@@ -18,19 +18,10 @@ from avalanche.training import Naive
 
 from avalanche_si import NonFiniteImportanceError, ParamGroup, SIPlugin
 from avalanche_si import functional as F
-from conftest import DEVICES, make_stream, make_tasks, mlp, reference_si, strategy, train_stream
+from conftest import (DEVICES, assert_same, make_stream, make_tasks, mlp, reference_si, strategy,
+                      train_stream, weights)
 
 IMPORTANCES = ["total", "task", "delta_params"]
-
-
-def weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
 
 
 def omegas(si):

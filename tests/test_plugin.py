@@ -8,11 +8,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 
 from avalanche_si import NonFiniteImportanceError, ParamGroup, SIPlugin, _fused
-from conftest import DEVICES, make_stream, make_tasks, mlp, strategy, train_stream
-
-
-def weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+from conftest import DEVICES, make_stream, make_tasks, mlp, strategy, train_stream, weights
 
 
 @pytest.mark.parametrize("device", DEVICES)
