@@ -4,7 +4,7 @@
     python -m experiments.bench_overhead --quick    # a smaller one (about a minute)
     python -m experiments.bench_overhead --threads 1   # the same with one torch thread
     python -m experiments.bench_overhead --device cuda --amp   # on a GPU, mixed precision
-    python -m experiments.bench_overhead --baseline ../old/avalanche_si   # old vs new, one run
+    python -m experiments.bench_overhead --baseline v0.1.0   # the previous release beside this
 
 Part 1, per step: one training iteration of an MLP (Adam, batch 128, data already in
 memory: random inputs and random labels from two pools of coprime sizes, so that an input
@@ -240,13 +240,26 @@ def peak_step_bytes(bench: Bench) -> int:
 
 
 def load_baseline(path: str):
-    """Another copy of the ``avalanche_si`` package (say, a checkout of the previous
-    release), imported as ``avalanche_si_baseline`` beside this one, so that both are timed
-    side by side in one run."""
+    """Another copy of the ``avalanche_si`` package, imported as ``avalanche_si_baseline``
+    beside this one, so that both are timed side by side in one run: a folder holding the
+    package, or a git revision of this repository (``v0.1.0``), whose ``avalanche_si`` is
+    extracted to a temporary folder."""
     import importlib.util
     import os
+    import subprocess
     import sys
+    import tempfile
 
+    if not os.path.isdir(path):
+        tmp = tempfile.mkdtemp(prefix="avalanche_si_baseline_")
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        archive = subprocess.run(["git", "archive", path, "avalanche_si"], cwd=here,
+                                 capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"--baseline {path}: neither a folder nor a git revision of this "
+                             f"repository ({archive.stderr.decode().strip()}).")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        path = os.path.join(tmp, "avalanche_si")
     init = os.path.join(path, "__init__.py")
     if not os.path.isfile(init):
         raise SystemExit(f"--baseline {path}: no __init__.py there; give the folder of an "
@@ -577,10 +590,10 @@ def main(argv=None) -> int:
     ap.add_argument("--amp", action="store_true",
                     help="mixed precision in the per-step table: autocast (bfloat16 on the CPU, "
                          "float16 on a GPU) and a GradScaler, for every variant alike")
-    ap.add_argument("--baseline", metavar="PATH", default=None,
-                    help="the folder of another avalanche_si package (e.g. a checkout of the "
-                         "previous release): its SIPlugin is timed beside this one, in the same "
-                         "run, in the per-step and in-strategy tables")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="another avalanche_si to time beside this one, in the same run (per-"
+                         "step and in-strategy tables): a git revision of this repository "
+                         "(v0.1.0, the previous release) or the folder of a package")
     ap.add_argument("--save", metavar="NAME", default=None,
                     help="also write the output to results/bench_overhead/NAME.txt (what the "
                          "docs' performance page shows) and its provenance (date, commit, "
