@@ -197,7 +197,14 @@ def write_performance(docs: Path, bench_dir: Path) -> Path:
     parts = [GENERATED, "# Performance\n",
              (bench_dir / "README.md").read_text() if (bench_dir / "README.md").exists() else ""]
     for f in sorted(bench_dir.glob("*.txt")):
-        parts += [f"## {f.stem}\n", f.read_text()]
+        parts.append(f"## {f.stem}\n")
+        for line in f.read_text().splitlines():
+            if line.startswith("$ "):  # the command that made it
+                parts.append(f"```bash\n{line[2:]}\n```\n")
+            elif line.startswith("# "):  # the benchmark's section titles
+                parts.append(f"### {line[2:]}\n")
+            else:
+                parts.append(line)
     path = Path(docs) / "performance.md"
     path.write_text("\n".join(parts))
     return path
