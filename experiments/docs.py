@@ -111,6 +111,11 @@ def page(folder: str, results: list[dict], plots: list[Path]) -> str:
              "\"published\": the paper's number. \"min/run\": wall minutes per run, which grow "
              "when runs share the cores.\n",
              markdown_table(summarize(results))]
+    if any("consolidations" in r for r in results):
+        lines += ["## Cost\n",
+                  "Consolidations per run and per task (the stream's tasks), and CPU minutes "
+                  "per run (this process's CPU time, which does not grow when runs share the "
+                  "cores), mean over seeds.\n", cost_table(results)]
     pairs = paired(results)
     if pairs:
         lines += ["## Paired differences\n",
@@ -123,6 +128,26 @@ def page(folder: str, results: list[dict], plots: list[Path]) -> str:
         for p in plots:
             lines.append(f"![{p.stem}]({folder}/{p.name})\n")
     return "\n".join(lines)
+
+
+def cost_table(results: list[dict]) -> str:
+    from .report import _method_key, method_rank
+
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r["config"]["scenario"], _method_key(r))].append(r)
+    rank = method_rank(results)
+    order = {"task": 0, "domain": 1, "class": 2}
+    lines = ["| scenario | method | seeds | consolidations per run | per task | CPU min/run |",
+             "|---|---|---|---|---|---|"]
+    for (scen, method), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
+                                                                     rank(kv[0][1]))):
+        n_tasks = len(rs[0]["accuracy_matrix"][0])
+        cons = sum(r.get("consolidations", 0) for r in rs) / len(rs)
+        cpu = [r["cpu_seconds"] / 60 for r in rs if r.get("cpu_seconds") is not None]
+        lines.append(f"| {scen} | {method} | {len(rs)} | {cons:.1f} | {cons / n_tasks:.1f} | "
+                     f"{sum(cpu) / len(cpu):.2f} |" if cpu else "| |")
+    return "\n".join(lines) + "\n"
 
 
 DESCRIPTIONS_TITLES = {

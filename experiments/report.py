@@ -13,7 +13,9 @@ from .options import DATA_SUFFIXES, PROTOCOL_SUFFIX
 from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
-                "ewc", "joint")
+                "ewc", "joint",
+                # online presets: by how much the policy knows, the boundary reference last
+                "si-experience", "si-k", "si-plateau", "si-boundary")
 
 
 def load_results(out: Path) -> list[dict]:
