@@ -16,8 +16,8 @@ task. The policies here decide instead:
 - :class:`LossPlateau`: when the training loss settles on a plateau after a peak (Aljundi,
   Kelchtermans & Tuytelaars, "Task-Free Continual Learning", CVPR 2019).
 
-``None`` (the default) consolidates after each experience on ordinary streams and at the
-task boundaries on an online stream that shows them, and refuses an online stream that
+``None`` (the default) is ``"boundary"``: after each experience on ordinary streams, at the
+task boundaries on an online stream that shows them, and an error on an online stream that
 hides them, where no choice is right for every user.
 
 Consolidating when :math:`\omega = 0` adds nothing, so consolidating twice in a row is
@@ -146,14 +146,6 @@ class AtTaskBoundaries(ConsolidationPolicy):
 
     def load_state_dict(self, state):
         self.pending, self.origin = bool(state["pending"]), state["origin"]
-
-
-class _Auto(AtTaskBoundaries):
-    """The default: after each experience on ordinary streams, at the boundaries on online
-    streams that show them, an error on those that hide them."""
-
-    def __repr__(self) -> str:
-        return "default (after each experience; at task boundaries on online streams)"
 
 
 class EveryKSteps(ConsolidationPolicy):
@@ -287,8 +279,8 @@ def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 def make_policy(value: Union[None, str, int, ConsolidationPolicy]) -> ConsolidationPolicy:
     """The policy an option value names (see the module's docstring)."""
-    if value is None:
-        return _Auto()
+    if value is None:  # after each ordinary experience; at the boundaries of an online stream
+        return AtTaskBoundaries()
     if isinstance(value, ConsolidationPolicy):
         return value
     if value == "experience":

@@ -51,6 +51,15 @@ def can_grow(old: torch.Size, new: torch.Size) -> bool:
     return len(old) == len(new) and (len(new) == 0 or (new[0] >= old[0] and old[1:] == new[1:]))
 
 
+def _check_fits(name: str, old: torch.Size, new: torch.Size) -> None:
+    if old != new and not can_grow(old, new):
+        raise ValueError(
+            f"SI state of parameter {name!r} has shape {tuple(old)} but the model's parameter "
+            f"has shape {tuple(new)}: only the first dimension may grow (a classifier gaining "
+            "outputs, as Avalanche's dynamic heads do). Load the state into the architecture it "
+            "was saved from, or start a new SIPlugin for this one.")
+
+
 class SIState:
     """The buffers of every group and the name index (name → i) of each group.
 
@@ -106,13 +115,7 @@ class SIState:
                 self._set(key, kind, i, torch.empty_like(p, dtype=dtype))
                 continue
             if old.shape != p.shape:
-                if not can_grow(old.shape, p.shape):
-                    raise ValueError(
-                        f"SI state of parameter {name!r} has shape {tuple(old.shape)} but the "
-                        f"model's parameter has shape {tuple(p.shape)}: only the first "
-                        "dimension may grow (a classifier gaining outputs, as Avalanche's "
-                        "dynamic heads do). Load the state into the architecture it was saved "
-                        "from, or start a new SIPlugin for this one.")
+                _check_fits(name, old.shape, p.shape)
                 new = p.to(dtype, copy=True) if kind == "prev_theta" else \
                     torch.zeros_like(p, dtype=dtype)
                 new[: old.shape[0]] = old.to(new)
@@ -125,9 +128,7 @@ class SIState:
         """Raise now, as :meth:`track` would later, if ``param`` cannot take the state."""
         i = self.index[key].get(name)
         if i is not None:
-            old = self.get(key, "omega", i)
-            if old.shape != param.shape and not can_grow(old.shape, param.shape):
-                self.track(key, name, param)  # raises with the message
+            _check_fits(name, self.get(key, "omega", i).shape, param.shape)
 
     def reset_running(self, key: Optional[str]) -> None:
         """ω ← 0 for every parameter of the group (a diverged task's path integral)."""
