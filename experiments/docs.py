@@ -120,6 +120,12 @@ def page(folder: str, results: list[dict], plots: list[Path]) -> str:
                   "Consolidations per run and per task (the stream's tasks), and CPU minutes "
                   "per run (this process's CPU time, which does not grow when runs share the "
                   "cores), mean over seeds.\n", cost_table(results)]
+    reference = versus_reference(results)
+    if reference:
+        lines += ["## Against the boundary reference\n",
+                  "Per seed, each policy's accuracy minus `si-boundary`'s (the one told where "
+                  "the tasks change): how much of SI with boundaries a policy keeps without "
+                  "them. Mean ± SEM over shared seeds.\n", reference]
     pairs = paired(results)
     if pairs:
         lines += ["## Paired differences\n",
@@ -132,6 +138,28 @@ def page(folder: str, results: list[dict], plots: list[Path]) -> str:
         for p in plots:
             lines.append(f"![{p.stem}]({folder}/{p.name})\n")
     return "\n".join(lines)
+
+
+def versus_reference(results: list[dict], reference: str = "si-boundary") -> str:
+    """Online pages: each method minus the boundary reference on the same seeds."""
+    acc = defaultdict(dict)
+    for r in results:
+        acc[(r["config"]["scenario"], r["config"]["method"])][r["config"]["seed"]] = \
+            100 * r["final_average_accuracy"]
+    rows = []
+    for scen in ("task", "domain", "class"):
+        ref = acc.get((scen, reference))
+        if not ref:
+            continue
+        for method in ("naive", "si-experience", "si-k", "si-plateau"):
+            mine = acc.get((scen, method), {})
+            diffs = [mine[s] - ref[s] for s in sorted(mine) if s in ref]
+            if diffs:
+                rows.append(f"| {scen} | {method} | {len(diffs)} | {_pm(*mean_sem(diffs))} |")
+    if not rows:
+        return ""
+    return "\n".join([f"| scenario | method | seeds | minus {reference}, points |",
+                      "|---|---|---|---|"] + rows) + "\n"
 
 
 def cost_table(results: list[dict]) -> str:
