@@ -133,7 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="results folder (default results/<preset>, results/digits for the "
                         "main job)")
     r.add_argument("--force", action="store_true", help="rerun runs whose results exist")
-    r.add_argument("--wandb", action="store_true", help="log each run to Weights & Biases")
+    r.add_argument("--wandb", action="store_true",
+                   help="log each run to Weights & Biases (SIWandBLogger), plus one run with "
+                        "the tables and plots; wandb writes them under <out>/wandb/ (with "
+                        "WANDB_MODE=offline, to upload later with `wandb sync`)")
     r.add_argument("--wandb-project", default="avalanche-si",
                    help="wandb project of --wandb runs (they are written under <out>/wandb/)")
     r.add_argument("--no-report", action="store_true", help="skip tables and plots")
