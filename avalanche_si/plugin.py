@@ -286,6 +286,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._model: Optional[torch.nn.Module] = None
         self._param_ids: tuple[int, ...] = ()
         self._scaler: Optional[torch.amp.GradScaler] = None
+        self._bound = False            # the per-group lists hold this model's parameters
 
     def _make_groups(self, groups) -> list[_Group]:
         if groups is None:
@@ -454,6 +455,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._param_ids = tuple(id(p) for p in model.parameters())
         self._signature = self._signature_of(strategy)
         self._dirty = False
+        self._bound = True
 
     @staticmethod
     def _signature_of(strategy) -> tuple:
@@ -568,7 +570,16 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
                 group keeps its Ω and θ*, and the running ω of the experience is reset, so
                 the experience can be trained again once the weights are restored.
+            RuntimeError: the plugin holds no parameters to consolidate: it has not trained
+                yet, or not since :meth:`load_state_dict` or unpickling (it finds the model's
+                parameters when training starts). Nothing changes.
         """
+        if not self._bound:
+            raise RuntimeError(
+                "SIPlugin.consolidate_now() was called before the plugin has the model's "
+                "parameters: it finds them when training starts, and again after "
+                "load_state_dict() or unpickling. Call it after training on what should be "
+                "consolidated; nothing was changed.")
         try:
             new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
                                       clamp=self._clamp,
@@ -655,6 +666,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         for g in self._groups:
             g.clear_lists()
         self._dirty = True
+        self._bound = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled with the strategy (Avalanche checkpoints): the per-experience lists,
@@ -665,6 +677,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             new.__dict__.update(old.__dict__)
             new.clear_lists()
         state["_dirty"] = True
+        state["_bound"] = False
         state["_model"] = None
         state["_scaler"] = None
         return state
@@ -702,6 +715,7 @@ def _from_version_0_1(old: dict[str, Any]) -> dict[str, Any]:
                _norms=True, _state_dtype=None, _scaler_option=None, _groups=groups, _state=st,
                _consolidations=int(any(st.consolidated.values())), _dirty=True,
                _patterns_checked=True, _strict=True, _model=None, _param_ids=(), _scaler=None,
+               _bound=False,
                _policy=make_policy(None), _signature=())
     for g in groups:
         value = new["_si_lambda"] if g.si_lambda is None else g.si_lambda

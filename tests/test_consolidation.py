@@ -127,6 +127,32 @@ def test_consolidating_twice_in_a_row_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(si._groups[0].prev, prev))
 
 
+def test_consolidating_without_the_model_is_an_error_and_changes_nothing():
+    # Before training, after load_state_dict and after unpickling the plugin holds no
+    # parameters: consolidating then used to do nothing but count, so a list of strengths
+    # moved on and the running ω of a resumed task was never consolidated.
+    with pytest.raises(RuntimeError, match="before the plugin has the model's parameters"):
+        SIPlugin(1.0).consolidate_now()
+    model, si = mlp(), SIPlugin([1.0, 2.0], consolidate=10**6)  # never fires: ω runs on
+    strat = strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [si])
+    strat.train(make_stream(make_tasks(1)).train_stream[0], num_workers=0, eval_streams=[])
+    saved = si.state_dict()
+    running = {k: v for k, v in saved["buffers"].items() if "running" in k}
+    assert running and all(float(v.abs().sum()) > 0 for v in running.values())
+    loaded = SIPlugin([1.0, 2.0], consolidate=10**6)
+    loaded.load_state_dict(saved)
+    for fresh in (copy.deepcopy(si), loaded):  # unpickled (a checkpoint), state loaded
+        with pytest.raises(RuntimeError, match="load_state_dict"):
+            fresh.consolidate_now()
+        after = fresh.state_dict()
+        assert after["consolidations"] == 0
+        assert_same(after["buffers"], saved["buffers"])
+    si.consolidate_now()  # bound to the model: consolidates the running ω
+    assert si.state_dict()["consolidations"] == 1
+    assert all(float(v.abs().sum()) == 0 for k, v in si.state_dict()["buffers"].items()
+               if "running" in k)
+
+
 def aljundi(losses, window, mean_t, var_t):
     """The plateau detector of Aljundi et al.'s code (method.py), on a list of losses."""
     win, peak, last_mean, last_var, fired = [], True, None, None, []
