@@ -196,6 +196,40 @@ DESCRIPTIONS_TITLES = {
 }
 
 
+ONLINE_METHODS = ("si-experience", "si-k", "si-plateau", "si-boundary")
+
+
+def online_summary(results_root: Path, folders: list[str]) -> str:
+    """Online and task-free streams, one row a stream and scenario: Naive's accuracy and each
+    consolidation policy's paired difference to it (the number of seeds in brackets)."""
+    rows = []
+    for folder in folders:
+        results = load_results(results_root / folder)
+        if not any("consolidations" in r for r in results):
+            continue
+        acc = defaultdict(dict)
+        for r in results:
+            acc[(r["config"]["scenario"], r["config"]["method"])][r["config"]["seed"]] = \
+                100 * r["final_average_accuracy"]
+        for scen in ("task", "domain", "class"):
+            naive = acc.get((scen, "naive"))
+            if not naive:
+                continue
+            cells = []
+            for method in ONLINE_METHODS:
+                mine = acc.get((scen, method), {})
+                diffs = [mine[k] - naive[k] for k in sorted(mine) if k in naive]
+                cells.append(f"{_pm(*mean_sem(diffs))} ({len(diffs)})" if diffs else "not run")
+            rows.append(f"| [{DESCRIPTIONS_TITLES.get(folder, folder)}]({folder}.md) | {scen} | "
+                        f"{_pm(*mean_sem(list(naive.values())))} ({len(naive)}) | "
+                        + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    return "\n".join(["| stream | scenario | Naive (seeds) | " + " | ".join(
+        f"{m} minus Naive" for m in ONLINE_METHODS) + " |", "|---|---|---|---|---|---|---|"]
+        + rows) + "\n"
+
+
 def headline(results_root: Path) -> str:
     """Each published SI number beside ours (and Naive's), with links to the pages."""
     rows = ["| protocol | scenario | SI published | SI here (seeds) | Naive published | "
@@ -241,7 +275,19 @@ def write_docs(docs: Path, results_root: Path = Path("results")) -> list[Path]:
              "Every number here comes from a run whose JSON file is in `results/`; each page "
              "lists the commands that rerun it. The headline: each published SI accuracy "
              "beside ours.\n",
-             head.replace("docs/reproductions/", ""), "## Pages\n"]
+             head.replace("docs/reproductions/", "")]
+    online = online_summary(results_root, folders)
+    if online:
+        index += ["## Online and task-free streams\n",
+                  "No paper reports SI on these streams, so each policy is compared with Naive "
+                  "on the same seeds: accuracy after the last task minus Naive's, in points, "
+                  "mean ± SEM over seeds (their number in brackets). `si-experience` "
+                  "consolidates after every experience, `si-k` every k steps, `si-plateau` on "
+                  "a loss plateau, `si-boundary` at the true task boundaries (told where "
+                  "the tasks change: the reference the others try to reach without that). "
+                  "Each page has the commands, the cost and the accuracy over the stream.\n",
+                  online]
+    index += ["## Pages\n"]
     index += [f"- [{DESCRIPTIONS_TITLES.get(f, f)}]({f}.md)" for f in folders]
     (out_dir / "index.md").write_text("\n".join(index) + "\n")
     written.append(out_dir / "index.md")
