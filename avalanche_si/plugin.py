@@ -351,6 +351,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     importance = property(lambda self: self._importance, doc="Which gradient and step measure ω.")
     consolidate = property(lambda self: self._policy, doc="When SI consolidates (a policy).")
+    consolidations = property(lambda self: self._consolidations, doc=(
+        "How many times SI has consolidated so far (the index a list of strengths is read "
+        "at); on a task-free stream, check that the policy keeps firing."))
     excluded_parameters = property(lambda self: self._excluded)
     regularize_norm_layers = property(lambda self: self._norms)
     state_dtype = property(lambda self: self._state_dtype)
@@ -362,6 +365,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             raise AttributeError(
                 f"SIPlugin.{name} cannot change after construction ({_FIXED[name]}); build a "
                 f"new SIPlugin(..., {name}=...) and load this one's state_dict() into it.")
+        elif isinstance(getattr(type(self), name, None), property):
+            raise AttributeError(f"SIPlugin.{name} is read-only: SI keeps it.")
         else:
             close = difflib.get_close_matches(name, _LIVE + tuple(_FIXED), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -148,7 +148,9 @@ def test_consolidating_without_the_model_is_an_error_and_changes_nothing():
         assert after["consolidations"] == 0
         assert_same(after["buffers"], saved["buffers"])
     si.consolidate_now()  # bound to the model: consolidates the running ω
-    assert si.state_dict()["consolidations"] == 1
+    assert si.consolidations == si.state_dict()["consolidations"] == 1
+    with pytest.raises(AttributeError, match="read-only"):
+        si.consolidations = 0
     assert all(float(v.abs().sum()) == 0 for k, v in si.state_dict()["buffers"].items()
                if "running" in k)
 
