@@ -198,7 +198,9 @@ class LossPlateau(ConsolidationPolicy):
     Args:
         window: losses in the window (5 in their code).
         mean_threshold: the plateau's bound on :math:`\mu` (0.2 in their code, for their
-            loss; set it for yours: about the loss a task settles at).
+            loss; set it for yours: about the loss a task settles at, under SI: its penalty
+            keeps the task loss higher as Ω grows, and a bound read from an unregularized run
+            can stop firing after a few consolidations; check ``SIPlugin.consolidations``).
         variance_threshold: the plateau's bound on :math:`\sigma^2` (0.1 in their code; how
             much the settled loss still moves).
         check_every: steps between two checks of the window.

@@ -162,7 +162,10 @@ such change and at the end.
 van de Ven's task-free protocol on permuted MNIST: ten contexts of 5,000 iterations, fuzzy
 transitions over 2 × 500 iterations, batch 128, an MLP 1024-1000-1000, Adam (lr 1e-4), c = 10,
 ξ = 0.1. Methods as on the task-free split MNIST page; `si-plateau` with window 100 and
-thresholds 0.05 and 5e-4, chosen on Naive's training loss of seed 0.
+thresholds 0.05 and 5e-4, chosen on Naive's training loss of seed 0. Under SI the task loss
+settles above 0.05 once a few tasks are consolidated, so `si-plateau` stops consolidating early
+(see its cost) and ends far below Naive: [the consolidation guide,
+"when the plateau stops firing"](../guide/consolidation.md).
 """,
     "avalanche-online-split-mnist": """
 Avalanche's own online stream: split MNIST (five tasks of two digits) cut by
