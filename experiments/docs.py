@@ -18,6 +18,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from .options import ONLINE_METHODS, SCENARIOS
 from .presets import DESCRIPTIONS, HEADLINE, PRESETS, PUBLISHED
 from .report import (load_results, markdown_table, mean_sem, paired, paired_table, summarize,
                      write_plots, _pm)
@@ -140,20 +141,30 @@ def page(folder: str, results: list[dict], plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def versus_reference(results: list[dict], reference: str = "si-boundary") -> str:
-    """Online pages: each method minus the boundary reference on the same seeds."""
+def accuracy_by_seed(results: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
+    """{(scenario, method): {seed: final accuracy in %}}."""
     acc = defaultdict(dict)
     for r in results:
         acc[(r["config"]["scenario"], r["config"]["method"])][r["config"]["seed"]] = \
             100 * r["final_average_accuracy"]
+    return acc
+
+
+def minus(mine: dict[int, float], ref: dict[int, float]) -> list[float]:
+    """Per shared seed, ``mine`` minus ``ref``."""
+    return [mine[k] - ref[k] for k in sorted(mine) if k in ref]
+
+
+def versus_reference(results: list[dict], reference: str = "si-boundary") -> str:
+    """Online pages: each method minus the boundary reference on the same seeds."""
+    acc = accuracy_by_seed(results)
     rows = []
-    for scen in ("task", "domain", "class"):
+    for scen in SCENARIOS:
         ref = acc.get((scen, reference))
         if not ref:
             continue
-        for method in ("naive", "si-experience", "si-k", "si-plateau"):
-            mine = acc.get((scen, method), {})
-            diffs = [mine[s] - ref[s] for s in sorted(mine) if s in ref]
+        for method in ONLINE_METHODS:
+            diffs = minus(acc.get((scen, method), {}), ref) if method != reference else []
             if diffs:
                 rows.append(f"| {scen} | {method} | {len(diffs)} | {_pm(*mean_sem(diffs))} |")
     if not rows:
@@ -169,10 +180,9 @@ def cost_table(results: list[dict]) -> str:
     for r in results:
         groups[(r["config"]["scenario"], _method_key(r))].append(r)
     rank = method_rank(results)
-    order = {"task": 0, "domain": 1, "class": 2}
     lines = ["| scenario | method | seeds | consolidations per run | per task | CPU min/run |",
              "|---|---|---|---|---|---|"]
-    for (scen, method), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
+    for (scen, method), rs in sorted(groups.items(), key=lambda kv: (SCENARIOS.index(kv[0][0]),
                                                                      rank(kv[0][1]))):
         n_tasks = len(rs[0]["accuracy_matrix"][0])
         cons = sum(r.get("consolidations", 0) for r in rs) / len(rs)
@@ -196,29 +206,23 @@ DESCRIPTIONS_TITLES = {
 }
 
 
-ONLINE_METHODS = ("si-experience", "si-k", "si-plateau", "si-boundary")
-
-
 def online_summary(results_root: Path, folders: list[str]) -> str:
     """Online and task-free streams, one row a stream and scenario: Naive's accuracy and each
     consolidation policy's paired difference to it (the number of seeds in brackets)."""
+    policies = ONLINE_METHODS[1:]  # all but naive
     rows = []
     for folder in folders:
         results = load_results(results_root / folder)
         if not any("consolidations" in r for r in results):
             continue
-        acc = defaultdict(dict)
-        for r in results:
-            acc[(r["config"]["scenario"], r["config"]["method"])][r["config"]["seed"]] = \
-                100 * r["final_average_accuracy"]
-        for scen in ("task", "domain", "class"):
+        acc = accuracy_by_seed(results)
+        for scen in SCENARIOS:
             naive = acc.get((scen, "naive"))
             if not naive:
                 continue
             cells = []
-            for method in ONLINE_METHODS:
-                mine = acc.get((scen, method), {})
-                diffs = [mine[k] - naive[k] for k in sorted(mine) if k in naive]
+            for method in policies:
+                diffs = minus(acc.get((scen, method), {}), naive)
                 cells.append(f"{_pm(*mean_sem(diffs))} ({len(diffs)})" if diffs else "not run")
             rows.append(f"| [{DESCRIPTIONS_TITLES.get(folder, folder)}]({folder}.md) | {scen} | "
                         f"{_pm(*mean_sem(list(naive.values())))} ({len(naive)}) | "
@@ -226,7 +230,7 @@ def online_summary(results_root: Path, folders: list[str]) -> str:
     if not rows:
         return ""
     return "\n".join(["| stream | scenario | Naive (seeds) | " + " | ".join(
-        f"{m} minus Naive" for m in ONLINE_METHODS) + " |", "|---|---|---|---|---|---|---|"]
+        f"{m} minus Naive" for m in policies) + " |", "|---|---|---|---|---|---|---|"]
         + rows) + "\n"
 
 

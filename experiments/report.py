@@ -9,13 +9,13 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .options import DATA_SUFFIXES, PROTOCOL_SUFFIX
+from .options import DATA_SUFFIXES, ONLINE_METHODS, PROTOCOL_SUFFIX
 from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
                 "ewc", "joint",
                 # online presets: by how much the policy knows, the boundary reference last
-                "si-experience", "si-k", "si-plateau", "si-boundary")
+                *ONLINE_METHODS[1:])
 
 
 def load_results(out: Path) -> list[dict]:
