@@ -35,13 +35,15 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import GradScaler, OptState
 
+from .options import OptionTypeError
+
 __all__ = ["unscale_", "find_scaler", "check_scaler"]
 
 
 def check_scaler(value: Any) -> Optional[GradScaler]:
     if value is None or isinstance(value, GradScaler):
         return value
-    raise ValueError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, if "
+    raise OptionTypeError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, if "
                      f"it has one), got {value!r}.")
 
 

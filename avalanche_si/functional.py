@@ -42,12 +42,12 @@ The module has two layers:
 2. The list kernels (``accumulate_*``, :func:`penalty_step`, :func:`penalty_grad_`,
    :func:`penalty_value`, :func:`consolidate`) that do the work with fused multi-tensor
    (``torch._foreach_*``) operations. The four functions call them, and so does
-   :class:`avalanche_si.SIPlugin`, which holds the lists once per experience.
+   :class:`avalanche_si.SynapticIntelligence`, which holds the lists once per task.
    :func:`penalty_step` and :func:`accumulate_from_pre`, the two per-step kernels, do
    their work in one pass each on contiguous float32 CPU tensors (C kernels compiled at
    first use, bit-identical to the ``_foreach`` path: see :mod:`avalanche_si._fused`).
 
-Nothing here imports Avalanche.
+Nothing here imports a training framework (importing this module loads no Avalanche).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from . import _fused
+from .options import CLAMP_MODES, check_choice, check_eps
 
 __all__ = [
     "si_pre_optim_step",
@@ -258,9 +259,6 @@ def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: flo
     return torch.stack(torch._foreach_norm(sq, 1)).sum() * strength
 
 
-CLAMP_MODES = ("task", "total", "none")
-
-
 @torch.no_grad()
 def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                        params: Sequence[Tensor], *, eps: float, clamp: str = "task",
@@ -272,8 +270,7 @@ def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running:
             parameter and the cause (a running importance ω that is already not finite,
             weights that are not finite, or ω / (Δ² + ξ) overflowing the state's dtype).
     """
-    if clamp not in CLAMP_MODES:
-        raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {clamp!r}.")
+    check_choice(clamp, CLAMP_MODES, "clamp")
     if not omega:
         return []
     params = [p.detach() for p in params]
@@ -473,8 +470,7 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
             they were and ω is dropped: restore the weights from before the task and train
             it again.
     """
-    if not epsilon > 0:
-        raise ValueError(f"epsilon (the damping ξ) must be > 0, got {epsilon!r}.")
+    epsilon = check_eps(epsilon, "epsilon")
     omega, prev, running, live, names = [], [], [], [], []
     for i, p in _active(params):
         om_name, prev_name, run_name, _ = si_buffer_names(i, params_name)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
+from .options import OptionTypeError
+
 __all__ = ["ParamGroup", "Matcher", "canonical_name", "select", "unwrap"]
 
 Matcher = Union[str, Sequence[str], Callable[[str, torch.nn.Parameter], bool]]
@@ -85,9 +87,12 @@ def as_patterns(value: Any, what: str) -> tuple[str, ...]:
     try:
         patterns = tuple(value)
     except TypeError:
-        raise ValueError(f"{what} must be a name pattern, a list of them or a callable "
+        raise OptionTypeError(f"{what} must be a name pattern, a list of them or a callable "
                          f"(name, parameter) -> bool, got {value!r}.") from None
-    if not all(isinstance(p, str) and p for p in patterns):
+    if not all(isinstance(p, str) for p in patterns):
+        raise OptionTypeError(f"{what} must hold non-empty strings (name patterns), got "
+                              f"{value!r}.")
+    if not all(patterns):
         raise ValueError(f"{what} must hold non-empty strings (name patterns), got {value!r}.")
     return tuple(canonical_pattern(p) for p in patterns)
 

@@ -5,19 +5,21 @@ Numbers may be Python numbers, numpy scalars or one-element tensors. The strengt
 :math:`c` may also change with the experience, as Avalanche's own plugin allows: a list
 (one value per experience, the last one repeated) or a callable of the experience index.
 
-Nothing here imports Avalanche.
+Nothing here imports a training framework, nor torch until a check needs it, so that the
+experiments' ``--help`` reads the modes below without loading either.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_dtype",
-           "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES"]
+           "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError"]
 
 IMPORTANCE_MODES = ("total", "task", "delta_params")
 CLAMP_MODES = ("task", "total", "none")
@@ -25,12 +27,21 @@ CLAMP_MODES = ("task", "total", "none")
 #: a strength: a number, one number per experience, or a function of the experience index
 Strength = Union[float, Sequence[float], Callable[[int], float]]
 
+
+
+class OptionTypeError(TypeError, ValueError):
+    """An option or argument of the wrong type. A ``TypeError``; also a ``ValueError``, which
+    avalanche_si 0.2 raised for these, so code written against it keeps catching them."""
+
+
 _EPS_HINT = "1e-3 is the default, 0.1 the value of van de Ven et al. 2019 and Zenke et al. 2017"
 
 
 def as_number(value: Any) -> Optional[float]:
     """``value`` as a float if it is a real number (Python, numpy, or a one-element
     tensor), else None. Booleans are not numbers here."""
+    import torch
+
     if isinstance(value, bool):
         return None
     if isinstance(value, torch.Tensor):
@@ -50,7 +61,10 @@ def as_number(value: Any) -> Optional[float]:
 
 def _strength_number(value: Any, what: str) -> float:
     x = as_number(value)
-    if x is None or not math.isfinite(x) or x < 0:
+    if x is None:
+        raise OptionTypeError(f"{what} (the SI strength c) must be a number >= 0, got "
+                              f"{type(value).__name__} {value!r}.")
+    if not math.isfinite(x) or x < 0:
         raise ValueError(f"{what} (the SI strength c) must be a finite number >= 0, got "
                          f"{value!r}.")
     return x
@@ -59,6 +73,8 @@ def _strength_number(value: Any, what: str) -> float:
 def check_strength(value: Any, what: str) -> Strength:
     """A valid strength: a number >= 0, a non-empty list of them (one per experience), or a
     callable ``(experience_index) -> number`` (checked when called)."""
+    import torch
+
     if callable(value) and not isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (list, tuple)):
@@ -81,15 +97,21 @@ def strength_at(value: Strength, experience: int, what: str) -> float:
 
 
 def check_eps(value: Any, what: str) -> float:
+    """A valid damping ξ: a finite number > 0 (the one check of ξ, for every API)."""
     x = as_number(value)
-    if x is None or not math.isfinite(x) or x <= 0:
+    if x is None:
+        raise OptionTypeError(f"{what} (the damping xi) must be a number > 0, got "
+                              f"{type(value).__name__} {value!r}; {_EPS_HINT}.")
+    if not math.isfinite(x) or x <= 0:
         raise ValueError(f"{what} (the damping xi) must be a finite number > 0, got {value!r}; "
                          f"{_EPS_HINT}.")
     return x
 
 
-def check_eps_for_dtype(eps: float, dtype: torch.dtype, what: str) -> None:
+def check_eps_for_dtype(eps: float, dtype: "torch.dtype", what: str) -> None:
     """ξ must survive in the state's dtype, or Ω = ω / (Δ² + ξ) divides by 0 where Δ = 0."""
+    import torch
+
     tiny = torch.finfo(dtype).tiny
     if eps < tiny:
         raise ValueError(f"{what} = {eps:g} is below the smallest normal {dtype} number "
@@ -97,14 +119,22 @@ def check_eps_for_dtype(eps: float, dtype: torch.dtype, what: str) -> None:
                          f"move and its importance infinite; raise it ({_EPS_HINT}).")
 
 
-def check_state_dtype(value: Any) -> Optional[torch.dtype]:
+def check_state_dtype(value: Any) -> Optional["torch.dtype"]:
+    import torch
+
     if value is None or value in (torch.float32, torch.float64):
         return value
+    if not isinstance(value, torch.dtype):
+        raise OptionTypeError(f"state_dtype must be None, torch.float32 or torch.float64, got "
+                              f"{type(value).__name__} {value!r}.")
     raise ValueError(f"state_dtype must be None (float32 for 16-bit weights, else the weights' "
                      f"dtype), torch.float32 or torch.float64, got {value!r}.")
 
 
 def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
+    if not isinstance(value, str):
+        raise OptionTypeError(f"{what} must be one of {tuple(choices)}, got "
+                              f"{type(value).__name__} {value!r}.")
     if value not in choices:
         raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}.")
     return value
@@ -112,5 +142,5 @@ def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
 
 def check_flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{what} must be True or False, got {value!r}.")
+        raise OptionTypeError(f"{what} must be True or False, got {value!r}.")
     return value

@@ -187,7 +187,9 @@ class Bench:
         p = self.plugins[0] if self.plugins else None
         if p is None:
             return 0
-        if hasattr(p, "_state"):  # SIPlugin
+        if hasattr(p, "engine"):  # SIPlugin
+            return sum(b.numel() * b.element_size() for b in p.engine._state.store.buffers())
+        if hasattr(p, "_state"):  # SIPlugin 0.2 (--baseline)
             return sum(b.numel() * b.element_size() for b in p._state.store.buffers())
         if hasattr(p, "_store"):  # SIPlugin of an older version (--baseline)
             return sum(b.numel() * b.element_size() for b in p._store.buffers())
@@ -520,7 +522,7 @@ def online_overhead(hidden: int, *, chunk: int, repeats: int, data_root: str,
             _sync(device)
             times[k].append((time.perf_counter() - t0) / chunk * 1e3)
     out = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
-    out["consolidations"] = {k: runs[k][2]._consolidations for k in names if runs[k][2]}
+    out["consolidations"] = {k: runs[k][2].consolidations for k in names if runs[k][2]}
     si = runs["SIPlugin, every 100 steps"][2]
     calls = []
     for _ in range(max(repeats, 15)):

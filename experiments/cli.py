@@ -13,12 +13,12 @@ import itertools
 import sys
 from pathlib import Path
 
+from avalanche_si.options import CLAMP_MODES, IMPORTANCE_MODES  # loads neither torch nor Avalanche
+
 from .presets import PRESETS
 from .options import (BENCHMARKS, CLASS_ORDERS, INITS, LOSSES, METHODS, ONLINE_METHODS,
                       SCENARIOS, TASK_HEADS, DataError, default_data_root)
 
-IMPORTANCES = ("total", "task", "delta_params")  # avalanche_si.IMPORTANCE_MODES, without
-CLAMP_MODES = ("task", "total", "none")           # importing Avalanche for --help
 SPLIT_CLASSES = {"split-mnist": 10, "split-fmnist": 10, "split-digits": 10, "split-cifar10": 10,
                  "split-cifar100": 100}
 
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="methods to run: " + ", ".join(METHODS) + "; on online and task-free "
                         "presets: " + ", ".join(ONLINE_METHODS) + " (SI by when it "
                         "consolidates). Default: naive si avalanche-si, or every online method")
-    r.add_argument("--si-importance", nargs="+", choices=IMPORTANCES, default=None,
+    r.add_argument("--si-importance", nargs="+", choices=IMPORTANCE_MODES, default=None,
                    help="SIPlugin importance mode(s), for --method si (default: the preset's, "
                         "else total)")
     r.add_argument("--si-clamp", nargs="+", choices=CLAMP_MODES, default=None,

@@ -16,6 +16,7 @@ from avalanche.benchmarks.scenarios.task_aware import with_task_labels  # noqa: 
 from avalanche.benchmarks.utils.classification_dataset import (  # noqa: E402
     _make_taskaware_tensor_classification_dataset as _tensor_dataset,
 )
+from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 
 #: every device of this machine: the numeric tests run on each, so the first machine with a
@@ -55,6 +56,15 @@ def strategy(model, optimizer, plugins=(), *, mb=8, epochs=2, evaluator=None, cl
                plugins=list(plugins), evaluator=evaluator, device=device, **kwargs)
 
 
+#: the three ways of measuring ω
+IMPORTANCES = ["total", "task", "delta_params"]
+
+
+def omegas(si):
+    """Every group's Ω, by ``group/name`` (copies)."""
+    return {f"{g}/{n}": o.clone() for g in si.group_names for n, o in si.importances(g).items()}
+
+
 def weights(model):
     """A copy of the model's parameters, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -67,17 +77,31 @@ def assert_same(a, b):
         assert torch.equal(a[n], b[n]), n
 
 
+class Every(SupervisedPlugin):
+    """Calls ``fn(strategy)`` in ``hook`` at the given (experience, iteration) pairs."""
+
+    def __init__(self, hook, at, fn):
+        super().__init__()
+        self.at, self.fn, self.it = set(at), fn, 0
+        setattr(self, hook, self._maybe)
+
+    def _maybe(self, strategy, **kwargs):
+        if (strategy.clock.train_exp_counter, strategy.clock.train_exp_iterations) in self.at:
+            self.fn(strategy)
+
+
 def train_stream(strat, bench, **kwargs):
     for exp in bench.train_stream:
         strat.train(exp, shuffle=False, num_workers=0, eval_streams=[], **kwargs)
 
 
 def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2, clamp="task",
-                 rewrite_grads=None):
+                 rewrite_grads=None, on_step=None):
     """SI by the definition: a plain per-parameter loop with the penalty through autograd.
 
     ``groups``: list of (list of parameter names, strength c, damping xi).
     ``rewrite_grads``: what another plugin does to the gradients before the step (in place).
+    ``on_step``: called after every optimizer step (an LR scheduler's step, say).
     Returns ({name: Omega}, the trained model).
     """
     device = next(model.parameters()).device
@@ -108,6 +132,8 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
                 if importance == "delta_params":
                     predicted = predict_with_real_optimizer(optimizer, named, task_grads)
                 optimizer.step()
+                if on_step is not None:
+                    on_step()
                 for n in state:
                     if importance == "total":
                         g, step = named[n].grad, named[n].detach() - before[n]
@@ -129,6 +155,46 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
                 s["prev"] = named[n].detach().clone()
         consolidated = True
     return {n: s["omega"] for n, s in state.items()}, model
+
+
+def train_loop(model, optimizer, tasks, si, *, mb=8, epochs=2, accumulate=1, scaler=None,
+               autocast=None, clip=None, on_step=None, on_backward=None):
+    """SI in a plain PyTorch loop, as the docs' recipe writes it: ``accumulate`` backward passes
+    (each on mb / accumulate samples, loss divided by accumulate) per optimizer step."""
+    device = next(model.parameters()).device
+    ce = torch.nn.CrossEntropyLoss()
+    micro = mb // accumulate
+    step = 0
+    for x_all, y_all, _ in tasks:
+        si.start_task()
+        for _ in range(epochs):
+            for i in range(0, len(x_all), mb):
+                optimizer.zero_grad()
+                for j in range(i, min(i + mb, len(x_all)), micro):
+                    x, y = x_all[j:j + micro].to(device), y_all[j:j + micro].to(device)
+                    if autocast is None:
+                        out = model(x)
+                    else:
+                        with torch.autocast(device.type, dtype=autocast):
+                            out = model(x).float()
+                    loss = ce(out, y) / accumulate
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                if on_backward is not None:
+                    on_backward(model, step)
+                si.before_step()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                si.after_step(loss.detach())
+                if on_step is not None:
+                    on_step()
+                step += 1
+        si.end_task()
+    return model
 
 
 def predict_with_real_optimizer(optimizer, named, grads):

@@ -121,10 +121,10 @@ def test_consolidating_twice_in_a_row_changes_nothing():
     train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [si]),
                  make_stream(make_tasks(2)))
     before = {n: o.clone() for n, o in si.importances().items()}
-    prev = [t.clone() for t in si._groups[0].prev]
+    prev = [t.clone() for t in si.engine._groups[0].prev]
     si.consolidate_now()  # ω = 0: adds 0 / ((θ − θ*)² + ξ) = 0
     assert_same(si.importances(), before)
-    assert all(torch.equal(a, b) for a, b in zip(si._groups[0].prev, prev))
+    assert all(torch.equal(a, b) for a, b in zip(si.engine._groups[0].prev, prev))
 
 
 def test_consolidating_without_the_model_is_an_error_and_changes_nothing():

@@ -79,7 +79,7 @@ def test_state_on_parameter_dtype_and_model_state_dict_unchanged(tasks):
     state = si.state_dict()
     assert all(t.dtype == torch.float64 for t in state["buffers"].values())
     n = sum(p.numel() for p in model.parameters())
-    assert sum(b.numel() for b in si._state.store.buffers()) == 4 * n  # held in memory
+    assert sum(b.numel() for b in si.engine._state.store.buffers()) == 4 * n  # held in memory
     # saved: Ω, θ*, ω; θ_pre is scratch that every step rewrites before reading it
     assert sum(t.numel() for t in state["buffers"].values()) == 3 * n
     assert "si_omega_weights_0" in state["buffers"]
@@ -331,9 +331,9 @@ class StateSize(SupervisedPlugin):
         self.si, self.sizes = si, []
 
     def after_training_iteration(self, strategy, **kwargs):
-        held = sum(b.numel() for b in self.si._state.store.buffers())
+        held = sum(b.numel() for b in self.si.engine._state.store.buffers())
         # what the last step's penalty value keeps alive until it is read or dropped
-        held += sum(t.numel() for g in self.si._groups if g.value is not None
+        held += sum(t.numel() for g in self.si.engine._groups if g.value is not None
                     for t in g.value.held)
         self.sizes.append(held)
 

@@ -156,3 +156,29 @@ def test_plugin_pickled_by_version_0_1_loads_whole_and_trains_on(tasks):
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not torch.equal(runs[0]["0.weight"], blob["model"]["0.weight"])
+
+
+def test_plugin_pickled_by_version_0_2_loads_whole_and_trains_on_as_0_2_did(tasks):
+    # tests/data/siplugin-0.2.pt: an SIPlugin of version 0.2.0 (its engine's fields on the
+    # plugin itself), trained on two tasks and pickled; with what 0.2.0 trained on from it
+    import pickle
+    from pathlib import Path
+
+    blob = torch.load(Path(__file__).parent / "data" / "siplugin-0.2.pt", weights_only=False)
+    old = pickle.loads(blob["plugin"])
+    assert old.group_names == ["body", "head"] and old.importance == "task"
+    assert old.consolidations == blob["state_dict"]["consolidations"]
+    for k, v in blob["state_dict"]["buffers"].items():
+        assert torch.equal(old.state_dict()["buffers"][k], v), k
+    model = mlp()
+    model.load_state_dict(blob["model"])
+    train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [old]),
+                 make_stream(tasks[2:]))
+    for k, v in blob["trained_on"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for g, omegas in blob["omega_after"].items():
+        for n, o in omegas.items():
+            assert torch.equal(old.importances(g)[n], o), (g, n)
+    # and pickles again in today's layout
+    again = pickle.loads(pickle.dumps(old))
+    assert again.state_dict()["buffers"].keys() == old.state_dict()["buffers"].keys()

@@ -1,0 +1,885 @@
+r"""The SI engine: Synaptic Intelligence for any PyTorch training loop.
+
+:class:`SynapticIntelligence` owns everything SI needs between a model and its optimizer:
+the options and parameter groups, the binding to a model, an optimizer and an optional
+``torch.amp.GradScaler``, the per-step work, consolidation (by a policy or on demand), the
+penalty and the importances, and a validated ``state_dict``. It never imports a training
+framework: the Avalanche plugin (:class:`avalanche_si.SIPlugin`), the Lightning callback
+(:class:`avalanche_si.lightning.SICallback`) and a hand-written loop all drive the same
+four calls::
+
+    si = SynapticIntelligence(model, optimizer, si_lambda=1.0, eps=0.1)
+    for task in tasks:
+        si.start_task()
+        for x, y in task:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()   # k backward passes under accumulation
+            si.before_step()                  # once per optimizer step, before clipping
+            optimizer.step()
+            si.after_step()
+        si.end_task()                         # consolidates (after each task by default)
+
+Per optimizer step, with :math:`g` the gradient, :math:`\theta` the weights and
+:math:`\theta^*` their value at the last consolidation (glossary: the docs' conventions page):
+
+- :meth:`~SynapticIntelligence.before_step` adds the penalty's gradient
+  :math:`2c\,\Omega \odot (\theta - \theta^*)` to ``.grad`` in closed form and keeps the
+  weights before the step (one pass over memory);
+- :meth:`~SynapticIntelligence.after_step` adds :math:`-g \odot \Delta\theta` to the running
+  importance :math:`\omega` (one pass);
+- consolidation: :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta^*)^2 +
+  \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`.
+
+The maths is in :mod:`avalanche_si.functional`; which parameters, under which names:
+:mod:`avalanche_si.groups`; the buffers: :mod:`avalanche_si.state`; the options:
+:mod:`avalanche_si.options`; when to consolidate: :mod:`avalanche_si.consolidation`;
+mixed precision: :mod:`avalanche_si.amp`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import amp
+from .consolidation import ConsolidationPolicy, make_policy
+from .functional import (
+    DEFAULT_EPS,
+    NonFiniteImportanceError,
+    accumulate_from_delta,
+    accumulate_from_pre,
+    commit_consolidation,
+    consolidated_omega,
+    penalty_step,
+)
+from .groups import Matcher, ParamGroup, as_patterns, canonical_name, matches, select, unwrap
+from .optim_step import StepPredictor, check_optimizer_supported
+from .options import (
+    CLAMP_MODES,
+    IMPORTANCE_MODES,
+    OptionTypeError,
+    Strength,
+    check_choice,
+    check_eps,
+    check_eps_for_dtype,
+    check_flag,
+    check_state_dtype,
+    check_strength,
+    strength_at,
+)
+from .state import KINDS, SIState
+
+__all__ = ["SynapticIntelligence", "GroupOptions", "ParamGroup", "IMPORTANCE_MODES",
+           "CLAMP_MODES"]
+
+
+def _every_parameter(name: str, param: torch.nn.Parameter) -> bool:
+    return True
+
+
+class _Group:
+    """One group's configuration and its per-step lists."""
+
+    def __init__(self, key: Optional[str], matcher, si_lambda: Optional[Strength],
+                 eps: Optional[float]):
+        self.key = key                    # None: the default group (buffer names without _name)
+        self.matcher = matcher
+        self.si_lambda = si_lambda        # None: the engine's
+        self.eps = eps                    # None: the engine's
+        self.c = 0.0                      # the strength in use (resolved per consolidation)
+        self.clear_lists()
+
+    def clear_lists(self) -> None:
+        self.names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.omega: list[Tensor] = []
+        self.prev: list[Tensor] = []
+        self.running: list[Tensor] = []
+        self.pre: list[Tensor] = []
+        self.predictor: Optional[StepPredictor] = None
+        self.step_grads: list[Tensor] = []
+        self.step_idx: Optional[list[int]] = None
+        self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
+        self.penalty: Optional[Tensor] = None              # ... computed when first read
+
+    def pick(self, values: list) -> list:
+        """The entries of a per-parameter list for the parameters that take part in this step."""
+        return values if self.step_idx is None else [values[k] for k in self.step_idx]
+
+    def covers(self, name: str, param: torch.nn.Parameter) -> bool:
+        if callable(self.matcher):
+            return bool(self.matcher(name, param))
+        return matches(name, self.matcher)
+
+    @property
+    def label(self) -> str:
+        return "default" if self.key is None else repr(self.key)
+
+
+class _Binding:
+    """The model, optimizer and scaler SI serves, and whether the per-step lists are current.
+
+    ``built``: the groups' lists hold the bound model's parameters (consolidation can run);
+    ``current``: they need no rebuilding before the next step. ``signature`` is what they were
+    built from: an online stream starts hundreds of experiences, and the lists are rebuilt
+    only when it changes.
+    """
+
+    __slots__ = ("model", "optimizer", "scaler", "signature", "built", "current")
+
+    def __init__(self) -> None:
+        self.model: Optional[torch.nn.Module] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scaler: Optional[torch.amp.GradScaler] = None   # found by an adapter
+        self.signature: tuple = ()
+        self.built = False
+        self.current = False
+
+    def target(self, model, optimizer, scaler) -> None:
+        if model is not self.model or optimizer is not self.optimizer or scaler is not self.scaler:
+            self.model, self.optimizer, self.scaler = model, optimizer, scaler
+            self.current = False
+
+    def signature_now(self) -> tuple:
+        opt, model = self.optimizer, self.model
+        return (id(model), id(opt),
+                tuple(id(g) for g in getattr(opt, "param_groups", ())),
+                tuple((id(p), p.requires_grad) for p in model.parameters()))
+
+    def changed(self) -> bool:
+        """The model's trainable parameters or the optimizer's groups differ from the lists'."""
+        return self.signature != self.signature_now()
+
+    def parameters_replaced(self) -> bool:
+        """The model holds other parameter objects than the lists' (a head grew)."""
+        built = self.signature[3] if self.signature else ()
+        return tuple(id(p) for p in self.model.parameters()) != tuple(i for i, _ in built)
+
+
+class GroupOptions:
+    """The live options of one SI group (:meth:`SynapticIntelligence.group`).
+
+    Assigning ``si_lambda`` or ``eps`` is checked like the constructor's and takes effect at the
+    next step (strength) or consolidation (damping); ``None`` follows the engine's value.
+    """
+
+    __slots__ = ("_engine", "_group")
+
+    def __init__(self, engine: "SynapticIntelligence", group: _Group):
+        self._engine, self._group = engine, group
+
+    @property
+    def key(self) -> Optional[str]:
+        """The group's name (None for the default group)."""
+        return self._group.key
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters the group regularizes now."""
+        return list(self._group.names)
+
+    @property
+    def si_lambda(self) -> Optional[Strength]:
+        """The group's strength c, or None to follow the engine's."""
+        return self._group.si_lambda
+
+    @si_lambda.setter
+    def si_lambda(self, value) -> None:
+        self._group.si_lambda = None if value is None else \
+            check_strength(value, f"groups[{self.key!r}].si_lambda")
+        self._engine._resolve_strengths()
+
+    @property
+    def eps(self) -> Optional[float]:
+        """The group's damping ξ, or None to follow the engine's."""
+        return self._group.eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._group.eps = None if value is None else check_eps(value, f"groups[{self.key!r}].eps")
+
+    def __setattr__(self, name, value):
+        if name.startswith("_") or name in ("si_lambda", "eps"):
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(f"an SI group's options are si_lambda and eps, not {name!r}.")
+
+    def __repr__(self) -> str:
+        return f"GroupOptions(key={self.key!r}, si_lambda={self.si_lambda!r}, eps={self.eps!r})"
+
+
+#: options that may change during training, and those fixed at construction (and why)
+LIVE_OPTIONS = ("si_lambda", "eps", "clamp", "scaler")
+FIXED_OPTIONS = {
+    "consolidate": "its state is part of SI's",
+    "importance": "the state it keeps depends on it",
+    "excluded_parameters": "which parameters have state depends on it",
+    "groups": "the state is named by group",
+    "regularize_norm_layers": "which parameters have state depends on it",
+    "state_dtype": "the state is stored in it",
+}
+
+
+def refuse_attribute(owner: type, name: str) -> None:
+    """Raise the ``AttributeError`` for assigning ``name`` on an SI object (engine or adapter):
+    fixed options, read-only properties and typos, each with its fix."""
+    cls = owner.__name__
+    if name in FIXED_OPTIONS:
+        raise AttributeError(
+            f"{cls}.{name} cannot change after construction ({FIXED_OPTIONS[name]}); build a "
+            f"new {cls}(..., {name}=...) and load this one's state_dict() into it.")
+    if isinstance(getattr(owner, name, None), property):
+        raise AttributeError(f"{cls}.{name} is read-only: SI keeps it.")
+    close = difflib.get_close_matches(name, LIVE_OPTIONS + tuple(FIXED_OPTIONS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise AttributeError(f"{cls} has no option {name!r}{hint} Options that may change during "
+                         f"training: {', '.join(LIVE_OPTIONS)}.")
+
+
+class SynapticIntelligence:
+    r"""Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for any PyTorch training loop.
+
+    For every regularized weight :math:`\theta_k`:
+
+    - after each optimizer step: :math:`\omega_k \leftarrow \omega_k - g_k \Delta\theta_k`;
+    - at each consolidation (after each task by default): :math:`\Omega_k \leftarrow \Omega_k +
+      \max(0, \omega_k / ((\theta_k - \theta^*_k)^2 + \xi))`, :math:`\theta^*_k \leftarrow
+      \theta_k`, :math:`\omega_k \leftarrow 0` (:math:`\theta^*` of the first task is the
+      weights when SI first sees them);
+    - after the first consolidation the loss gets :math:`c \sum_k \Omega_k (\theta_k -
+      \theta^*_k)^2` (no :math:`\tfrac12`).
+
+    The penalty's gradient :math:`2c\,\Omega \odot (\theta - \theta^*)` is added in closed form
+    by :meth:`before_step`, so no graph is built for it; its value at the last step is
+    :attr:`penalty` (computed when read, for logging; it is not part of your loss).
+
+    Memory: :math:`\Omega`, :math:`\theta^*`, :math:`\omega` and the weights before the step,
+    ``4n`` numbers for ``n`` regularized weights (``3n`` with ``importance="delta_params"``), on
+    each parameter's device, in the weights' dtype (float32 for 16-bit weights; see
+    ``state_dtype``). The state lives here, not in the model: ``model.state_dict()`` is unchanged.
+
+    Args:
+        model: the model to regularize (or later, with :meth:`bind`). Wrappers of
+            ``torch.compile`` and ``DistributedDataParallel`` are seen through: state is keyed
+            by the plain model's parameter names.
+        optimizer: the optimizer that steps it (needed by ``importance="delta_params"``).
+        si_lambda: the strength :math:`c` of the penalty (>= 0; 0 switches the penalty off and
+            leaves training bit-identical to training without SI). A list gives one strength
+            per task (the last repeats), a callable ``(index) -> c`` computes it; the index
+            counts the consolidations so far.
+        eps: the damping :math:`\xi > 0` of the consolidation (default 1e-3).
+        excluded_parameters: name patterns (see :class:`~avalanche_si.ParamGroup`) of
+            parameters never regularized.
+        groups: parameter groups, ``{name: ParamGroup(...)}`` (a bare pattern list or callable
+            stands for ``ParamGroup(params=...)``), each with its own strength and damping, its
+            state named ``si_omega_<name>_weights_<i>`` and so on. A parameter may belong to one
+            group only; parameters in no group are not regularized. Default: one group holding
+            every trainable parameter, named ``si_omega_weights_<i>``.
+        importance: which gradient and step measure the importance :math:`\omega`:
+
+            - ``"total"``: the gradient the optimizer used (task loss, SI penalty and anything
+              else added to ``.grad``) times the step taken;
+            - ``"task"``: the gradient without the SI penalty, as :meth:`before_step` finds it,
+              times the step taken (Zenke et al.'s code);
+            - ``"delta_params"``: the same gradient times the step the optimizer would take
+              from it alone, predicted from its state (SGD, Adam, AdamW, RMSprop; 3n memory).
+        clamp: where the consolidation's :math:`\max(0, \cdot)` goes:
+
+            - ``"task"`` (default): on each consolidation's contribution;
+            - ``"total"`` (Zenke et al.'s code): on the running total :math:`\Omega`;
+            - ``"none"`` (van de Ven's code): no clamp; :math:`\Omega` may become negative.
+        regularize_norm_layers: also regularize the parameters of normalization layers
+            (``BatchNorm``, ``InstanceNorm``: torch's ``_NormBase``). Default False, as
+            Avalanche's ``SynapticIntelligencePlugin``.
+        state_dtype: the dtype of the state; None (default) keeps it in float32 for
+            float16/bfloat16 weights and in the weights' dtype otherwise; ``torch.float32`` or
+            ``torch.float64`` force one.
+        consolidate: when to consolidate (:mod:`avalanche_si.consolidation`): None (default) at
+            each :meth:`end_task`, or at the real task boundaries of an online stream that shows
+            them; ``"experience"`` at every :meth:`end_task`; ``"boundary"`` at task boundaries
+            only; an ``int`` k every k optimizer steps; or a
+            :class:`~avalanche_si.consolidation.LossPlateau`. :meth:`consolidate_now`
+            consolidates at any moment.
+        scaler: the ``torch.amp.GradScaler`` that scales the loss, for mixed precision.
+            :meth:`before_step` unscales the gradients (PyTorch's documented pattern for
+            gradient clipping, so ``scaler.step`` does not unscale again), so the penalty acts
+            at the right scale, :math:`\omega` uses unscaled gradients and steps the scaler
+            skips add nothing.
+
+    ``si_lambda``, ``eps``, ``clamp`` and ``scaler`` may be assigned during training (checked
+    like here; the strength applies from the next step, the damping and clamp at the next
+    consolidation); so may each group's (:meth:`group`). The other options are fixed:
+    assigning them, or an unknown name, raises ``AttributeError``.
+
+    Raises:
+        ValueError: a bad option value, here; when training starts, an unsupported optimizer
+            for ``"delta_params"``, a parameter in two groups, a group that matches no
+            parameter, or a state that does not fit the model.
+        TypeError: an option or argument of the wrong type.
+
+    Example:
+        ```python
+        si = SynapticIntelligence(model, optimizer, si_lambda=1.0, eps=0.1)
+        for task in tasks:
+            si.start_task()
+            for x, y in task:
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                si.before_step()
+                optimizer.step()
+                si.after_step()
+            si.end_task()
+        ```
+    """
+
+    def __init__(self, model: Optional[torch.nn.Module] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 si_lambda: Strength = 1.0, eps: float = DEFAULT_EPS,
+                 excluded_parameters: Union[str, Sequence[str], None] = None,
+                 groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
+                 importance: str = "total", clamp: str = "task",
+                 regularize_norm_layers: bool = False,
+                 state_dtype: Optional[torch.dtype] = None,
+                 consolidate: Union[None, str, int, ConsolidationPolicy] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None):
+        self._si_lambda = check_strength(si_lambda, "si_lambda")
+        self._eps = check_eps(eps, "eps")
+        self._importance = check_choice(importance, IMPORTANCE_MODES, "importance")
+        self._clamp = check_choice(clamp, CLAMP_MODES, "clamp")
+        self._excluded = as_patterns(excluded_parameters or (), "excluded_parameters")
+        self._norms = check_flag(regularize_norm_layers, "regularize_norm_layers")
+        self._state_dtype = check_state_dtype(state_dtype)
+        self._scaler_option = amp.check_scaler(scaler)
+        self._policy = make_policy(consolidate)
+        self._groups = self._make_groups(groups)
+        kinds = KINDS[:3] if importance == "delta_params" else KINDS
+        self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
+        self._consolidations = 0       # the index that lists of strengths are read at
+        self._resolve_strengths()
+        self._patterns_checked = False
+        self._strict = True
+        self._binding = _Binding()
+        if model is not None:
+            self.bind(model, optimizer)
+        elif optimizer is not None:
+            raise TypeError("SynapticIntelligence got an optimizer but no model; pass both, or "
+                            "bind(model, optimizer) later.")
+
+    def _make_groups(self, groups) -> list[_Group]:
+        if groups is None:
+            return [_Group(None, _every_parameter, None, None)]
+        if not isinstance(groups, Mapping) or not groups:
+            raise ValueError("groups must be a non-empty mapping {name: ParamGroup(params=...)}, "
+                             f"got {groups!r}; leave it out for one group of all parameters.")
+        made = []
+        for key, spec in groups.items():
+            if not isinstance(key, str) or not key or "." in key or not key.isprintable():
+                raise ValueError(f"group name {key!r} must be a non-empty string without '.' "
+                                 "(it becomes part of buffer names such as si_omega_<name>_weights_0).")
+            if not isinstance(spec, ParamGroup):
+                spec = ParamGroup(params=spec)
+            matcher = spec.params if callable(spec.params) else \
+                as_patterns(spec.params, f"groups[{key!r}].params")
+            made.append(_Group(
+                key, matcher,
+                None if spec.si_lambda is None else
+                check_strength(spec.si_lambda, f"groups[{key!r}].si_lambda"),
+                None if spec.eps is None else check_eps(spec.eps, f"groups[{key!r}].eps")))
+        return made
+
+    # ------------------------------------------------------------------ options
+
+    @property
+    def si_lambda(self) -> Strength:
+        """The strength :math:`c`: a number, a tuple (one per task) or a callable."""
+        return self._si_lambda
+
+    @si_lambda.setter
+    def si_lambda(self, value) -> None:
+        self._si_lambda = check_strength(value, "si_lambda")
+        self._resolve_strengths()
+
+    @property
+    def eps(self) -> float:
+        """The damping :math:`\\xi` (used at the next consolidation)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps = check_eps(value, "eps")
+
+    @property
+    def clamp(self) -> str:
+        """Where the consolidation clamps at 0: ``"task"``, ``"total"`` or ``"none"``."""
+        return self._clamp
+
+    @clamp.setter
+    def clamp(self, value) -> None:
+        self._clamp = check_choice(value, CLAMP_MODES, "clamp")
+
+    @property
+    def scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The GradScaler passed in (None: the one an adapter finds, if any)."""
+        return self._scaler_option
+
+    @scaler.setter
+    def scaler(self, value) -> None:
+        self._scaler_option = amp.check_scaler(value)
+        self._binding.current = False
+
+    @property
+    def importance(self) -> str:
+        """Which gradient and step measure :math:`\\omega`."""
+        return self._importance
+
+    @property
+    def consolidate(self) -> ConsolidationPolicy:
+        """When SI consolidates (a policy); :meth:`consolidate_now` consolidates at once."""
+        return self._policy
+
+    @property
+    def consolidations(self) -> int:
+        """How many times SI has consolidated so far (the index a list of strengths is read
+        at); on a task-free stream, check that the policy keeps firing."""
+        return self._consolidations
+
+    @property
+    def excluded_parameters(self) -> tuple[str, ...]:
+        """The name patterns never regularized."""
+        return self._excluded
+
+    @property
+    def regularize_norm_layers(self) -> bool:
+        """Whether normalization layers' parameters are regularized."""
+        return self._norms
+
+    @property
+    def state_dtype(self) -> Optional[torch.dtype]:
+        """The dtype option of the state (None: float32 for 16-bit weights, else theirs)."""
+        return self._state_dtype
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in LIVE_OPTIONS:
+            super().__setattr__(name, value)
+        else:
+            refuse_attribute(type(self), name)
+
+    def group(self, key: Optional[str] = None) -> GroupOptions:
+        """The live options of group ``key`` (None: the default group)."""
+        return GroupOptions(self, self._group(key))
+
+    def _resolve_strengths(self) -> None:
+        for g in self._groups:
+            value = self._si_lambda if g.si_lambda is None else g.si_lambda
+            what = "si_lambda" if g.si_lambda is None else f"groups[{g.key!r}].si_lambda"
+            g.c = strength_at(value, self._consolidations, what)
+
+    def _eps_of(self, g: _Group) -> float:
+        return self._eps if g.eps is None else g.eps
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def penalty(self) -> Optional[Tensor]:
+        """The SI penalty :math:`\\sum_g c_g \\sum \\Omega (\\theta - \\theta^*)^2` at the last
+        step (0-d tensor on the parameters' device), or None before the first consolidation,
+        right after one, or when every strength is 0. Computed on first read, so a loop that
+        never reads it does not pay for it."""
+        values = []
+        for g in self._groups:
+            if g.value is not None:
+                if g.penalty is None:  # computed on demand: training does not pay for it
+                    g.penalty = g.value()
+                values.append(g.penalty)
+        return torch.stack(values).sum() if values else None
+
+    @property
+    def group_names(self) -> list[Optional[str]]:
+        """The groups' names (``None`` for the default group)."""
+        return [g.key for g in self._groups]
+
+    def importances(self, group: Optional[str] = None) -> dict[str, Tensor]:
+        r"""The consolidated importances :math:`\Omega` of one group, by parameter name.
+
+        The tensors are the live state: read, do not modify them.
+        """
+        key = self._group(group).key
+        return {name: self._state.get(key, "omega", i)
+                for name, i in self._state.index[key].items()}
+
+    def _group(self, key: Optional[str]) -> _Group:
+        for g in self._groups:
+            if g.key == key:
+                return g
+        raise KeyError(f"no SI group {key!r}; the groups are {self.group_names}.")
+
+    # ------------------------------------------------------------------ binding
+
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        """The model SI is bound to (None before :meth:`bind`)."""
+        return self._binding.model
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer SI is bound to."""
+        return self._binding.optimizer
+
+    def bind(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+             scaler: Optional[torch.amp.GradScaler] = None) -> "SynapticIntelligence":
+        """Serve ``model`` stepped by ``optimizer`` (a compiled or distributed wrapper of the same
+        model keeps its state: names are the plain model's).
+
+        Cheap when nothing changed: call it whenever the loop may have replaced the model or the
+        optimizer. The per-step lists are rebuilt at the next step when either object changed.
+
+        Args:
+            scaler: a ``GradScaler`` found by an adapter, used unless the ``scaler`` option is
+                set.
+
+        Returns:
+            ``self``, for ``si = SynapticIntelligence(...).bind(model, optimizer)``.
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise OptionTypeError(f"bind() needs the torch.nn.Module to regularize, got "
+                                  f"{type(model).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise OptionTypeError(f"bind() needs a torch.optim.Optimizer (or None), got "
+                                  f"{type(optimizer).__name__}.")
+        self._binding.target(model, optimizer, amp.check_scaler(scaler))
+        return self
+
+    def invalidate(self) -> None:
+        """The model's parameters changed (a head grew, modules were replaced, parameters were
+        unfrozen): rebuild the per-step lists before the next step. :meth:`start_task` notices
+        such changes itself; call this when they happen in the middle of a task."""
+        self._binding.current = False
+
+    def parameters_replaced(self) -> bool:
+        """Whether the bound model now holds other parameter objects than SI's lists (an
+        evaluation that adapted the model, say); marks the lists for rebuilding if so."""
+        b = self._binding
+        if b.model is not None and b.built and b.parameters_replaced():
+            b.current = False
+            return True
+        return False
+
+    def _require_model(self, call: str) -> torch.nn.Module:
+        if self._binding.model is None:
+            raise RuntimeError(f"{type(self).__name__}.{call}() before bind(model, optimizer): "
+                               "SI does not know which model to regularize.")
+        return self._binding.model
+
+    def _sync(self) -> None:
+        """Match the model's parameters to groups and state; build the per-step lists.
+
+        Runs when the binding changed (once per task at most, in practice), never per step.
+        New parameters get Ω = 0 and θ* = their current value; a grown one keeps its state for
+        the old slice.
+        """
+        b = self._binding
+        model = b.model
+        selected = select(model, self._groups, self._excluded,
+                          regularize_norm_layers=self._norms,
+                          check_patterns=not self._patterns_checked)
+        self._patterns_checked = True
+        self._state.check_loaded_names(self._model_names(model), strict=self._strict)
+        for g in self._groups:
+            g.clear_lists()
+        for g, name, p in selected:
+            i = self._state.track(g.key, name, p)
+            g.names.append(name)
+            g.params.append(p)
+            g.omega.append(self._state.get(g.key, "omega", i))
+            g.prev.append(self._state.get(g.key, "prev_theta", i))
+            g.running.append(self._state.get(g.key, "running_omega", i))
+            if self._importance != "delta_params":
+                g.pre.append(self._state.get(g.key, "pre_step_theta", i))
+        for g in self._groups:
+            if g.omega:
+                check_eps_for_dtype(self._eps_of(g), g.omega[0].dtype,
+                                    "eps" if g.eps is None else f"groups[{g.key!r}].eps")
+            if self._importance == "delta_params":
+                g.predictor = StepPredictor(self._need_optimizer(), g.params) if g.params else None
+        b.signature = b.signature_now()
+        b.current = b.built = True
+
+    def _need_optimizer(self) -> torch.optim.Optimizer:
+        opt = self._binding.optimizer
+        if opt is None:
+            raise ValueError("importance='delta_params' predicts the optimizer's steps: bind "
+                             "SI to the optimizer too, bind(model, optimizer).")
+        check_optimizer_supported(opt)
+        return opt
+
+    @staticmethod
+    def _model_names(model: torch.nn.Module) -> set[str]:
+        return {canonical_name(n) for n, _ in unwrap(model).named_parameters()}
+
+    def _scaler_in_use(self) -> Optional[torch.amp.GradScaler]:
+        return self._scaler_option or self._binding.scaler
+
+    # ------------------------------------------------------------------ the loop's calls
+
+    def start_task(self, experience: Any = None) -> None:
+        """Call as a task (or an experience of a stream) starts: SI re-reads the model if its
+        parameters changed (a new head, unfrozen layers), and a policy that consolidates at
+        task boundaries may consolidate here (``experience``: an Avalanche experience, read by
+        duck typing; None in a plain loop)."""
+        if self._start_task(experience):
+            self.consolidate_now()  # a task boundary seen as the next task starts
+
+    # Each call of the loop in two parts: the work, and whether the policy consolidates now.
+    # An adapter consolidates through its own consolidate_now(), so that a subclass of it
+    # that overrides the method sees every consolidation.
+
+    def _start_task(self, experience: Any) -> bool:
+        self._require_model("start_task")
+        if self._importance == "delta_params":
+            self._need_optimizer()
+        b = self._binding
+        if not b.current or b.changed():
+            self._sync()
+        return self._policy.at_experience_start(experience)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Call once per optimizer step, after the (last) backward pass and before gradient
+        clipping and ``optimizer.step()`` (or ``scaler.step``): unscales the gradients when a
+        scaler is in use, adds the penalty's gradient and keeps the weights before the step.
+        Under gradient accumulation, call it after the last of the k backward passes only."""
+        b = self._binding
+        if not b.current:
+            self._require_model("before_step")
+            self._sync()
+        found_inf = None
+        scaler = self._scaler_in_use()
+        if scaler is not None:
+            found_inf = amp.unscale_(scaler, b.optimizer,
+                                     [p for g in self._groups for p in g.params])
+        for g in self._groups:
+            if g.params:
+                self._before_step_group(g, found_inf)
+
+    def _before_step_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
+        grads = [p.grad for p in g.params]
+        idx = None
+        if any(gr is None for gr in grads):
+            # Parameters without a gradient this step (another task's head) are skipped:
+            # the optimizer does not move them, so neither their importance nor their
+            # penalty changes, and giving them a zero gradient would let a stateful
+            # optimizer move them on old momentum.
+            idx = [k for k, gr in enumerate(grads) if gr is not None]
+            grads = [grads[k] for k in idx]
+        g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
+        if not grads:
+            return
+        params = g.pick(g.params)
+        # The weights before the step are recorded here, in the pass that reads them for
+        # the penalty anyway (the optimizer step is what follows; whatever moves the
+        # weights between this call and the step has its move counted as part of it).
+        pre = None if self._importance == "delta_params" else g.pick(g.pre)
+        if self._importance == "delta_params":  # measured before the penalty joins the gradient
+            delta = g.predictor.predict(grads, mask=idx)
+            if found_inf is not None:  # a step the scaler skips moves nothing
+                torch._foreach_mul_(delta, 1.0 - found_inf)
+            accumulate_from_delta(g.pick(g.running), grads, delta)
+        task = self._importance == "task"
+        if self._state.consolidated[g.key] and g.c != 0.0:
+            # "task": the optimizer gets new gradient tensors with the penalty added; the
+            # task gradients stay in g.step_grads for ω.
+            total, g.value = penalty_step(grads, g.pick(g.omega), params, g.pick(g.prev),
+                                          strength=g.c, pre=pre, in_place=not task)
+            if task:
+                for p, t in zip(params, total):
+                    p.grad = t
+        else:
+            if pre is not None:
+                torch._foreach_copy_(pre, params)  # no_grad: no detach needed
+            if task:  # as above, so that ω never sees what is done to .grad later
+                for p, gr in zip(params, grads):
+                    p.grad = gr.clone()
+        if pre is not None:
+            g.step_grads = grads
+
+    @torch.no_grad()
+    def after_step(self, loss: Optional[Tensor] = None) -> None:
+        """Call once per optimizer step, right after it (after ``scaler.update()`` with AMP):
+        adds the step to the running importance :math:`\\omega`, and lets a step-counting or
+        loss-watching policy consolidate. ``loss``: the training loss of the step (needed by
+        :class:`~avalanche_si.consolidation.LossPlateau` only; SI's penalty not included)."""
+        if self._after_step(loss):
+            self.consolidate_now()
+
+    @torch.no_grad()
+    def _after_step(self, loss: Optional[Tensor]) -> bool:
+        for g in self._groups:
+            if g.step_grads:
+                # ω += g·(θ_pre − θ); with "task" g is the task gradient
+                accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre),
+                                    g.pick(g.params))
+                g.step_grads = []
+        return self._policy.at_step(loss)
+
+    def end_task(self, experience: Any = None) -> None:
+        """Call as a task (or an experience) ends: SI consolidates if its policy says so (by
+        default after every task; at the last sub-experience of a task on an online stream)."""
+        if self._end_task(experience):
+            self.consolidate_now()
+
+    def _end_task(self, experience: Any) -> bool:
+        self._require_model("end_task")
+        b = self._binding
+        if not b.current:
+            self._sync()
+        if b.changed():
+            self._warn_if_unfrozen()
+        return self._policy.at_experience_end(experience)
+
+    def consolidate_now(self) -> None:
+        r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
+        ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
+        \leftarrow 0`. The ``consolidate`` policy calls it (after each task by default); call it
+        yourself to consolidate at a point of your choosing.
+
+        Raises:
+            NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
+                group keeps its Ω and θ*, and the running ω of the task is reset, so the task
+                can be trained again once the weights are restored.
+            RuntimeError: SI holds no parameters to consolidate: it has not trained yet, or not
+                since :meth:`load_state_dict` or unpickling. Nothing changes.
+        """
+        if not self._binding.built:
+            owner = getattr(self, "_owner", None) or type(self).__name__
+            raise RuntimeError(
+                f"{owner}.consolidate_now() was called before the {self._noun} has the model's "
+                "parameters: it finds them when training starts, and again after "
+                "load_state_dict() or unpickling. Call it after training on what should be "
+                "consolidated; nothing was changed.")
+        try:
+            new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
+                                      clamp=self._clamp,
+                                      names=[f"{n!r} (SI group {g.label})" for n in g.names])
+                   for g in self._groups]
+        except NonFiniteImportanceError as exc:
+            for key in self._state.index:
+                self._state.reset_running(key)
+            for g in self._groups:
+                g.step_grads, g.value, g.penalty = [], None, None
+            raise NonFiniteImportanceError(
+                f"{exc} Nothing was stored: Ω and θ* of earlier tasks are kept and this "
+                "task's running importance ω is reset. Restore the weights from before "
+                "this task and train it again.") from None
+        for g, omega in zip(self._groups, new):
+            commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
+            self._state.consolidated[g.key] = self._state.consolidated[g.key] or bool(g.params)
+            g.step_grads, g.value, g.penalty = [], None, None
+        self._consolidations += 1
+        self._policy.consolidated()
+        self._resolve_strengths()
+
+    #: how messages name this object ("the plugin" when an Avalanche plugin drives it)
+    _noun = "engine"
+
+    def _warn_if_unfrozen(self) -> None:
+        """A parameter made trainable during the task had no state: say so (it gets state,
+        with θ* = its value now, from the next task)."""
+        tracked = {(g.key, n) for g in self._groups for n in g.names}
+        late = [n for g, n, _ in select(self._binding.model, self._groups, self._excluded,
+                                        regularize_norm_layers=self._norms, check_patterns=False)
+                if (g.key, n) not in tracked]
+        if late:
+            owner = getattr(self, "_owner", None) or type(self).__name__
+            warnings.warn(f"{owner}: parameter(s) {', '.join(map(repr, late))} became trainable "
+                          "during this experience; SI regularizes them from the next experience "
+                          "on (their importance for this one is 0). Unfreeze parameters between "
+                          "experiences to have it measured.", stacklevel=4)
+            self._binding.current = False
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def state_dict(self) -> dict[str, Any]:
+        """SI's state: every group's buffers and parameter index (tensors cloned), the number of
+        consolidations and the consolidation policy's state."""
+        return dict(self._state.state_dict(), importance=self._importance,
+                    consolidations=self._consolidations,
+                    policy={"type": type(self._policy).__name__,
+                            "state": self._policy.state_dict()})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a :meth:`state_dict`, checked against these groups and, if SI is bound to a
+        model (else when training starts), the model.
+
+        Tensors are copied; they move to the live parameters' device and the state's dtype.
+        Nothing changes when an error is raised.
+
+        Args:
+            strict: every parameter the state names must be a parameter of the model (as
+                ``torch.nn.Module.load_state_dict``). With False, state for parameters the
+                model lacks is kept unused (it applies if such a parameter appears later).
+
+        Raises:
+            ValueError: not an SI state, other groups, missing, inconsistent or non-finite
+                buffers, negative Ω under a clamp that forbids it, names the model lacks
+                (``strict``), or shapes that do not fit the model's.
+        """
+        new = SIState(self._state.index, self._state.kinds, self._state_dtype)
+        new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
+        policy = state_dict.get("policy")
+        owner = getattr(self, "_owner", None) or type(self).__name__
+        if policy is not None and policy["type"] != type(self._policy).__name__:
+            raise ValueError(f"{owner} state was saved with consolidation policy "
+                             f"{policy['type']}, this one has {type(self._policy).__name__}; "
+                             "build it with the same consolidate= option.")
+        model = self._binding.model
+        if model is not None:
+            new.check_loaded_names(self._model_names(model), strict=strict)
+            for g, name, p in select(model, self._groups, self._excluded,
+                                     regularize_norm_layers=self._norms, check_patterns=False):
+                new.check_shape(g.key, name, p)
+        if policy is not None:
+            self._policy.load_state_dict(policy["state"])
+        self._state = new
+        self._strict = strict
+        # states saved before 0.2 lack the count: 1 if anything was consolidated, else 0
+        self._consolidations = int(state_dict.get(
+            "consolidations", int(any(new.consolidated.values()))))
+        self._resolve_strengths()
+        for g in self._groups:
+            g.clear_lists()
+        self._binding.current = self._binding.built = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (an Avalanche checkpoint pickles the strategy with its plugins): the per-step
+        # lists, the model, the optimizer and a found scaler are bound again on the next step.
+        state = self.__dict__.copy()
+        state["_groups"] = [_Group.__new__(_Group) for _ in self._groups]
+        for new, old in zip(state["_groups"], self._groups):
+            new.__dict__.update(old.__dict__)
+            new.clear_lists()
+        state["_binding"] = _Binding()
+        return state
+
+    def __repr__(self) -> str:
+        groups = "" if self.group_names == [None] else f", groups={self.group_names}"
+        return (f"{type(self).__name__}(si_lambda={self._si_lambda!r}, eps={self._eps!r}, "
+                f"importance={self._importance!r}, clamp={self._clamp!r}, "
+                f"consolidate={self._policy!r}{groups})")
+
+
+#: the engine fields a pickle of SIPlugin 0.2 kept on the plugin itself
+_V02_BINDING_FIELDS = ("_dirty", "_signature", "_model", "_param_ids", "_scaler", "_bound")
+
+
+def engine_from_fields(fields: dict[str, Any]) -> SynapticIntelligence:
+    """An engine from the attributes an SIPlugin of version 0.2 kept on itself (its pickles),
+    its state kept whole; the binding starts afresh, as after any unpickling."""
+    engine = SynapticIntelligence.__new__(SynapticIntelligence)
+    kept = {k: v for k, v in fields.items() if k not in _V02_BINDING_FIELDS}
+    kept["_binding"] = _Binding()
+    engine.__dict__.update(kept)
+    return engine

@@ -1,0 +1,308 @@
+"""The engine in a plain PyTorch loop, against SI by the definition (float64) and the plugin."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from avalanche_si import ParamGroup, SynapticIntelligence
+from conftest import (DEVICES, assert_same, make_stream, make_tasks, mlp, reference_si, strategy,
+                      train_loop, train_stream, weights)
+
+GROUPS = {"body": (["0.weight", "0.bias", "2.weight", "2.bias"], 0.7, 1e-3),
+          "head": (["4.weight", "4.bias"], 3.0, 0.1)}
+IMPORTANCES = ["total", "task", "delta_params"]
+
+
+def _si(model, opt, importance, **kwargs):
+    return SynapticIntelligence(model, opt, si_lambda=123.0, eps=5.0, importance=importance,
+                                groups={n: ParamGroup(params=names, si_lambda=c, eps=xi)
+                                        for n, (names, c, xi) in GROUPS.items()}, **kwargs)
+
+
+def _omegas(si):
+    return {f"{g}/{n}": o for g in si.group_names for n, o in si.importances(g).items()}
+
+
+def _close(a, b, **tol):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], msg=n, **(tol or dict(rtol=1e-9, atol=1e-12)))
+
+
+def _reference(tasks, importance, *, device="cpu", opt=lambda p: torch.optim.Adam(p, lr=0.05),
+               **kwargs):
+    model = mlp(device=device)
+    ref_omega, model = reference_si(model, opt(model.parameters()), tasks, list(GROUPS.values()),
+                                    importance=importance, **kwargs)
+    return weights(model), {f"{g}/{n}": ref_omega[n] for g, (names, _, _) in GROUPS.items()
+                            for n in names}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_plain_loop_matches_the_definition(tasks, importance, device):
+    ref_w, ref_o = _reference(tasks, importance, device=device)
+    model = mlp(device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si)
+    _close(weights(model), ref_w)
+    _close(_omegas(si), ref_o)
+    assert si.consolidations == 3 and all(o.abs().max() > 0 for o in ref_o.values())
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_plain_loop_is_the_plugin_bit_for_bit(tasks, importance):
+    from avalanche_si import SIPlugin
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si)
+    plugin_model = mlp()
+    plugin = SIPlugin(123.0, eps=5.0, importance=importance, groups={
+        n: ParamGroup(params=names, si_lambda=c, eps=xi) for n, (names, c, xi) in GROUPS.items()})
+    train_stream(strategy(plugin_model, torch.optim.Adam(plugin_model.parameters(), lr=0.05),
+                          [plugin]), make_stream(tasks))
+    assert_same(weights(model), weights(plugin_model))
+    assert_same(_omegas(si), {f"{g}/{n}": o for g in plugin.group_names
+                              for n, o in plugin.importances(g).items()})
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_gradient_accumulation_equals_the_larger_batch(tasks, importance, accumulate):
+    # k backward passes on mb/k samples (loss / k), one optimizer step: the penalty acts once
+    # per step and ω counts each step once, as one step on the whole mini-batch does
+    ref_w, ref_o = _reference(tasks, importance)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si, accumulate=accumulate)
+    _close(weights(model), ref_w)
+    _close(_omegas(si), ref_o)
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_gradient_clipping_clips_the_penalty_with_the_task_gradient(tasks, importance):
+    # before_step() adds the penalty's gradient, then the loop clips: the same as clipping the
+    # gradient of task loss + penalty, which is what the definition clips
+    def clip(model):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+
+    ref_w, ref_o = _reference(tasks, importance if importance != "delta_params" else "total",
+                              opt=lambda p: torch.optim.SGD(p, lr=0.1), rewrite_grads=clip)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = _si(model, opt, importance if importance != "delta_params" else "total")
+    train_loop(model, opt, tasks, si, clip=0.5)
+    _close(weights(model), ref_w)
+    _close(_omegas(si), ref_o)
+    unclipped_w, _ = _reference(tasks, "total", opt=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert any(not torch.allclose(unclipped_w[n], ref_w[n]) for n in ref_w)  # the clip acted
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_lr_scheduler_stepping_every_step(tasks, importance):
+    ref_model = mlp()
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.05)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.7)
+    ref_omega, ref_model = reference_si(ref_model, ref_opt, tasks, list(GROUPS.values()),
+                                        importance=importance, on_step=ref_sched.step)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si, on_step=sched.step)
+    _close(weights(model), weights(ref_model))
+    _close(_omegas(si), {f"{g}/{n}": ref_omega[n] for g, (names, _, _) in GROUPS.items()
+                         for n in names})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_grad_scaler_gives_exactly_the_unscaled_training(device, importance):
+    tasks = make_tasks(dtype=torch.float32)
+    runs = []
+    for scaler in (None, torch.amp.GradScaler(device, init_scale=2.0 ** 12)):
+        model = mlp(dtype=torch.float32, device=device)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        si = _si(model, opt, importance, scaler=scaler)
+        train_loop(model, opt, tasks, si, scaler=scaler)
+        runs.append((weights(model), _omegas(si)))
+    assert_same(runs[0][0], runs[1][0])
+    assert_same(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_a_step_the_scaler_skips_adds_nothing(device, importance):
+    tasks = make_tasks(dtype=torch.float32)
+    model = mlp(dtype=torch.float32, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(device)
+    si = _si(model, opt, importance, scaler=scaler)
+    seen = {}
+
+    def poison(model, step):
+        if step in (4, 17):  # task 1 and, with the penalty on, task 2
+            model[0].weight.grad[0, 0] = float("inf")
+            seen[step] = ([t.clone() for g in si._groups for t in g.running], weights(model))
+        elif step - 1 in seen:
+            before_running, before_w = seen[step - 1]
+            after_running = [t for g in si._groups for t in g.running]
+            assert all(torch.equal(a, b) for a, b in zip(before_running, after_running))
+            assert_same(before_w, weights(model))
+
+    train_loop(model, opt, tasks, si, scaler=scaler, on_backward=poison)
+    assert set(seen) == {4, 17}
+    assert all(torch.isfinite(o).all() for o in _omegas(si).values())
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_bf16_autocast_with_scaler_stays_near_float32(importance):
+    tasks = make_tasks(dtype=torch.float32)
+    runs = []
+    for autocast in (None, torch.bfloat16):
+        model = mlp(dtype=torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu") if autocast else None
+        si = _si(model, opt, importance, scaler=scaler)
+        train_loop(model, opt, tasks, si, scaler=scaler, autocast=autocast)
+        runs.append((weights(model), _omegas(si)))
+    for n in runs[0][0]:
+        torch.testing.assert_close(runs[1][0][n], runs[0][0][n], rtol=0.05, atol=0.02, msg=n)
+    total = sum(o.sum() for o in runs[0][1].values())
+    err = sum((runs[1][1][n] - runs[0][1][n]).abs().sum() for n in runs[0][1])
+    assert err / total < 0.05, float(err / total)
+
+
+def test_compiled_model_trains_as_the_plain_one(tasks):
+    runs = []
+    for wrap in (lambda m: m, lambda m: torch.compile(m, backend="eager")):
+        model = mlp()
+        wrapped = wrap(model)
+        opt = torch.optim.Adam(wrapped.parameters(), lr=0.05)
+        si = _si(wrapped, opt, "total")
+        train_loop(wrapped, opt, tasks, si)
+        runs.append((weights(model), _omegas(si)))
+    assert sorted(runs[1][1]) == sorted(runs[0][1])  # plain names, not _orig_mod.*
+    assert_same(runs[0][0], runs[1][0])
+    assert_same(runs[0][1], runs[1][1])
+
+
+def test_state_dict_round_trip_resumes_exactly(tasks):
+    full = mlp()
+    opt = torch.optim.SGD(full.parameters(), lr=0.1)
+    full_si = SynapticIntelligence(full, opt, si_lambda=5.0, eps=0.1)
+    train_loop(full, opt, tasks, full_si)
+
+    first = mlp()
+    opt = torch.optim.SGD(first.parameters(), lr=0.1)
+    si = SynapticIntelligence(first, opt, si_lambda=5.0, eps=0.1)
+    train_loop(first, opt, tasks[:1], si)
+    state = si.state_dict()
+    resumed = SynapticIntelligence(si_lambda=5.0, eps=0.1)
+    resumed.load_state_dict(state)
+    resumed.bind(first, opt)
+    train_loop(first, opt, tasks[1:], resumed)
+    assert_same(weights(first), weights(full))
+    assert_same(resumed.importances(), full_si.importances())
+    assert resumed.consolidations == full_si.consolidations == 3
+
+
+def test_calls_out_of_order_and_bad_arguments_say_what_to_do():
+    si = SynapticIntelligence(si_lambda=1.0)
+    with pytest.raises(RuntimeError, match=r"before_step\(\) before bind"):
+        si.before_step()
+    with pytest.raises(RuntimeError, match=r"start_task\(\) before bind"):
+        si.start_task()
+    with pytest.raises(RuntimeError, match="before the engine has the model's parameters"):
+        si.consolidate_now()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        si.bind("model")
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        si.bind(mlp(), optimizer=[1])
+    with pytest.raises(TypeError, match="optimizer but no model"):
+        SynapticIntelligence(optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1))
+    with pytest.raises(TypeError):
+        SynapticIntelligence(mlp(), None, 1.0)  # options are keyword-only
+    model = mlp()
+    si = SynapticIntelligence(model, importance="delta_params")
+    with pytest.raises(ValueError, match="bind"):
+        si.start_task()
+    with pytest.raises(AttributeError, match="did you mean 'si_lambda'"):
+        si.si_lamda = 2.0
+    with pytest.raises(AttributeError, match="SynapticIntelligence.importance cannot change"):
+        si.importance = "task"
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(si_lambda="1"), TypeError), (dict(si_lambda=-1.0), ValueError),
+    (dict(eps="0.1"), TypeError), (dict(eps=float("inf")), ValueError),
+    (dict(importance=3), TypeError), (dict(importance="tsk"), ValueError),
+    (dict(regularize_norm_layers=1), TypeError), (dict(state_dtype="float32"), TypeError),
+    (dict(scaler=object()), TypeError), (dict(excluded_parameters=[3]), TypeError),
+])
+def test_type_errors_are_type_errors_and_value_errors_are_not(bad, error):
+    with pytest.raises(error) as info:
+        SynapticIntelligence(**bad)
+    if error is ValueError:
+        assert not isinstance(info.value, TypeError)
+    else:
+        assert isinstance(info.value, ValueError)  # what 0.2 raised: old handlers still catch it
+
+
+def test_damping_is_checked_in_one_place_for_every_api():
+    from avalanche_si import functional as F
+
+    model = mlp()
+    params = list(model.parameters())
+    F.si_pre_optim_step(model, params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    F.si_post_optim_step(model, params)
+    for eps in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="epsilon"):
+            F.si_compute_importance(model, params, epsilon=eps)
+        with pytest.raises(ValueError, match="eps"):
+            SynapticIntelligence(eps=eps)
+
+
+def test_importing_the_engine_and_the_core_loads_no_framework():
+    code = ("import sys, avalanche_si, avalanche_si.engine, avalanche_si.functional; "
+            "from avalanche_si import SynapticIntelligence, ParamGroup; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('avalanche', 'lightning', 'pytorch_lightning')); print(bad)")
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "avalanche." not in out.stderr.replace("avalanche_si", "")  # -X importtime's list
+    # and the plugin still comes from the package face, loading Avalanche then
+    code = "import avalanche_si, sys; avalanche_si.SIPlugin; print('avalanche' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+#: the package's layers, bottom up (docs/guide/architecture.md draws them)
+LAYERS = {"core": ["options", "_fused", "_compat", "functional", "groups", "state", "optim_step",
+                   "amp", "consolidation"],
+          "engine": ["engine"], "adapter": ["plugin", "lightning"], "logger": ["wandb_logger"]}
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "avalanche_si"
+    rank = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
+    assert set(rank) | {"__init__"} == {p.stem for p in pkg.glob("*.py")}, "a module without a layer"
+    page = (pkg.parent / "docs" / "guide" / "architecture.md").read_text()
+    for module in rank:
+        assert f"`{module}`" in page or module == "_compat", module
+        source = (pkg / f"{module}.py").read_text()
+        for target in re.findall(r"^\s*from \.(\w+) import|^\s*from \. import (\w+)", source, re.M):
+            name = target[0] or target[1]
+            assert rank[name] <= rank[module], f"{module} imports {name}, a layer above it"
