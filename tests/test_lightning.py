@@ -1,0 +1,166 @@
+"""SICallback: SI in Lightning, one fit per task, against the float64 definition and the plain loop."""
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from avalanche_si import ParamGroup, SynapticIntelligence  # noqa: E402
+from avalanche_si.lightning import SICallback  # noqa: E402
+from conftest import assert_same, make_tasks, mlp, reference_si, train_loop, weights  # noqa: E402
+
+GROUPS = {"body": (["0.weight", "0.bias", "2.weight", "2.bias"], 0.7, 1e-3),
+          "head": (["4.weight", "4.bias"], 3.0, 0.1)}
+
+
+class Module(L.LightningModule):
+    """The tests' MLP; one optimizer for every fit, so its state carries over tasks as in the
+    reference loop."""
+
+    def __init__(self, net, make_opt, autocast_float=False):
+        super().__init__()
+        self.net, self.make_opt, self.opt = net, make_opt, None
+        self.autocast_float = autocast_float
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        return torch.nn.functional.cross_entropy(out.float() if self.autocast_float else out, y)
+
+    def configure_optimizers(self):
+        if self.opt is None:
+            self.opt = self.make_opt(self.net.parameters())
+        return self.opt
+
+
+def _loader(task, batch):
+    x, y, _ = task
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch,
+                                       shuffle=False)
+
+
+def _trainer(callbacks, **kwargs):
+    base = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(callbacks=callbacks, **{**base, **kwargs})
+
+
+def _callback(importance="total", **kwargs):
+    return SICallback(si_lambda=123.0, eps=5.0, importance=importance, groups={
+        n: ParamGroup(params=[f"net.{x}" for x in names], si_lambda=c, eps=xi)
+        for n, (names, c, xi) in GROUPS.items()},
+        **kwargs)
+
+
+def _fit_tasks(module, callback, tasks, *, batch=8, **trainer_kwargs):
+    for task in tasks:
+        _trainer([callback], **trainer_kwargs).fit(module, _loader(task, batch))
+
+
+def _omegas(engine):
+    """Ω by the plain MLP's names (the module holds it as ``net``)."""
+    return {n.removeprefix("net."): o for g in engine.group_names
+            for n, o in engine.importances(g).items()}
+
+
+def _check_against_reference(module, callback, tasks, importance, *, opt, rewrite_grads=None):
+    ref_model = mlp()
+    ref_omega, ref_model = reference_si(ref_model, opt(ref_model.parameters()), tasks,
+                                        list(GROUPS.values()), importance=importance,
+                                        rewrite_grads=rewrite_grads)
+    for (n, p), (_, q) in zip(module.net.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-12, msg=n)
+    got = _omegas(callback.engine)
+    for n, o in ref_omega.items():
+        torch.testing.assert_close(got[n], o, rtol=1e-9, atol=1e-12, msg=n)
+    assert callback.engine.consolidations == len(tasks)
+
+
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
+def test_one_fit_per_task_matches_the_definition(tasks, importance):
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    module, callback = Module(mlp(), adam), _callback(importance)
+    _fit_tasks(module, callback, tasks)
+    _check_against_reference(module, callback, tasks, importance, opt=adam)
+
+
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
+def test_accumulate_grad_batches_equals_the_larger_batch(tasks, importance):
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    module, callback = Module(mlp(), adam), _callback(importance)
+    _fit_tasks(module, callback, tasks, batch=4, accumulate_grad_batches=2)
+    _check_against_reference(module, callback, tasks, importance, opt=adam)
+
+
+def test_lightning_gradient_clipping_clips_the_penalty_too(tasks):
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    module, callback = Module(mlp(), sgd), _callback()
+    _fit_tasks(module, callback, tasks, gradient_clip_val=0.5)
+    _check_against_reference(
+        module, callback, tasks, "total", opt=sgd,
+        rewrite_grads=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_lightning_amp_scaler_is_used_as_in_a_plain_loop(importance):
+    # Lightning's 16-mixed precision plugin (its GradScaler) against the plain loop with the
+    # same autocast and scaler: the same bits
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    tasks = make_tasks(dtype=torch.float32)
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    module = Module(mlp(dtype=torch.float32), adam, autocast_float=True)
+    callback = SICallback(si_lambda=200.0, eps=0.1, importance=importance)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    _fit_tasks(module, callback, tasks,
+               plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert callback.engine._binding.scaler is scaler
+
+    model = mlp(dtype=torch.float32)
+    opt = adam(model.parameters())
+    loop_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    si = SynapticIntelligence(model, opt, si_lambda=200.0, eps=0.1, importance=importance,
+                              scaler=loop_scaler)
+    train_loop(model, opt, tasks, si, scaler=loop_scaler, autocast=torch.float16)
+    assert_same(weights(module.net), weights(model))
+    assert_same(_omegas(callback.engine), _omegas(si))
+
+
+class Crash(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_fit_resumed_from_a_lightning_checkpoint_equals_an_uninterrupted_one(tasks, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    full, full_cb = Module(mlp(), adam), SICallback(si_lambda=5.0, eps=0.1)
+    _fit_tasks(full, full_cb, tasks[:2])
+
+    module, callback = Module(mlp(), adam), SICallback(si_lambda=5.0, eps=0.1)
+    _fit_tasks(module, callback, tasks[:1])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # task 2 dies after its epoch 1
+        _trainer([callback, ckpt, Crash()], enable_checkpointing=True).fit(
+            module, _loader(tasks[1], 8))
+    assert callback.engine.consolidations == 1  # a crash is no task end
+
+    resumed, resumed_cb = Module(mlp(seed=5), adam), SICallback(si_lambda=5.0, eps=0.1)
+    resumed.opt = adam(resumed.net.parameters())
+    _trainer([resumed_cb], enable_checkpointing=True).fit(
+        resumed, _loader(tasks[1], 8), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed_cb.engine.consolidations == 2
+    assert_same(weights(resumed.net), weights(full.net))
+    assert_same(_omegas(resumed_cb.engine), _omegas(full_cb.engine))
+
+
+def test_callback_arguments_are_checked():
+    with pytest.raises(TypeError, match="not both"):
+        SICallback(engine=SynapticIntelligence(), si_lambda=1.0)
+    with pytest.raises(TypeError, match="SynapticIntelligence"):
+        SICallback(engine=object())
+    with pytest.raises(AttributeError, match="did you mean 'si_lambda'"):
+        SICallback(si_lambda=1.0).engine.si_lamda = 2.0
