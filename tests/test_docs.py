@@ -45,3 +45,18 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "reference" / "plugin" / "index.html").exists()
     page = (tmp_path / "site" / "reference" / "plugin" / "index.html").read_text()
     assert "consolidate_now" in page and "si_lambda" in page  # built from the docstrings
+
+
+@pytest.mark.parametrize("page", ["guide/own-loop.md", "guide/lightning.md"])
+def test_guide_examples_run_as_written(page, capsys):
+    # every python block of the page, each on its own, as a reader would paste it
+    if page == "guide/lightning.md":
+        pytest.importorskip("lightning")
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
+    assert blocks
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"docs/{page} (block {k + 1})", "exec"), {"__name__": "docs"})
+    out = capsys.readouterr().out
+    assert "consolidations: 5, accuracy per task:" in out, out
+    acc = [float(a) for a in out.split("accuracy per task:")[1].split()[:5]]
+    assert min(acc) > 0.5  # SI kept every task above chance

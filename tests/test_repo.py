@@ -79,7 +79,9 @@ def test_readme_is_a_front_page():
 def test_every_readme_python_block_runs_offline_and_prints_what_the_readme_shows(capsys):
     import torch
 
-    quick, options = _python_blocks()  # the quick start, then the options example
+    loop, quick, options = _python_blocks()  # own loop, the quick start, the options example
+    exec(compile(loop, "README.md (own loop)", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.startswith("3 {'0.weight': '")  # Ω after each of 3 tasks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the README's output was printed at one thread
     try:
