@@ -144,13 +144,14 @@ def test_a_fit_resumed_from_a_lightning_checkpoint_equals_an_uninterrupted_one(t
     _fit_tasks(module, callback, tasks[:1])
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     with pytest.raises(RuntimeError, match="simulated crash"):  # task 2 dies after its epoch 1
-        _trainer([callback, ckpt, Crash()], enable_checkpointing=True).fit(
+        _trainer([callback, ckpt, Crash()], enable_checkpointing=True,
+                 default_root_dir=tmp_path).fit(
             module, _loader(tasks[1], 8))
     assert callback.engine.consolidations == 1  # a crash is no task end
 
     resumed, resumed_cb = Module(mlp(seed=5), adam), SICallback(si_lambda=5.0, eps=0.1)
     resumed.opt = adam(resumed.net.parameters())
-    _trainer([resumed_cb], enable_checkpointing=True).fit(
+    _trainer([resumed_cb], default_root_dir=tmp_path).fit(
         resumed, _loader(tasks[1], 8), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed_cb.engine.consolidations == 2
     assert_same(weights(resumed.net), weights(full.net))
