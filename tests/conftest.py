@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-warnings.filterwarnings("ignore")
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets  # noqa: E402
 from avalanche.benchmarks.scenarios.supervised import with_classes_timeline  # noqa: E402

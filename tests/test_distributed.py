@@ -50,3 +50,27 @@ def test_ddp_two_ranks_equal_a_single_process_run(tmp_path, policy):
                 torch.testing.assert_close(r["omega"][g][n], o, rtol=1e-9, atol=1e-12)
         for n, p in model.named_parameters():
             torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_ddp_plain_loop_with_the_engine_equals_a_single_process_run(tmp_path):
+    from _ddp_worker import train_rank_loop
+
+    from avalanche_si import SynapticIntelligence
+    from conftest import train_loop
+
+    mp.start_processes(train_rank_loop, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = SynapticIntelligence(model, opt, si_lambda=2.0, importance="delta_params",
+                              groups={"body": ["0", "2"], "head": ["4"]})
+    train_loop(model, opt, make_tasks(), si, mb=8)
+    for r in ranks:
+        assert r["consolidations"] == si.consolidations == 3
+        for g in ("body", "head"):
+            for n, o in si.importances(g).items():
+                torch.testing.assert_close(r["omega"][g][n], o, rtol=1e-9, atol=1e-12)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12)
