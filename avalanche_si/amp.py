@@ -48,13 +48,30 @@ def check_scaler(value: Any) -> Optional[GradScaler]:
 
 
 def find_scaler(strategy: Any) -> Optional[GradScaler]:
-    """The ``torch.amp.GradScaler`` among the strategy's attributes (an AMP subclass's
-    ``self.scaler``, whatever its name), or None.
+    """The ``torch.amp.GradScaler`` the strategy holds (an AMP subclass's ``self.scaler``,
+    whatever its name), or None. Looked for among its attributes, its class's, and one level
+    down, in the attributes of the objects it holds (a helper with a ``.scaler``).
 
     Raises:
         ValueError: the strategy holds several; pass the one in use as ``scaler=``.
     """
-    found = {name: v for name, v in vars(strategy).items() if isinstance(v, GradScaler)}
+    own = dict(vars(strategy))
+    for cls in reversed(type(strategy).__mro__):  # class attributes, the instance's win
+        own = {**{k: v for k, v in vars(cls).items() if isinstance(v, GradScaler)}, **own}
+    found = {name: v for name, v in own.items() if isinstance(v, GradScaler)}
+    if not found:
+        for name, holder in own.items():
+            if isinstance(holder, (torch.nn.Module, Tensor, torch.optim.Optimizer)) or \
+                    not hasattr(holder, "__dict__") or isinstance(holder, type):
+                continue
+            for inner, v in vars(holder).items():
+                if isinstance(v, GradScaler):
+                    found[f"{name}.{inner}"] = v
+    unique: dict[str, GradScaler] = {}  # one scaler reached by two names counts once
+    for name, v in sorted(found.items()):
+        if all(v is not w for w in unique.values()):
+            unique[name] = v
+    found = unique
     if len(found) > 1:
         raise ValueError(f"the strategy holds several GradScalers ({', '.join(sorted(found))}); "
                          "pass the one that scales the loss as SIPlugin(scaler=...).")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -124,12 +125,13 @@ class _Binding:
     """The model, optimizer and scaler SI serves, and whether the per-step lists are current.
 
     ``built``: the groups' lists hold the bound model's parameters (consolidation can run);
+    ``state_model``: the model the state belongs to (one run, one model);
     ``current``: they need no rebuilding before the next step. ``signature`` is what they were
     built from: an online stream starts hundreds of experiences, and the lists are rebuilt
     only when it changes.
     """
 
-    __slots__ = ("model", "optimizer", "scaler", "signature", "built", "current")
+    __slots__ = ("model", "optimizer", "scaler", "signature", "built", "current", "state_model")
 
     def __init__(self) -> None:
         self.model: Optional[torch.nn.Module] = None
@@ -138,6 +140,9 @@ class _Binding:
         self.signature: tuple = ()
         self.built = False
         self.current = False
+        #: the plain model SI's state was built for (a weak reference; None: not yet, or the
+        #: state arrived by load_state_dict or unpickling and belongs to the next model bound)
+        self.state_model: Optional[weakref.ref] = None
 
     def target(self, model, optimizer, scaler) -> None:
         if model is not self.model or optimizer is not self.optimizer or scaler is not self.scaler:
@@ -355,6 +360,7 @@ class SynapticIntelligence:
         self._state_dtype = check_state_dtype(state_dtype)
         self._scaler_option = amp.check_scaler(scaler)
         self._policy = make_policy(consolidate)
+        self._fresh_policy = self._policy.state_dict()  # what reset() restores
         self._groups = self._make_groups(groups)
         kinds = KINDS[:3] if importance == "delta_params" else KINDS
         self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
@@ -414,12 +420,21 @@ class SynapticIntelligence:
 
     @property
     def clamp(self) -> str:
-        """Where the consolidation clamps at 0: ``"task"``, ``"total"`` or ``"none"``."""
+        """Where the consolidation clamps at 0: ``"task"``, ``"total"`` or ``"none"``. Switching
+        from ``"none"`` to a clamp also clamps the Ω held so far at 0."""
         return self._clamp
 
     @clamp.setter
     def clamp(self, value) -> None:
-        self._clamp = check_choice(value, CLAMP_MODES, "clamp")
+        value = check_choice(value, CLAMP_MODES, "clamp")
+        if value != "none" and self._clamp == "none":
+            # Ω held under clamp="none" may be negative, which the new clamp never stores:
+            # clamp it now, so that Ω (and the state_dict) always fit the clamp in use
+            with torch.no_grad():
+                for key, index in self._state.index.items():
+                    for i in index.values():
+                        self._state.get(key, "omega", i).clamp_(min=0.0)
+        self._clamp = value
 
     @property
     def scaler(self) -> Optional[torch.amp.GradScaler]:
@@ -530,19 +545,29 @@ class SynapticIntelligence:
         return self._binding.optimizer
 
     def bind(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-             scaler: Optional[torch.amp.GradScaler] = None) -> "SynapticIntelligence":
+             scaler: Optional[torch.amp.GradScaler] = None,
+             carry_state: bool = False) -> "SynapticIntelligence":
         """Serve ``model`` stepped by ``optimizer`` (a compiled or distributed wrapper of the same
         model keeps its state: names are the plain model's).
 
         Cheap when nothing changed: call it whenever the loop may have replaced the model or the
         optimizer. The per-step lists are rebuilt at the next step when either object changed.
 
+        One SI object serves one run: once it holds state for a model, binding another model
+        object raises, unless ``carry_state`` (the same run goes on with a new model object,
+        as Avalanche's GDumb builds one per experience; state follows the parameter names).
+
         Args:
             scaler: a ``GradScaler`` found by an adapter, used unless the ``scaler`` option is
                 set.
+            carry_state: keep the state for a new model object of the same run.
 
         Returns:
             ``self``, for ``si = SynapticIntelligence(...).bind(model, optimizer)``.
+
+        Raises:
+            RuntimeError: SI holds state for another model (call :meth:`reset` for a new run).
+            ValueError: ``torch.optim.LBFGS`` (a closure optimizer).
         """
         if not isinstance(model, torch.nn.Module):
             raise OptionTypeError(f"bind() needs the torch.nn.Module to regularize, got "
@@ -550,8 +575,38 @@ class SynapticIntelligence:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise OptionTypeError(f"bind() needs a torch.optim.Optimizer (or None), got "
                                   f"{type(optimizer).__name__}.")
-        self._binding.target(model, optimizer, amp.check_scaler(scaler))
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("SI does not support torch.optim.LBFGS: it re-evaluates a closure "
+                             "several times per step, without the penalty's gradient. Add "
+                             "c·Σ Ω(θ − θ*)² to the closure's loss with avalanche_si.functional.")
+        b = self._binding
+        if model is not b.model and b.state_model is not None and not carry_state:
+            if b.state_model() is not unwrap(model):
+                owner = getattr(self, "_owner", None) or type(self).__name__
+                raise RuntimeError(
+                    f"{owner} holds SI state (Ω, θ*, {self._consolidations} consolidation(s)) "
+                    "for another model, and state never moves to a new model silently. For a "
+                    "new run (another seed), call reset() or build a new one; to move the state, "
+                    "load_state_dict(state_dict()) first.")
+        b.target(model, optimizer, amp.check_scaler(scaler))
         return self
+
+    def reset(self) -> None:
+        """Forget everything learnt: Ω, θ*, ω, the consolidation count and the policy's state;
+        the options stay. For a new run (another seed) with the same SI object; the next
+        :meth:`bind` may then name any model."""
+        self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
+        self._consolidations = 0
+        self._steps_since = self._task_steps = 0
+        if self._fresh_policy is None:
+            raise RuntimeError("this SI object was unpickled from avalanche_si 0.2 and cannot "
+                               "restore its policy's initial state; build a new one.")
+        self._policy.load_state_dict(self._fresh_policy)
+        self._patterns_checked, self._strict = False, True
+        for g in self._groups:
+            g.clear_lists()
+        self._resolve_strengths()
+        self._binding = _Binding()
 
     def invalidate(self) -> None:
         """The model's parameters changed (a head grew, modules were replaced, parameters were
@@ -587,9 +642,14 @@ class SynapticIntelligence:
                           regularize_norm_layers=self._norms,
                           check_patterns=not self._patterns_checked)
         self._patterns_checked = True
-        self._state.check_loaded_names(self._model_names(model), strict=self._strict)
+        model_names = self._model_names(model)
+        self._state.check_loaded_names(model_names, strict=self._strict)
+        self._follow_renamed(model_names, {(g.key, n) for g in self._groups for n in g.names})
         for g in self._groups:
             g.clear_lists()
+        if not selected and any(p.requires_grad for p in model.parameters()):
+            warnings.warn("SI regularizes no parameter of this model: excluded_parameters and "
+                          "the groups leave out every trainable one, so SI is off.", stacklevel=4)
         for g, name, p in selected:
             i = self._state.track(g.key, name, p)
             g.names.append(name)
@@ -607,6 +667,44 @@ class SynapticIntelligence:
                 g.predictor = StepPredictor(self._need_optimizer(), g.params) if g.params else None
         b.signature = b.signature_now()
         b.current = b.built = True
+        b.state_model = weakref.ref(unwrap(model))
+
+    def _check_predicted_lrs(self) -> None:
+        pairs, self._predicted_lrs = self._predicted_lrs, None
+        for group, lr in pairs:
+            now = group["lr"]
+            if now is not lr and not (isinstance(now, float) and now == lr):
+                raise RuntimeError(
+                    f"importance='delta_params' predicted this step with lr={lr!r}, but the "
+                    f"optimizer stepped with lr={now!r}: something changed it between "
+                    "before_step() and the step. Change the learning rate after the step "
+                    "(a scheduler steps after optimizer.step()), or use importance='task'.")
+
+    def _follow_renamed(self, model_names: set[str], tracked: set) -> None:
+        """Parameters SI tracked that the model no longer has under their name (it was wrapped
+        in a new module, say): a name that is now the end of exactly one new name follows it
+        (``0.weight`` → ``net.0.weight``); the others lose their importance, with a warning."""
+        lost = [(key, n) for key, n in sorted(tracked, key=str) if n not in model_names]
+        if not lost:
+            return
+        known = {n for index in self._state.index.values() for n in index}
+        fresh = [m for m in model_names if m not in known]
+        gone = []
+        for key, n in lost:
+            match = [m for m in fresh if m.endswith("." + n)]
+            if len(match) == 1:
+                index = self._state.index[key]
+                index[match[0]] = index.pop(n)
+                fresh.remove(match[0])
+            else:
+                gone.append(n)
+        if gone:
+            owner = getattr(self, "_owner", None) or type(self).__name__
+            warnings.warn(f"{owner}: {len(gone)} regularized parameter(s) are no longer in the "
+                          f"model under their names ({', '.join(map(repr, gone[:5]))}"
+                          f"{', ...' if len(gone) > 5 else ''}): they lose their importance and "
+                          "the penalty no longer holds them. Keep parameter names stable between "
+                          "tasks (see the groups guide).", stacklevel=5)
 
     def _need_optimizer(self) -> torch.optim.Optimizer:
         opt = self._binding.optimizer
@@ -644,6 +742,7 @@ class SynapticIntelligence:
         b = self._binding
         if not b.current or b.changed():
             self._sync()
+        self._task_steps = 0
         return self._policy.at_experience_start(experience)
 
     @torch.no_grad()
@@ -657,6 +756,7 @@ class SynapticIntelligence:
             self._require_model("before_step")
             self._sync()
         found_inf = None
+        self._predicted_lrs = None
         scaler = self._scaler_in_use()
         if scaler is not None:
             found_inf = amp.unscale_(scaler, b.optimizer,
@@ -685,6 +785,10 @@ class SynapticIntelligence:
         pre = None if self._importance == "delta_params" else g.pick(g.pre)
         if self._importance == "delta_params":  # measured before the penalty joins the gradient
             delta = g.predictor.predict(grads, mask=idx)
+            # what it predicted with, checked after the step (a scheduler or plugin that changes
+            # the learning rate in between makes the prediction wrong)
+            self._predicted_lrs = (self._predicted_lrs or []) + [
+                (slot.group, slot.group["lr"]) for slot in g.predictor.slots]
             if found_inf is not None:  # a step the scaler skips moves nothing
                 torch._foreach_mul_(delta, 1.0 - found_inf)
             accumulate_from_delta(g.pick(g.running), grads, delta)
@@ -717,6 +821,10 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
+        if self._predicted_lrs is not None:
+            self._check_predicted_lrs()
+        self._steps_since += 1
+        self._task_steps += 1
         for g in self._groups:
             if g.step_grads:
                 # ω += g·(θ_pre − θ); with "task" g is the task gradient
@@ -744,7 +852,10 @@ class SynapticIntelligence:
         r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
         ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
         \leftarrow 0`. The ``consolidate`` policy calls it (after each task by default); call it
-        yourself to consolidate at a point of your choosing.
+        yourself to consolidate at a point of your choosing: between :meth:`before_step` and the
+        step, the step counts towards the next period (with ``importance="delta_params"``, which
+        measures it in :meth:`before_step`, towards this one); with no step since the last
+        consolidation it does nothing (the count, and so a list of strengths, does not move).
 
         Raises:
             NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
@@ -753,6 +864,9 @@ class SynapticIntelligence:
             RuntimeError: SI holds no parameters to consolidate: it has not trained yet, or not
                 since :meth:`load_state_dict` or unpickling. Nothing changes.
         """
+        pending = any(g.step_grads for g in self._groups)
+        if self._steps_since == 0 and not pending and self._binding.built:
+            return  # nothing trained since the last consolidation: Ω, θ*, the count stay
         if not self._binding.built:
             owner = getattr(self, "_owner", None) or type(self).__name__
             raise RuntimeError(
@@ -777,13 +891,23 @@ class SynapticIntelligence:
         for g, omega in zip(self._groups, new):
             commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
             self._state.consolidated[g.key] = self._state.consolidated[g.key] or bool(g.params)
-            g.step_grads, g.value, g.penalty = [], None, None
+            # a step between before_step() and after_step() stays pending: it belongs to the
+            # next period, whose θ* is the weights before it
+            g.value, g.penalty = None, None
+        self._steps_since = 0
         self._consolidations += 1
         self._policy.consolidated()
         self._resolve_strengths()
 
     #: how messages name this object ("the plugin" when an Avalanche plugin drives it)
     _noun = "engine"
+    #: optimizer steps since the last consolidation, and since the task started
+    _steps_since = 0
+    _task_steps = 0
+    #: the policy's state at construction (None in an engine unpickled from 0.2)
+    _fresh_policy: Optional[dict] = None
+    #: learning rates delta_params predicted the pending step with, per optimizer group
+    _predicted_lrs: Optional[list] = None
 
     def _warn_if_unfrozen(self) -> None:
         """A parameter made trainable during the task had no state: say so (it gets state,
@@ -806,7 +930,7 @@ class SynapticIntelligence:
         """SI's state: every group's buffers and parameter index (tensors cloned), the number of
         consolidations and the consolidation policy's state."""
         return dict(self._state.state_dict(), importance=self._importance,
-                    consolidations=self._consolidations,
+                    consolidations=self._consolidations, steps_since=self._steps_since,
                     policy={"type": type(self._policy).__name__,
                             "state": self._policy.state_dict()})
 
@@ -852,6 +976,9 @@ class SynapticIntelligence:
         for g in self._groups:
             g.clear_lists()
         self._binding.current = self._binding.built = False
+        self._binding.state_model = None  # the loaded state belongs to the next model bound
+        # states saved before 0.3 lack it: count them as trained since their last consolidation
+        self._steps_since = int(state_dict.get("steps_since", 1))
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (an Avalanche checkpoint pickles the strategy with its plugins): the per-step
@@ -881,5 +1008,6 @@ def engine_from_fields(fields: dict[str, Any]) -> SynapticIntelligence:
     engine = SynapticIntelligence.__new__(SynapticIntelligence)
     kept = {k: v for k, v in fields.items() if k not in _V02_BINDING_FIELDS}
     kept["_binding"] = _Binding()
+    kept["_steps_since"] = 1  # unknown: count it as trained since its last consolidation
     engine.__dict__.update(kept)
     return engine

@@ -380,6 +380,15 @@ def _active(params: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
     return [(i, p) for i, p in enumerate(params) if p.requires_grad]
 
 
+def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
+    """The state held for position ``i`` must have the parameter's shape: a list in another
+    order, or another model's parameters, would otherwise be paired with the wrong state."""
+    if buffer is not None and buffer.shape != p.shape:
+        raise ValueError(f"SI state {name!r} has shape {tuple(buffer.shape)} but parameter #{i} "
+                         f"has shape {tuple(p.shape)}: pass the same parameters, in the same "
+                         "order, to every call for this net and params_name.")
+
+
 def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
                       params_name: Optional[str] = None, no_pre_step_ckpt: bool = False) -> None:
     r"""Call right before ``optimizer.step()``: checkpoint :math:`\theta_\text{pre\_step}`.
@@ -399,6 +408,7 @@ def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
     """
     for i, p in _active(params):
         _, prev_name, _, pre_name = si_buffer_names(i, params_name)
+        _check_fits(getattr(net, prev_name, None), p, i, prev_name)
         if getattr(net, prev_name, None) is None:
             _set_buffer(net, prev_name, p.detach().clone())
         if not no_pre_step_ckpt:
@@ -430,6 +440,7 @@ def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
             raise ValueError(f"si_post_optim_step: parameter #{i} has no gradient; call "
                              "loss.backward() before the optimizer step and this function.")
         omega = getattr(net, run_name, None)
+        _check_fits(omega, p, i, run_name)
         if omega is None:
             omega = torch.zeros_like(p, memory_format=torch.preserve_format).detach()
             _set_buffer(net, run_name, omega)
@@ -442,6 +453,10 @@ def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
             other.append(pre)
             names.append(pre_name)
         else:
+            if delta_params[i].shape != p.shape:
+                raise ValueError(f"delta_params[{i}] has shape {tuple(delta_params[i].shape)} but "
+                                 f"parameter #{i} has shape {tuple(p.shape)}: pass each step "
+                                 "with its parameter's shape (broadcasting is refused).")
             other.append(delta_params[i])
         running.append(omega)
         grads.append(p.grad)
@@ -481,6 +496,7 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
             raise ValueError("si_compute_importance: no running importance; call "
                              "si_post_optim_step(net, params) after every optimizer step "
                              "of the task before computing its importance.")
+        _check_fits(getattr(net, prev_name), p, i, prev_name)
         if getattr(net, om_name, None) is None:
             _set_buffer(net, om_name, torch.zeros_like(p).detach())
         omega.append(getattr(net, om_name))
@@ -514,6 +530,7 @@ def si_regularizer(net: torch.nn.Module, params: Sequence[Tensor],
             raise ValueError("si_regularizer needs importances: call "
                              "si_compute_importance(net, params) after training the first "
                              "task before adding the penalty.")
+        _check_fits(prev, p, i, prev_name)
         reg = reg + (omega * (p - prev).pow(2)).sum()
     if isinstance(reg, float):
         return torch.zeros((), device=params[0].device if params else None)

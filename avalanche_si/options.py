@@ -112,7 +112,10 @@ def check_eps_for_dtype(eps: float, dtype: "torch.dtype", what: str) -> None:
     """ξ must survive in the state's dtype, or Ω = ω / (Δ² + ξ) divides by 0 where Δ = 0."""
     import torch
 
-    tiny = torch.finfo(dtype).tiny
+    tiny, top = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    if eps > top:
+        raise ValueError(f"{what} = {eps:g} overflows {dtype} (largest {top:g}): (θ − θ*)² + ξ "
+                         f"would be infinite and every importance 0; lower it ({_EPS_HINT}).")
     if eps < tiny:
         raise ValueError(f"{what} = {eps:g} is below the smallest normal {dtype} number "
                          f"({tiny:g}), so (θ − θ*)² + ξ would be 0 for a weight that did not "

@@ -21,7 +21,8 @@ as an attribute.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+import weakref
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -162,6 +163,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                  consolidate: Union[None, str, int, ConsolidationPolicy] = None,
                  scaler: Optional[torch.amp.GradScaler] = None):
         super().__init__()
+        self._strategy: Optional[Callable[[], Any]] = None  # the strategy this plugin serves
+        self._first_iteration = self._look_for_scaler = False
         self._engine = _adapted(SynapticIntelligence(
             si_lambda=si_lambda, eps=eps, excluded_parameters=excluded_parameters,
             groups=groups, importance=importance, clamp=clamp,
@@ -233,11 +236,23 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     # -------------------------------------------------------------------- the hooks
 
     def _bind(self, strategy) -> None:
+        # one plugin, one run: the state may follow a new model object of the same strategy
+        # (GDumb builds one per experience), never one of another strategy
+        known = None if self._strategy is None else self._strategy()
+        same_run = self._strategy is None or known is strategy
         found = None if self._engine.scaler is not None else amp.find_scaler(strategy)
-        self._engine.bind(strategy.model, strategy.optimizer, scaler=found)
+        self._engine.bind(strategy.model, strategy.optimizer, scaler=found, carry_state=same_run)
+        self._strategy = _reference(strategy)
+
+    def reset(self) -> None:
+        """Forget everything SI learnt (Ω, θ*, ω, consolidations, the policy's state); the
+        options stay. For another run (a new seed) with the same plugin object."""
+        self._engine.reset()
+        self._strategy = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._bind(strategy)
+        self._first_iteration = self._look_for_scaler = True
         if self._engine._start_task(getattr(strategy, "experience", None)):
             self.consolidate_now()  # a task boundary seen as the next task starts
 
@@ -253,7 +268,22 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         engine = self._engine
         if strategy.model is not engine.model or strategy.optimizer is not engine.optimizer:
             self._bind(strategy)
+        elif self._look_for_scaler:  # once per experience: a scaler made at the first backward
+            self._look_for_scaler = False
+            if engine.scaler is None and engine._binding.scaler is None:
+                self._bind(strategy)
         engine.before_step()
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if self._first_iteration:  # once per experience
+            self._first_iteration = False
+            if self._engine._task_steps == 0:
+                raise RuntimeError(
+                    f"SIPlugin saw a training iteration without an optimizer step: "
+                    f"{type(strategy).__name__}'s template does not call after_backward and "
+                    "after_update (as MER and LaMAML do not), so SI would measure nothing. Use "
+                    "a SupervisedTemplate strategy, or call the engine from your template (see "
+                    "the guide 'SI in your own training loop').")
 
     def after_update(self, strategy, **kwargs) -> None:
         if self._engine._after_step(getattr(strategy, "loss", None)):
@@ -291,15 +321,29 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         """
         self._engine.load_state_dict(state_dict, strict=strict)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the strategy is bound again when training resumes (a weak reference does not pickle)
+        return dict(self.__dict__, _strategy=None)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_store" in state:  # pickled by avalanche_si 0.1 (an older Avalanche checkpoint)
             state = _from_version_0_1(state)
         if "_engine" not in state:  # pickled by 0.1 or 0.2: the engine's fields on the plugin
             state = {"_engine": _adapted(engine_from_fields(state))}
-        self.__dict__.update(state)
+        self.__dict__.update({"_strategy": None, "_first_iteration": False,
+                              "_look_for_scaler": False, **state})
 
     def __repr__(self) -> str:
         return repr(self._engine).replace(type(self._engine).__name__, type(self).__name__, 1)
+
+
+def _reference(strategy) -> Callable[[], Any]:
+    """A weak reference to the strategy; a strong one for objects that take none (a
+    duck-typed strategy), never an id, which a new object may reuse."""
+    try:
+        return weakref.ref(strategy)
+    except TypeError:
+        return lambda: strategy
 
 
 def _adapted(engine: SynapticIntelligence) -> SynapticIntelligence:
