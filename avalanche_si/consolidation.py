@@ -59,17 +59,15 @@ def _boundaries(experience) -> Optional[tuple[bool, bool, Any]]:
         origin = experience.origin_experience
     except Exception as exc:  # that, or Avalanche's MaskedAttributeError in train mode
         raise HiddenBoundariesError(
-            "this online stream hides its task boundaries (built with "
-            "access_task_boundaries=False), so SIPlugin cannot consolidate at them. Choose "
-            "when to consolidate: SIPlugin(consolidate=k) every k optimizer steps (van de "
-            "Ven's task-free SI uses k = 100), consolidate=LossPlateau(...) on loss plateaus, "
-            "or consolidate='experience' after every mini-experience; or build the stream "
-            "with split_online_stream(..., access_task_boundaries=True).") from exc
+            "this online stream hides its task boundaries (access_task_boundaries=False), so SI "
+            "cannot consolidate at them: choose consolidate=k (every k steps), "
+            "consolidate=LossPlateau(...) or consolidate='experience'. The guide 'When SI "
+            "consolidates' compares them.") from exc
     if origin is None:  # blurred streams (their flag is False anyway)
         raise HiddenBoundariesError(
-            "this online stream has no task boundaries (its sub-experiences mix tasks, as "
-            "split_continuous_linear_decay_stream makes them): choose SIPlugin(consolidate=k) "
-            "or consolidate=LossPlateau(...).")
+            "this online stream has no task boundaries (its sub-experiences mix tasks): choose "
+            "consolidate=k or consolidate=LossPlateau(...). The guide 'When SI consolidates' "
+            "compares them.")
     return first, last, getattr(origin, "current_experience", id(origin))
 
 

@@ -299,11 +299,10 @@ def _why_not_finite(running: Tensor, param: Tensor, prev: Tensor, eps: float) ->
     bad_run = int((~torch.isfinite(running)).sum())
     if bad_run:
         return (f"its running importance ω has {bad_run} non-finite entries of "
-                f"{running.numel()}, so a step had a non-finite gradient or moved the weights "
-                "by a non-finite amount: training diverged (lower the learning rate), or a "
-                "mixed-precision step that torch.amp.GradScaler skipped was counted (with the "
-                "functional API call avalanche_si.amp.unscale_ before the step; SIPlugin does "
-                "it when it knows the scaler: SIPlugin(scaler=...)).")
+                f"{running.numel()}: training diverged (lower the learning rate), or a step "
+                "that torch.amp.GradScaler skipped was counted (pass scaler=..., or call "
+                "avalanche_si.amp.unscale_ with the functional API; see the guide 'Recovering "
+                "from divergence').")
     bad_w = int((~torch.isfinite(param)).sum())
     if bad_w:
         return (f"{bad_w} of its weights are not finite: training diverged; lower the "

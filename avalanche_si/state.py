@@ -221,7 +221,7 @@ class SIState:
             model = ", ".join(map(repr, sorted(model_names)[:5]))
             raise ValueError(
                 f"SIPlugin state names {len(unknown)} parameter(s) the model does not have "
-                f"({shown}; the model has {model}, ...): it was saved from another model. "
-                "Load it with load_state_dict(state, strict=False) to keep that state unused "
-                "(it applies again if such parameters appear, e.g. a head that is added later).")
+                f"({shown}; the model has {model}, ...): it was saved from another model. Load "
+                "it with load_state_dict(state, strict=False) to keep that state unused until "
+                "such parameters appear (see the guide 'State, checkpoints, DDP').")
         self.unchecked = None
