@@ -82,6 +82,25 @@ def _every_parameter(name: str, param: torch.nn.Parameter) -> bool:
     return True
 
 
+#: optimizer steps taken, per optimizer, counted by a global step hook (registered once, at the
+#: first bind): SI checks that the optimizer stepped between before_step() and after_step()
+_STEPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+_counting = False
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
+
+
+def _count_steps() -> None:
+    global _counting
+    if not _counting:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_step)
+        _counting = True
+
+
 class _Group:
     """One group's configuration and its per-step lists."""
 
@@ -589,6 +608,7 @@ class SynapticIntelligence:
                     "new run (another seed), call reset() or build a new one; to move the state, "
                     "load_state_dict(state_dict()) first.")
         b.target(model, optimizer, amp.check_scaler(scaler))
+        _count_steps()
         return self
 
     def reset(self) -> None:
@@ -668,6 +688,16 @@ class SynapticIntelligence:
         b.signature = b.signature_now()
         b.current = b.built = True
         b.state_model = weakref.ref(unwrap(model))
+
+    def _no_step(self) -> None:
+        for g in self._groups:  # nothing of this backward pass is counted
+            g.step_grads = []
+        owner = getattr(self, "_owner", None) or type(self).__name__
+        raise RuntimeError(
+            f"{owner}: the optimizer did not step between before_step() and after_step() "
+            "(gradient accumulation over several mini-batches?), so SI would add its penalty "
+            "once per backward pass. Call before_step() once per optimizer step, after the last "
+            "backward pass (see the guide 'SI in your own training loop').")
 
     def _check_predicted_lrs(self) -> None:
         pairs, self._predicted_lrs = self._predicted_lrs, None
@@ -758,6 +788,9 @@ class SynapticIntelligence:
         found_inf = None
         self._predicted_lrs = None
         scaler = self._scaler_in_use()
+        # a scaler may skip the step: then no step is no error
+        self._steps_before = None if scaler is not None or b.optimizer is None else \
+            _STEPS.get(b.optimizer, 0)
         if scaler is not None:
             found_inf = amp.unscale_(scaler, b.optimizer,
                                      [p for g in self._groups for p in g.params])
@@ -821,6 +854,10 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
+        if self._steps_before is not None:
+            before, self._steps_before = self._steps_before, None
+            if _STEPS.get(self._binding.optimizer, 0) == before:
+                self._no_step()
         if self._predicted_lrs is not None:
             self._check_predicted_lrs()
         self._steps_since += 1
@@ -908,6 +945,8 @@ class SynapticIntelligence:
     _fresh_policy: Optional[dict] = None
     #: learning rates delta_params predicted the pending step with, per optimizer group
     _predicted_lrs: Optional[list] = None
+    #: the optimizer's step count at before_step() (None: not checked, a scaler may skip)
+    _steps_before: Optional[int] = None
 
     def _warn_if_unfrozen(self) -> None:
         """A parameter made trainable during the task had no state: say so (it gets state,

@@ -318,3 +318,48 @@ def test_functional_api_refuses_parameters_that_do_not_fit_its_state():
     F.si_pre_optim_step(model, params, no_pre_step_ckpt=True)
     with pytest.raises(ValueError, match="broadcasting is refused"):
         F.si_post_optim_step(model, params, delta_params=[torch.zeros(1) for _ in params])
+
+
+# ------------------------------------------------------------------ accumulation in a template
+
+
+class AccumulatingNaive(Naive):
+    """Steps the optimizer every second mini-batch, as a user adds gradient accumulation."""
+
+    def training_epoch(self, **kwargs):
+        for k, self.mbatch in enumerate(self.dataloader):
+            self._before_training_iteration(**kwargs)
+            if k % 2 == 0:
+                self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self._before_forward(**kwargs)
+            self.mb_output = self.forward()
+            self._after_forward(**kwargs)
+            self.loss += self.criterion()
+            self._before_backward(**kwargs)
+            self.backward()
+            self._after_backward(**kwargs)
+            self._before_update(**kwargs)
+            if k % 2 == 1:
+                self.optimizer.step()
+            self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+
+def test_an_avalanche_template_that_accumulates_gradients_is_refused(tasks):
+    model = mlp()
+    strat = strategy(model, _sgd(model), [SIPlugin(1.0)], cls=AccumulatingNaive)
+    with pytest.raises(RuntimeError, match="did not step between before_step"):
+        train_stream(strat, make_stream(tasks))
+
+
+def test_a_plain_loop_that_forgets_the_step_is_refused(tasks):
+    model = mlp()
+    opt = _sgd(model)
+    si = SynapticIntelligence(model, opt)
+    si.start_task()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(tasks[0][0][:8]), tasks[0][1][:8]).backward()
+    si.before_step()
+    with pytest.raises(RuntimeError, match="did not step"):
+        si.after_step()
