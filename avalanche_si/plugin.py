@@ -218,19 +218,11 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         return self._engine.importances(group)
 
     def consolidate_now(self) -> None:
-        r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
-        ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
-        \leftarrow 0`. The ``consolidate`` policy calls it (after each experience by
-        default); call it yourself to consolidate at a point of your choosing.
-
-        Raises:
-            NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored: every
-                group keeps its Ω and θ*, and the running ω of the experience is reset, so
-                the experience can be trained again once the weights are restored.
-            RuntimeError: the plugin holds no parameters to consolidate: it has not trained
-                yet, or not since :meth:`load_state_dict` or unpickling (it finds the model's
-                parameters when training starts). Nothing changes.
-        """
+        r"""Consolidate now: :math:`\Omega \mathrel{+}= \max(0, \omega / ((\theta - \theta^*)^2 +
+        \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`, as the
+        engine's :meth:`~avalanche_si.SynapticIntelligence.consolidate_now` (its errors and
+        when it does nothing). The ``consolidate`` policy calls it; a subclass that overrides it
+        sees every consolidation."""
         self._engine.consolidate_now()
 
     # -------------------------------------------------------------------- the hooks
@@ -303,22 +295,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         return self._engine.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Load a :meth:`state_dict`, checked against this plugin's groups and, if it has seen
-        one (else when training starts), the model.
-
-        Tensors are copied; they move to the live parameters' device and the state's dtype.
-        Nothing changes when an error is raised.
-
-        Args:
-            strict: every parameter the state names must be a parameter of the model (as
-                ``torch.nn.Module.load_state_dict``). With False, state for parameters the
-                model lacks is kept unused (it applies if such a parameter appears later).
-
-        Raises:
-            ValueError: not a state of this plugin, other groups, missing, inconsistent or
-                non-finite buffers, negative Ω under a clamp that forbids it, names the model
-                lacks (``strict``), or shapes that do not fit the model's.
-        """
+        """Load a :meth:`state_dict`, checked, as the engine's
+        :meth:`~avalanche_si.SynapticIntelligence.load_state_dict` does (nothing changes on an
+        error; ``strict=False`` keeps state for parameters the model lacks unused)."""
         self._engine.load_state_dict(state_dict, strict=strict)
 
     def __getstate__(self) -> dict[str, Any]:
