@@ -131,8 +131,8 @@ def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
     r"""ω ← ω + g ⊙ (θ_pre − θ) after a step, θ_pre the weights before it.
 
     One pass on contiguous float32 CPU tensors (:mod:`avalanche_si._fused`), else
-    ``θ_pre − θ`` into ``pre`` and :func:`accumulate_from_step`; both give the same bits.
-    ``pre`` is scratch: its content afterwards is unspecified.
+    ``θ_pre − θ`` into a temporary and :func:`accumulate_from_step`; both give the same bits.
+    ``pre`` is left as it is (the value of the last step's penalty is read from it).
 
     Args:
         running: the running importances :math:`\omega`, updated in place.
@@ -141,8 +141,8 @@ def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
         params: :math:`\theta`, the weights after it.
     """
     if running and not _fused.accumulate(running, grads, pre, params):
-        torch._foreach_sub_(pre, params)  # θ_pre − θ = −Δθ (no_grad: parameters need no detach)
-        accumulate_from_step(running, grads, pre)
+        # θ_pre − θ = −Δθ, a temporary freed at once: pre stays, and nothing else is kept
+        accumulate_from_step(running, grads, torch._foreach_sub(pre, params))
 
 
 @torch.no_grad()
@@ -220,8 +220,10 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         ``(g', value)``: the gradients to step with (``grads`` itself when ``in_place``),
         and a function returning :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
         at this step as a 0-d tensor (no host sync; on the fused path summed in float64).
-        ``value.held`` lists the tensors it keeps alive until it is dropped: ``d`` on the
-        ``_foreach`` path (n numbers), one float64 sum per tensor on the fused path.
+        ``value.held`` lists the tensors it keeps alive until it is dropped: one float64 sum
+        per tensor on the fused path; nothing on the ``_foreach`` path with ``pre`` (the value
+        is computed from ``pre`` when read, so read it before ``pre`` is written again); ``d``
+        (n numbers) on the ``_foreach`` path without ``pre``.
     """
     fused = _fused.penalty(grads, omega, params, prev, pre, two_c=2.0 * strength,
                            in_place=in_place) if grads else None
@@ -236,9 +238,18 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         out, d = penalty_grad(grads, omega, params, prev, strength=strength)
     if pre:
         torch._foreach_copy_(pre, params)
+        value = partial(_value_from_pre, omega, pre, prev, strength)  # d is not kept
+        value.held = []
+        return out, value
     value = partial(penalty_value, omega, d, strength=strength)
     value.held = d
     return out, value
+
+
+def _value_from_pre(omega, pre, prev, strength: float) -> Tensor:
+    """The penalty at the step whose weights ``pre`` holds: ``pre − θ*`` is the ``d`` of that
+    step, to the bit (the same subtraction of the same numbers)."""
+    return penalty_value(omega, torch._foreach_sub(pre, prev), strength=strength)
 
 
 def _summed_value(sums: Tensor, strength: float, dtype: torch.dtype) -> Tensor:
@@ -460,7 +471,11 @@ def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
         running.append(omega)
         grads.append(p.grad)
     if delta_params is None:
-        accumulate_from_pre(running, grads, other, [p for _, p in active])
+        # A step that moved nothing adds nothing, also with a non-finite gradient (a step that
+        # GradScaler skipped, amp.unscale_ not called): its inf·0 would make ω NaN
+        live = [p for _, p in active]
+        grads = [torch.where(pre == p, 0.0, g) for g, pre, p in zip(grads, other, live)]
+        accumulate_from_pre(running, grads, other, live)
         for name in names:  # a second post-step without a new pre-step is an error
             _set_buffer(net, name, None)
     else:

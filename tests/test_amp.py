@@ -140,7 +140,7 @@ def test_functional_api_with_grad_scaler(device):
         torch.testing.assert_close(with_scaler[0][n], without[0][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_functional_api_without_unscale_names_the_skipped_step():
+def test_functional_api_without_unscale_a_skipped_step_adds_nothing():
     model = mlp(dtype=torch.float32)
     params = list(model.parameters())
     opt, scaler = torch.optim.SGD(params, lr=0.1), torch.amp.GradScaler("cpu")
@@ -149,11 +149,28 @@ def test_functional_api_without_unscale_names_the_skipped_step():
     scaler.scale(loss).backward()
     params[0].grad[0, 0] = float("inf")
     F.si_pre_optim_step(model, params)
-    scaler.step(opt)
+    scaler.step(opt)  # skipped: the weights do not move
     scaler.update()
+    F.si_post_optim_step(model, params)
+    assert all(torch.equal(model.get_buffer(f"si_running_omega_weights_{i}"), torch.zeros_like(p))
+               for i, p in enumerate(params))
+    F.si_compute_importance(model, params)
+
+
+def test_functional_api_names_a_step_that_diverged():
+    model = mlp(dtype=torch.float32)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    x, y, _ = make_tasks(dtype=torch.float32)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    params[0].grad[0, 0] = float("nan")  # a step that moves a weight to NaN
+    F.si_pre_optim_step(model, params)
+    opt.step()
     F.si_post_optim_step(model, params)
     with pytest.raises(NonFiniteImportanceError, match=r"#0.*non-finite.*GradScaler skipped"):
         F.si_compute_importance(model, params)
+    with torch.no_grad():
+        params[0].nan_to_num_(0.0)
     # ω was dropped: a retrained task starts anew
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()

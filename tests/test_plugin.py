@@ -354,6 +354,8 @@ def test_nothing_grows_from_step_to_step(importance, dtype):
     if dtype == torch.float32 and _fused.available():
         # one pass, no temporary: only one float64 sum per tensor for the penalty's value
         extra = len(list(model.parameters()))
+    elif importance == "delta_params":
+        extra = n  # no copy of the weights before the step: d = θ − θ* kept for the value
     else:
-        extra = n  # the _foreach path keeps d = θ − θ* for the value
+        extra = 0  # the value is read from the copy of the weights before the step
     assert probe.sizes[steps:] == [per_state * n + extra] * (2 * steps)
