@@ -209,8 +209,8 @@ _F32, _STRIDED = torch.float32, torch.strided
 def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
     """The data pointers of every tensor, list after list, then the sizes of the first
     list's tensors; None unless :func:`eligible`. One pass, the only per-step check."""
-    if _off or not available():
-        return None
+    if _off or not lists[0] or not lists[0][0].is_cpu or not available():
+        return None  # on a GPU: decided by the first tensor, with no loop over the others
     sizes = [t.numel() for t in lists[0]]
     k = len(sizes)
     out = []
