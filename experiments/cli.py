@@ -285,7 +285,7 @@ def _configs(args) -> list:
 
 def cmd_run(args) -> int:
     from .report import write_report
-    from .run import result_path, run
+    from .run import result_path
 
     configs = _configs(args)
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
@@ -303,6 +303,30 @@ def cmd_run(args) -> int:
         for cfg in configs:
             print(f"  {'to run' if cfg in todo else 'done'}  {label(cfg)}")
         return 0
+    try:
+        _train_all(args, out, todo, label)
+    except KeyboardInterrupt:
+        done = sum(result_path(out, c).exists() for c in configs)
+        print(f"\ninterrupted: {done} of {len(configs)} runs are saved in {out}/; the same "
+              "command resumes with the others.", file=sys.stderr, flush=True)
+        return 130
+    if not args.no_report:
+        report = write_report(out)
+        if args.wandb:  # one more run that carries the tables and plots of the whole batch
+            from avalanche_si.wandb_logger import SIWandBLogger
+            lg = SIWandBLogger(project=args.wandb_project, name=f"report {out}", dir=str(out),
+                               config={"results": str(out)}, job_type="report")
+            lg.log_images(report["plots"])
+            lg.log_markdown_table(report["summary_md"])
+            lg.finish()
+    return 0
+
+
+def _train_all(args, out: Path, todo, label) -> None:
+    """Train and save each run in turn (a Ctrl-C between or inside runs loses only the run in
+    progress)."""
+    from .run import run
+
     streams = {}
     for k, cfg in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {label(cfg)}", flush=True)
@@ -326,16 +350,6 @@ def cmd_run(args) -> int:
         print(f"    final mean accuracy {100 * result['final_average_accuracy']:.2f}%, "
               f"forgetting {100 * result['average_forgetting']:.2f}%, "
               f"{result['seconds']:.1f} s -> {path}", flush=True)
-    if not args.no_report:
-        report = write_report(out)
-        if args.wandb:  # one more run that carries the tables and plots of the whole batch
-            from avalanche_si.wandb_logger import SIWandBLogger
-            lg = SIWandBLogger(project=args.wandb_project, name=f"report {out}", dir=str(out),
-                               config={"results": str(out)}, job_type="report")
-            lg.log_images(report["plots"])
-            lg.log_markdown_table(report["summary_md"])
-            lg.finish()
-    return 0
 
 
 def _check_writable(out: Path) -> None:

@@ -656,3 +656,27 @@ def test_sweep_yaml_expands_to_command_lines_the_cli_accepts(capsys):
         out = capsys.readouterr().out
         scenario, c, seed = (dict(zip(names, point))[k] for k in ("scenario", "si-lambda", "seeds"))
         assert f"split-mnist/{scenario}/si/seed{seed}  c={c:g} xi=0.1" in out, out
+
+
+def test_ctrl_c_prints_one_line_saying_what_finished_and_how_to_resume(tmp_path, capsys,
+                                                                      monkeypatch):
+    from experiments import run as run_module
+
+    real, calls = run_module.run, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run", interrupted_second)
+    argv = ["run", "--scenario", "domain", "--method", "naive", "--seeds", "0", "1",
+            "--iterations", "5", "--hidden", "8", "--out", str(tmp_path / "out"), "--no-report"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: 1 of 2 runs are saved in {tmp_path / 'out'}/; the same command "
+                   "resumes with the others."]
+    monkeypatch.setattr(run_module, "run", real)
+    assert main(argv) == 0
+    assert "2 runs (1 already in" in capsys.readouterr().out
