@@ -618,6 +618,7 @@ class SynapticIntelligence:
         self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
         self._consolidations = 0
         self._steps_since = self._task_steps = 0
+        self._accumulating = False
         if self._fresh_policy is None:
             raise RuntimeError("this SI object was unpickled from avalanche_si 0.2 and cannot "
                                "restore its policy's initial state; build a new one.")
@@ -689,15 +690,26 @@ class SynapticIntelligence:
         b.current = b.built = True
         b.state_model = weakref.ref(unwrap(model))
 
-    def _no_step(self) -> None:
-        for g in self._groups:  # nothing of this backward pass is counted
-            g.step_grads = []
-        owner = getattr(self, "_owner", None) or type(self).__name__
-        raise RuntimeError(
-            f"{owner}: the optimizer did not step between before_step() and after_step() "
-            "(gradient accumulation over several mini-batches?), so SI would add its penalty "
-            "once per backward pass. Call before_step() once per optimizer step, after the last "
-            "backward pass (see the guide 'SI in your own training loop').")
+    def _hold_for_accumulation(self) -> None:
+        """The optimizer did not step after this backward pass: gradients accumulate over
+        several backward passes (a template or loop that steps every k mini-batches). The
+        pending step waits for the real one, whose gradient is the sum: with ``"total"`` the
+        penalty's gradient is already in ``.grad`` (it is not added again); with ``"task"`` the
+        task gradient goes back into ``.grad``, where the next backward pass adds to it."""
+        if self._importance == "delta_params":
+            for g in self._groups:
+                g.step_grads = []
+            owner = getattr(self, "_owner", None) or type(self).__name__
+            raise RuntimeError(
+                f"{owner}: the optimizer did not step after this backward pass (gradient "
+                "accumulation?), and importance='delta_params' predicts each step from the "
+                "whole gradient: use importance='total' or 'task', or call before_step() once "
+                "per optimizer step, after the last backward pass.")
+        self._accumulating = True
+        if self._importance == "task":
+            for g in self._groups:
+                for p, gr in zip(g.pick(g.params), g.step_grads):
+                    p.grad = gr
 
     def _check_predicted_lrs(self) -> None:
         pairs, self._predicted_lrs = self._predicted_lrs, None
@@ -772,7 +784,7 @@ class SynapticIntelligence:
         b = self._binding
         if not b.current or b.changed():
             self._sync()
-        self._task_steps = 0
+        self._task_steps, self._accumulating = 0, False
         return self._policy.at_experience_start(experience)
 
     @torch.no_grad()
@@ -780,7 +792,9 @@ class SynapticIntelligence:
         """Call once per optimizer step, after the (last) backward pass and before gradient
         clipping and ``optimizer.step()`` (or ``scaler.step``): unscales the gradients when a
         scaler is in use, adds the penalty's gradient and keeps the weights before the step.
-        Under gradient accumulation, call it after the last of the k backward passes only."""
+        Under gradient accumulation, call it after the last of the k backward passes, or after
+        each with :meth:`after_step` after each: SI sees that the optimizer did not step and
+        carries the step over (``"total"`` and ``"task"``; ``"delta_params"`` refuses)."""
         b = self._binding
         if not b.current:
             self._require_model("before_step")
@@ -788,7 +802,8 @@ class SynapticIntelligence:
         found_inf = None
         self._predicted_lrs = None
         scaler = self._scaler_in_use()
-        # a scaler may skip the step: then no step is no error
+        # the optimizer's step count, to see after the step whether it stepped (gradient
+        # accumulation if not); with a scaler it may have skipped the step, so not counted
         self._steps_before = None if scaler is not None or b.optimizer is None else \
             _STEPS.get(b.optimizer, 0)
         if scaler is not None:
@@ -808,6 +823,9 @@ class SynapticIntelligence:
             # optimizer move them on old momentum.
             idx = [k for k, gr in enumerate(grads) if gr is not None]
             grads = [grads[k] for k in idx]
+        if self._accumulating and self._importance == "total" and idx == g.step_idx and \
+                len(grads) == len(g.step_grads) and all(a is b for a, b in zip(grads, g.step_grads)):
+            return  # accumulating into the same .grad: the penalty is in it, θ has not moved
         g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
         if not grads:
             return
@@ -854,14 +872,16 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
+        self._task_steps += 1  # the loop's calls, optimizer step or not
         if self._steps_before is not None:
             before, self._steps_before = self._steps_before, None
             if _STEPS.get(self._binding.optimizer, 0) == before:
-                self._no_step()
+                self._hold_for_accumulation()
+                return False
+        self._accumulating = False
         if self._predicted_lrs is not None:
             self._check_predicted_lrs()
         self._steps_since += 1
-        self._task_steps += 1
         for g in self._groups:
             if g.step_grads:
                 # ω += g·(θ_pre − θ); with "task" g is the task gradient
@@ -947,6 +967,8 @@ class SynapticIntelligence:
     _predicted_lrs: Optional[list] = None
     #: the optimizer's step count at before_step() (None: not checked, a scaler may skip)
     _steps_before: Optional[int] = None
+    #: gradients accumulate: the optimizer did not step after the last backward pass
+    _accumulating = False
 
     def _warn_if_unfrozen(self) -> None:
         """A parameter made trainable during the task had no state: say so (it gets state,
@@ -1016,6 +1038,7 @@ class SynapticIntelligence:
             g.clear_lists()
         self._binding.current = self._binding.built = False
         self._binding.state_model = None  # the loaded state belongs to the next model bound
+        self._accumulating = False
         # states saved before 0.3 lack it: count them as trained since their last consolidation
         self._steps_since = int(state_dict.get("steps_since", 1))
 

@@ -230,8 +230,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def _bind(self, strategy) -> None:
         # one plugin, one run: the state may follow a new model object of the same strategy
         # (GDumb builds one per experience), never one of another strategy
-        known = None if self._strategy is None else self._strategy()
-        same_run = self._strategy is None or known is strategy
+        same_run = self._strategy is None or self._strategy() is strategy
         found = None if self._engine.scaler is not None else amp.find_scaler(strategy)
         self._engine.bind(strategy.model, strategy.optimizer, scaler=found, carry_state=same_run)
         self._strategy = _reference(strategy)
@@ -271,9 +270,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             self._first_iteration = False
             if self._engine._task_steps == 0:
                 raise RuntimeError(
-                    f"SIPlugin saw a training iteration without an optimizer step: "
+                    f"SIPlugin saw a training iteration in which "
                     f"{type(strategy).__name__}'s template does not call after_backward and "
-                    "after_update (as MER and LaMAML do not), so SI would measure nothing. Use "
+                    "after_update (MER and LaMAML do not), so SI would measure nothing. Use "
                     "a SupervisedTemplate strategy, or call the engine from your template (see "
                     "the guide 'SI in your own training loop').")
 

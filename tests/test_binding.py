@@ -11,8 +11,8 @@ from avalanche.training import GDumb, MER, Naive
 
 from avalanche_si import ParamGroup, SIPlugin, SynapticIntelligence
 from avalanche_si import functional as F
-from conftest import (Every, assert_same, make_stream, make_tasks, mlp, omegas, strategy,
-                      train_loop, train_stream, weights)
+from conftest import (Every, assert_same, make_stream, make_tasks, mlp, omegas, reference_si,
+                      strategy, train_loop, train_stream, weights)
 
 
 def _sgd(model, lr=0.1):
@@ -324,7 +324,8 @@ def test_functional_api_refuses_parameters_that_do_not_fit_its_state():
 
 
 class AccumulatingNaive(Naive):
-    """Steps the optimizer every second mini-batch, as a user adds gradient accumulation."""
+    """Steps the optimizer every second mini-batch (each loss halved), as a user adds
+    gradient accumulation."""
 
     def training_epoch(self, **kwargs):
         for k, self.mbatch in enumerate(self.dataloader):
@@ -335,7 +336,7 @@ class AccumulatingNaive(Naive):
             self._before_forward(**kwargs)
             self.mb_output = self.forward()
             self._after_forward(**kwargs)
-            self.loss += self.criterion()
+            self.loss += self.criterion() / 2  # the mean over both mini-batches
             self._before_backward(**kwargs)
             self.backward()
             self._after_backward(**kwargs)
@@ -346,20 +347,60 @@ class AccumulatingNaive(Naive):
             self._after_training_iteration(**kwargs)
 
 
-def test_an_avalanche_template_that_accumulates_gradients_is_refused(tasks):
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_an_avalanche_template_that_accumulates_gradients_equals_the_larger_batch(importance):
+    # two mini-batches of 4 per optimizer step (each loss halved) against one of 8: the penalty
+    # acts once per optimizer step and ω counts each step once, as SI by the definition does
+    tasks = make_tasks()
+    ref_model = mlp()
+    names = [n for n, _ in ref_model.named_parameters()]
+    ref_omega, ref_model = reference_si(ref_model, _sgd(ref_model), tasks, [(names, 3.0, 0.1)],
+                                        importance=importance, mb=8)
+    model, si = mlp(), SIPlugin(3.0, eps=0.1, importance=importance)
+    train_stream(strategy(model, _sgd(model), [si], mb=4, cls=AccumulatingNaive),
+                 make_stream(tasks))
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+    for n in names:
+        torch.testing.assert_close(si.importances()[n], ref_omega[n], rtol=1e-9, atol=1e-12)
+    assert si.consolidations == 3
+
+
+def test_delta_params_refuses_gradient_accumulation(tasks):
     model = mlp()
-    strat = strategy(model, _sgd(model), [SIPlugin(1.0)], cls=AccumulatingNaive)
-    with pytest.raises(RuntimeError, match="did not step between before_step"):
+    strat = strategy(model, _sgd(model), [SIPlugin(1.0, importance="delta_params")], mb=4,
+                     cls=AccumulatingNaive)
+    with pytest.raises(RuntimeError, match="did not step after this backward pass"):
         train_stream(strat, make_stream(tasks))
 
 
-def test_a_plain_loop_that_forgets_the_step_is_refused(tasks):
-    model = mlp()
-    opt = _sgd(model)
-    si = SynapticIntelligence(model, opt)
-    si.start_task()
-    opt.zero_grad()
-    torch.nn.functional.cross_entropy(model(tasks[0][0][:8]), tasks[0][1][:8]).backward()
-    si.before_step()
-    with pytest.raises(RuntimeError, match="did not step"):
-        si.after_step()
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_a_plain_loop_may_call_the_engine_on_every_micro_batch(tasks, importance):
+    # before_step()/after_step() around every backward pass, the optimizer stepping every
+    # second one: the same as calling them once per step
+    runs = []
+    for per_micro_batch in (False, True):
+        model = mlp()
+        opt = _sgd(model)
+        si = SynapticIntelligence(model, opt, si_lambda=3.0, eps=0.1, importance=importance)
+        ce = torch.nn.CrossEntropyLoss()
+        for x, y, _ in tasks:
+            si.start_task()
+            for _ in range(2):
+                for i in range(0, len(x), 8):
+                    opt.zero_grad()
+                    for j in (i, i + 4):
+                        (ce(model(x[j:j + 4]), y[j:j + 4]) / 2).backward()
+                        if per_micro_batch or j == i + 4:
+                            si.before_step()
+                        if j == i + 4:
+                            opt.step()
+                        if per_micro_batch or j == i + 4:
+                            si.after_step()
+            si.end_task()
+        runs.append((weights(model), omegas(si)))
+    for a, b in ((runs[0][0], runs[1][0]), (runs[0][1], runs[1][1])):
+        # with "total" the penalty joins the sum after the first pass, not the last: the same
+        # up to the order of a float addition
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-14, msg=n)
