@@ -420,7 +420,8 @@ class SynapticIntelligence:
 
     @property
     def si_lambda(self) -> Strength:
-        """The strength :math:`c`: a number, a tuple (one per task) or a callable."""
+        """The strength :math:`c`: a number, a list of them (one per task; kept as a tuple) or a
+        callable."""
         return self._si_lambda
 
     @si_lambda.setter

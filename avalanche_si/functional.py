@@ -399,6 +399,19 @@ def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
                          "order, to every call for this net and params_name.")
 
 
+def _check_order(net: torch.nn.Module, params: Sequence[Tensor], params_name: Optional[str]) -> None:
+    """The same parameter objects in another order would pair each with another's state: refuse
+    that (new objects, such as a grown head, are fine). The order is remembered on ``net``."""
+    seen = net.__dict__.setdefault("_si_param_order", {})
+    ids = tuple(id(p) for p in params)
+    old = seen.get(params_name)
+    if old is not None and old != ids and sorted(old) == sorted(ids):
+        raise ValueError(f"si_*: the parameters of group {params_name!r} come in another order "
+                         "than before, so each would meet another's state: pass them in the "
+                         "same order every time.")
+    seen[params_name] = ids
+
+
 def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
                       params_name: Optional[str] = None, no_pre_step_ckpt: bool = False) -> None:
     r"""Call right before ``optimizer.step()``: checkpoint :math:`\theta_\text{pre\_step}`.
@@ -416,9 +429,12 @@ def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
             :func:`si_post_optim_step` must get ``delta_params`` (3n memory, not 4n).
             One call is still needed before the first update of the first task.
     """
+    for i, p in _active(params):  # every check before anything is written
+        prev_name = si_buffer_names(i, params_name)[1]
+        _check_fits(getattr(net, prev_name, None), p, i, prev_name)
+    _check_order(net, params, params_name)
     for i, p in _active(params):
         _, prev_name, _, pre_name = si_buffer_names(i, params_name)
-        _check_fits(getattr(net, prev_name, None), p, i, prev_name)
         if getattr(net, prev_name, None) is None:
             _set_buffer(net, prev_name, p.detach().clone())
         if not no_pre_step_ckpt:

@@ -178,8 +178,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ options
 
-    si_lambda = _delegated("si_lambda", "The strength :math:`c`: a number, a tuple (one per "
-                           "experience) or a callable.", live=True)
+    si_lambda = _delegated("si_lambda", "The strength :math:`c`: a number, a list of them (one "
+                           "per experience; kept as a tuple) or a callable.", live=True)
     eps = _delegated("eps", "The damping :math:`\\xi` (used at the next consolidation).",
                      live=True)
     clamp = _delegated("clamp", "Where the consolidation clamps at 0: ``\"task\"``, "

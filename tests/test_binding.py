@@ -404,3 +404,16 @@ def test_a_plain_loop_may_call_the_engine_on_every_micro_batch(tasks, importance
         # up to the order of a float addition
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_functional_api_refuses_the_same_parameters_in_another_order():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    params = list(model.parameters())  # two (4, 4) weights, two (4,) biases
+    F.si_pre_optim_step(model, params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    F.si_post_optim_step(model, params)
+    with pytest.raises(ValueError, match="another order"):
+        F.si_pre_optim_step(model, [params[2], params[1], params[0], params[3]])
+    model[1].weight = torch.nn.Parameter(torch.zeros(4, 4))  # a new object: fine
+    F.si_pre_optim_step(model, list(model.parameters()))
