@@ -1,4 +1,5 @@
-"""avalanche_si: Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for PyTorch and Avalanche.
+"""avalanche_si: Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for PyTorch, Avalanche
+and Lightning.
 
 - :class:`SynapticIntelligence`, the engine: SI in any PyTorch training loop (four calls
   around the optimizer step);

@@ -602,9 +602,8 @@ class SynapticIntelligence:
         b = self._binding
         if model is not b.model and b.state_model is not None and not carry_state:
             if b.state_model() is not unwrap(model):
-                owner = getattr(self, "_owner", None) or type(self).__name__
                 raise RuntimeError(
-                    f"{owner} holds SI state (Ω, θ*, {self._consolidations} consolidation(s)) "
+                    f"{self._who} holds SI state (Ω, θ*, {self._consolidations} consolidation(s)) "
                     "for another model, and state never moves to a new model silently. For a "
                     "new run (another seed), call reset() or build a new one; to move the state, "
                     "load_state_dict(state_dict()) first.")
@@ -700,9 +699,8 @@ class SynapticIntelligence:
         if self._importance == "delta_params":
             for g in self._groups:
                 g.step_grads = []
-            owner = getattr(self, "_owner", None) or type(self).__name__
             raise RuntimeError(
-                f"{owner}: the optimizer did not step after this backward pass (gradient "
+                f"{self._who}: the optimizer did not step after this backward pass (gradient "
                 "accumulation?), and importance='delta_params' predicts each step from the "
                 "whole gradient: use importance='total' or 'task', or call before_step() once "
                 "per optimizer step, after the last backward pass.")
@@ -742,8 +740,7 @@ class SynapticIntelligence:
             else:
                 gone.append(n)
         if gone:
-            owner = getattr(self, "_owner", None) or type(self).__name__
-            warnings.warn(f"{owner}: {len(gone)} regularized parameter(s) are no longer in the "
+            warnings.warn(f"{self._who}: {len(gone)} regularized parameter(s) are no longer in the "
                           f"model under their names ({', '.join(map(repr, gone[:5]))}"
                           f"{', ...' if len(gone) > 5 else ''}): they lose their importance and "
                           "the penalty no longer holds them. Keep parameter names stable between "
@@ -825,7 +822,8 @@ class SynapticIntelligence:
             idx = [k for k, gr in enumerate(grads) if gr is not None]
             grads = [grads[k] for k in idx]
         if self._accumulating and self._importance == "total" and idx == g.step_idx and \
-                len(grads) == len(g.step_grads) and all(a is b for a, b in zip(grads, g.step_grads)):
+                len(grads) == len(g.step_grads) and \
+                all(a is b for a, b in zip(grads, g.step_grads)):
             return  # accumulating into the same .grad: the penalty is in it, θ has not moved
         g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
         if not grads:
@@ -926,9 +924,8 @@ class SynapticIntelligence:
         if self._steps_since == 0 and not pending and self._binding.built:
             return  # nothing trained since the last consolidation: Ω, θ*, the count stay
         if not self._binding.built:
-            owner = getattr(self, "_owner", None) or type(self).__name__
             raise RuntimeError(
-                f"{owner}.consolidate_now() was called before the {self._noun} has the model's "
+                f"{self._who}.consolidate_now() was called before the {self._noun} has the model's "
                 "parameters: it finds them when training starts, and again after "
                 "load_state_dict() or unpickling. Call it after training on what should be "
                 "consolidated; nothing was changed.")
@@ -957,8 +954,14 @@ class SynapticIntelligence:
         self._policy.consolidated()
         self._resolve_strengths()
 
-    #: how messages name this object ("the plugin" when an Avalanche plugin drives it)
+    #: how messages name this object and its adapter ("SIPlugin", "the plugin" when an
+    #: Avalanche plugin drives it)
     _noun = "engine"
+    _owner: Optional[str] = None
+
+    @property
+    def _who(self) -> str:
+        return self._owner or type(self).__name__
     #: optimizer steps since the last consolidation, and since the task started
     _steps_since = 0
     _task_steps = 0
@@ -979,11 +982,10 @@ class SynapticIntelligence:
                                         regularize_norm_layers=self._norms, check_patterns=False)
                 if (g.key, n) not in tracked]
         if late:
-            owner = getattr(self, "_owner", None) or type(self).__name__
-            warnings.warn(f"{owner}: parameter(s) {', '.join(map(repr, late))} became trainable "
-                          "during this experience; SI regularizes them from the next experience "
-                          "on (their importance for this one is 0). Unfreeze parameters between "
-                          "experiences to have it measured.", stacklevel=4)
+            warnings.warn(f"{self._who}: parameter(s) {', '.join(map(repr, late))} became "
+                          "trainable during this experience; SI regularizes them from the next "
+                          "experience on (their importance for this one is 0). Unfreeze "
+                          "parameters between experiences to have it measured.", stacklevel=4)
             self._binding.current = False
 
     # ------------------------------------------------------------------ saving and loading
@@ -1016,9 +1018,8 @@ class SynapticIntelligence:
         new = SIState(self._state.index, self._state.kinds, self._state_dtype)
         new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
         policy = state_dict.get("policy")
-        owner = getattr(self, "_owner", None) or type(self).__name__
         if policy is not None and policy["type"] != type(self._policy).__name__:
-            raise ValueError(f"{owner} state was saved with consolidation policy "
+            raise ValueError(f"{self._who} state was saved with consolidation policy "
                              f"{policy['type']}, this one has {type(self._policy).__name__}; "
                              "build it with the same consolidate= option.")
         model = self._binding.model

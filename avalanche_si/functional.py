@@ -399,7 +399,8 @@ def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
                          "order, to every call for this net and params_name.")
 
 
-def _check_order(net: torch.nn.Module, params: Sequence[Tensor], params_name: Optional[str]) -> None:
+def _check_order(net: torch.nn.Module, params: Sequence[Tensor],
+                 params_name: Optional[str]) -> None:
     """The same parameter objects in another order would pair each with another's state: refuse
     that (new objects, such as a grown head, are fine). The order is remembered on ``net``."""
     seen = net.__dict__.setdefault("_si_param_order", {})

@@ -1,4 +1,5 @@
-"""SICallback: SI in Lightning, one fit per task, against the float64 definition and the plain loop."""
+"""SICallback: SI in Lightning, one fit per task, against the float64 definition and the plain
+loop."""
 
 import pytest
 import torch
