@@ -43,8 +43,8 @@ __all__ = ["unscale_", "find_scaler", "check_scaler"]
 def check_scaler(value: Any) -> Optional[GradScaler]:
     if value is None or isinstance(value, GradScaler):
         return value
-    raise OptionTypeError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, if "
-                     f"it has one), got {value!r}.")
+    raise OptionTypeError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, "
+                          f"if it has one), got {value!r}.")
 
 
 def find_scaler(strategy: Any) -> Optional[GradScaler]:

@@ -88,7 +88,7 @@ def as_patterns(value: Any, what: str) -> tuple[str, ...]:
         patterns = tuple(value)
     except TypeError:
         raise OptionTypeError(f"{what} must be a name pattern, a list of them or a callable "
-                         f"(name, parameter) -> bool, got {value!r}.") from None
+                              f"(name, parameter) -> bool, got {value!r}.") from None
     if not all(isinstance(p, str) for p in patterns):
         raise OptionTypeError(f"{what} must hold non-empty strings (name patterns), got "
                               f"{value!r}.")
