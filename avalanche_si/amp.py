@@ -37,7 +37,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from .options import OptionTypeError
 
-__all__ = ["unscale_", "find_scaler", "check_scaler"]
+__all__ = ["unscale_", "find_scaler", "check_scaler", "stepped", "rescale_"]
 
 
 def check_scaler(value: Any) -> Optional[GradScaler]:
@@ -111,3 +111,35 @@ def unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
     return found_inf
+
+
+def stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """After :func:`unscale_`: whether ``scaler.step(optimizer)`` ran since (the step taken or
+    skipped), or ``scaler.update()`` did. False means the loop went on to another backward pass
+    without stepping: gradient accumulation."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return state is None or state["stage"] is not OptState.UNSCALED
+
+
+@torch.no_grad()
+def rescale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
+             found_inf: Optional[Tensor], params: Sequence[Tensor] = ()) -> None:
+    r"""Undo :func:`unscale_` for a step that did not happen (gradient accumulation): multiply
+    the optimizer's gradients by the scale :math:`S` again (a power of 2: exact) and mark the
+    optimizer as not unscaled, so that the next backward pass adds :math:`S\,g` to
+    :math:`S\,g` and the real step unscales the sum once. Where :func:`unscale_` zeroed
+    non-finite entries of ``params``' gradients (``found_inf`` = 1), one NaN is put back, so
+    that the scaler skips the real step as it would have without SI. No host sync."""
+    grads: dict[torch.device, list[Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                grads.setdefault(p.grad.device, []).append(p.grad)
+    for device, gs in grads.items():
+        torch._foreach_mul_(gs, scaler._scale.to(device, non_blocking=True))
+    if found_inf is not None:
+        first = next((p.grad for p in params if p.grad is not None and p.grad.numel()), None)
+        if first is not None:
+            bad = torch.where(found_inf.to(first.device) > 0, float("nan"), 0.0)
+            first[(0,) * first.dim()].add_(bad.to(first.dtype))
+    scaler._per_optimizer_states.pop(id(optimizer), None)  # READY again

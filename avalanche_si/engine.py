@@ -618,7 +618,7 @@ class SynapticIntelligence:
         self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
         self._consolidations = 0
         self._steps_since = self._task_steps = 0
-        self._accumulating = False
+        self._accumulating = self._in_step = False
         if self._fresh_policy is None:
             raise RuntimeError("this SI object was unpickled from avalanche_si 0.2 and cannot "
                                "restore its policy's initial state; build a new one.")
@@ -782,7 +782,7 @@ class SynapticIntelligence:
         b = self._binding
         if not b.current or b.changed():
             self._sync()
-        self._task_steps, self._accumulating = 0, False
+        self._task_steps, self._accumulating, self._in_step = 0, False, False
         return self._policy.at_experience_start(experience)
 
     @torch.no_grad()
@@ -794,22 +794,32 @@ class SynapticIntelligence:
         each with :meth:`after_step` after each: SI sees that the optimizer did not step and
         carries the step over (``"total"`` and ``"task"``; ``"delta_params"`` refuses)."""
         b = self._binding
+        if self._in_step:
+            self._in_step = False
+            raise RuntimeError(
+                f"{self._who}: before_step() was called twice without after_step() in between "
+                f"({self._between_steps}), so the step in between would be counted wrongly. Call "
+                "after_step() after every optimizer step (and after every before_step()).")
         if not b.current:
             self._require_model("before_step")
             self._sync()
         found_inf = None
         self._predicted_lrs = None
         scaler = self._scaler_in_use()
-        # the optimizer's step count, to see after the step whether it stepped (gradient
-        # accumulation if not); with a scaler it may have skipped the step, so not counted
-        self._steps_before = None if scaler is not None or b.optimizer is None else \
-            _STEPS.get(b.optimizer, 0)
+        # to see after the step whether the optimizer stepped (gradient accumulation if not):
+        # its step count, or with a scaler (which may skip the step) the scaler's record
+        self._steps_before = self._unscaled_by = None
         if scaler is not None:
             found_inf = amp.unscale_(scaler, b.optimizer,
                                      [p for g in self._groups for p in g.params])
+            if found_inf is not None:
+                self._unscaled_by, self._found_inf = scaler, found_inf
+        if b.optimizer is not None and self._unscaled_by is None:
+            self._steps_before = _STEPS.get(b.optimizer, 0)
         for g in self._groups:
             if g.params:
                 self._before_step_group(g, found_inf)
+        self._in_step = True
 
     def _before_step_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
         grads = [p.grad for p in g.params]
@@ -871,11 +881,21 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
+        self._in_step = False
         self._task_steps += 1  # the loop's calls, optimizer step or not
         if self._steps_before is not None:
             before, self._steps_before = self._steps_before, None
             if _STEPS.get(self._binding.optimizer, 0) == before:
                 self._hold_for_accumulation()
+                return False
+        elif self._unscaled_by is not None:
+            scaler, self._unscaled_by = self._unscaled_by, None
+            if not amp.stepped(scaler, self._binding.optimizer):
+                self._hold_for_accumulation()
+                # the next backward pass adds scaled gradients: scale these back
+                amp.rescale_(scaler, self._binding.optimizer, self._found_inf,
+                             [p for g in self._groups for p in g.params])
+                self._found_inf = None
                 return False
         self._accumulating = False
         if self._predicted_lrs is not None:
@@ -971,6 +991,14 @@ class SynapticIntelligence:
     _predicted_lrs: Optional[list] = None
     #: the optimizer's step count at before_step() (None: not checked, a scaler may skip)
     _steps_before: Optional[int] = None
+    #: the scaler before_step() unscaled with, and what it found (inf/NaN: 1), to see whether
+    #: it stepped
+    _unscaled_by: Optional[torch.amp.GradScaler] = None
+    _found_inf: Optional[Tensor] = None
+    #: before_step() ran and after_step() has not yet
+    _in_step = False
+    #: what the loop does between the two calls, for the message when after_step() is missing
+    _between_steps = "the loop skipped after_step() or called before_step() twice"
     #: gradients accumulate: the optimizer did not step after the last backward pass
     _accumulating = False
 
@@ -1053,6 +1081,9 @@ class SynapticIntelligence:
             new.__dict__.update(old.__dict__)
             new.clear_lists()
         state["_binding"] = _Binding()
+        state.pop("_unscaled_by", None)  # a step in flight is not part of the state
+        state.pop("_found_inf", None)
+        state.pop("_in_step", None)
         return state
 
     def __repr__(self) -> str:

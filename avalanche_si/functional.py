@@ -221,9 +221,10 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         and a function returning :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
         at this step as a 0-d tensor (no host sync; on the fused path summed in float64).
         ``value.held`` lists the tensors it keeps alive until it is dropped: one float64 sum
-        per tensor on the fused path; nothing on the ``_foreach`` path with ``pre`` (the value
-        is computed from ``pre`` when read, so read it before ``pre`` is written again); ``d``
-        (n numbers) on the ``_foreach`` path without ``pre``.
+        per tensor on the fused path and on the ``_foreach`` path without ``pre`` (summed in
+        this call, in the memory of the temporary ``d``, which is then freed); nothing on the
+        ``_foreach`` path with ``pre`` (the value is computed from ``pre`` when read, so read it
+        before ``pre`` is written again).
     """
     fused = _fused.penalty(grads, omega, params, prev, pre, two_c=2.0 * strength,
                            in_place=in_place) if grads else None
@@ -241,15 +242,18 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         value = partial(_value_from_pre, omega, pre, prev, strength)  # d is not kept
         value.held = []
         return out, value
-    value = partial(penalty_value, omega, d, strength=strength)
-    value.held = d
+    # no copy of θ to read the value from later: summed now, in d's memory, which is then freed
+    sums = _omega_d2_sums(omega, d)
+    value = partial(_summed_value, sums, strength, params[0].dtype)
+    value.held = [sums]
     return out, value
 
 
 def _value_from_pre(omega, pre, prev, strength: float) -> Tensor:
     """The penalty at the step whose weights ``pre`` holds: ``pre − θ*`` is the ``d`` of that
     step, to the bit (the same subtraction of the same numbers)."""
-    return penalty_value(omega, torch._foreach_sub(pre, prev), strength=strength)
+    d = torch._foreach_sub(pre, prev)
+    return _summed_value(_omega_d2_sums(omega, d), strength, d[0].dtype)
 
 
 def _summed_value(sums: Tensor, strength: float, dtype: torch.dtype) -> Tensor:
@@ -265,9 +269,21 @@ def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: flo
     """
     if not d:
         return torch.zeros(())
-    sq = torch._foreach_mul(d, d)
-    torch._foreach_mul_(sq, omega)  # Ω d² ≥ 0, so its L1 norm is its sum
-    return torch.stack(torch._foreach_norm(sq, 1)).sum() * strength
+    return _summed_value(_omega_d2_sums(omega, torch._foreach_mul(d, 1.0)), strength, d[0].dtype)
+
+
+def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
+    """The per-tensor sums of Ω d² (1-d, float64 where the device has it), computed in ``d``'s
+    memory (overwritten) with a fixed number of multi-tensor kernels, however many tensors.
+
+    Ω may be negative (``clamp="none"``), so the sum is Σ|x| − 2 Σ|min(x, 0)|: two L1 norms,
+    the second exactly 0 when every Ω ≥ 0."""
+    torch._foreach_mul_(d, d)
+    torch._foreach_mul_(d, omega)
+    acc = torch.float32 if d[0].device.type == "mps" else torch.float64
+    total = torch.stack(torch._foreach_norm(d, 1)).to(acc)
+    torch._foreach_clamp_max_(d, 0.0)
+    return total - 2.0 * torch.stack(torch._foreach_norm(d, 1)).to(acc)
 
 
 @torch.no_grad()

@@ -268,6 +268,11 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def after_training_iteration(self, strategy, **kwargs) -> None:
         if self._first_iteration:  # once per experience
             self._first_iteration = False
+            if self._engine._task_steps == 0 and self._engine._in_step:
+                raise RuntimeError(
+                    f"SIPlugin: {type(strategy).__name__}'s template ran after_backward without "
+                    "after_update in a training iteration; SIPlugin needs both once per "
+                    "optimizer step (call after_update on every iteration, stepping or not).")
             if self._engine._task_steps == 0:
                 raise RuntimeError(
                     f"SIPlugin saw a training iteration in which "
@@ -327,6 +332,8 @@ def _reference(strategy) -> Callable[[], Any]:
 def _adapted(engine: SynapticIntelligence) -> SynapticIntelligence:
     """The engine, with its messages naming the plugin."""
     engine._owner, engine._noun = "SIPlugin", "plugin"
+    engine._between_steps = ("the strategy's template ran after_backward without "
+                             "after_update; SIPlugin needs both on every iteration")
     return engine
 
 

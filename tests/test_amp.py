@@ -38,13 +38,15 @@ class AMPNaive(Naive):
 
 
 def _train(device, importance, *, amp_scaler=None, autocast_dtype=None, extra=(), si_lambda=20.0,
-           opt=lambda p: torch.optim.Adam(p, lr=0.05), cls=None, tasks=None):
+           opt=lambda p: torch.optim.Adam(p, lr=0.05), cls=None, tasks=None, mb=None):
     tasks = tasks or make_tasks(dtype=torch.float32)
     model = mlp(dtype=torch.float32, device=device)
     si = SIPlugin(si_lambda, eps=0.1, importance=importance)
     kwargs = {}
     if amp_scaler is not None:
-        cls, kwargs = AMPNaive, dict(scaler=amp_scaler, autocast_dtype=autocast_dtype)
+        cls, kwargs = cls or AMPNaive, dict(scaler=amp_scaler, autocast_dtype=autocast_dtype)
+    if mb is not None:
+        kwargs["mb"] = mb
     strat = strategy(model, opt(model.parameters()), [*extra, si], cls=cls or Naive, **kwargs)
     train_stream(strat, make_stream(tasks))
     return weights(model), omegas(si)
@@ -67,6 +69,75 @@ def _inf_grad(strategy):
 
 def _zero_loss(strategy):
     strategy.loss = strategy.loss * 0.0
+
+
+class AccumulatingAMPNaive(AMPNaive):
+    """AMP with gradient accumulation: the scaler steps every second mini-batch (each loss
+    halved); the hooks run on every mini-batch, as a user's template writes it."""
+
+    def training_epoch(self, **kwargs):
+        for k, self.mbatch in enumerate(self.dataloader):
+            self._before_training_iteration(**kwargs)
+            if k % 2 == 0:
+                self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self.mb_output = self.forward()
+            self.loss += self.criterion() / 2
+            self._before_backward(**kwargs)
+            self.backward()
+            self._after_backward(**kwargs)
+            if k % 2 == 1:
+                self.optimizer_step()
+            self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+
+class PoisonLoss(SupervisedPlugin):
+    """Makes the loss of the given training iterations infinite (an fp16 overflow)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.k, self.weights = at, 0, {}
+
+    def before_backward(self, strategy, **kwargs):
+        if self.k in self.at:
+            strategy.loss = strategy.loss * float("inf")
+
+    def after_update(self, strategy, **kwargs):
+        self.weights[self.k] = {n: p.detach().clone() for n, p in strategy.model.named_parameters()}
+        self.k += 1
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_gradient_accumulation_with_a_grad_scaler_equals_it_without(importance):
+    # the scaler unscales at SI's first after_backward; SI scales the gradients back when the
+    # optimizer did not step, so the next backward pass adds S·g to S·g: the same run as with
+    # a disabled scaler, to float tolerance (the scale is a power of 2)
+    runs = []
+    for enabled in (False, True):
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        runs.append(_train("cpu", importance, amp_scaler=scaler, cls=AccumulatingAMPNaive,
+                           mb=4))
+    (w0, o0), (w1, o1) = runs
+    for n in w0:
+        torch.testing.assert_close(w1[n], w0[n], rtol=1e-5, atol=1e-6)
+    for n in o0:
+        torch.testing.assert_close(o1[n], o0[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("at", [6, 7])  # the first or the second mini-batch of the 4th step
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_an_inf_in_one_accumulated_mini_batch_skips_the_whole_step(importance, at):
+    # SI zeroes the inf/NaN entries it reads; when the step has not happened yet it puts the
+    # finding back, so that the scaler still skips the real step, as it would without SI
+    poison = PoisonLoss(at={at})
+    scaler = torch.amp.GradScaler("cpu")
+    _, omega = _train("cpu", importance, amp_scaler=scaler, cls=AccumulatingAMPNaive, mb=4,
+                      extra=[poison])
+    before, after = poison.weights[5], poison.weights[7]
+    assert all(torch.equal(before[n], after[n]) for n in before)  # skipped
+    assert not all(torch.equal(poison.weights[7][n], poison.weights[9][n]) for n in before)
+    assert all(torch.isfinite(o).all() for o in omega.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -243,25 +243,69 @@ def test_consolidating_between_backward_and_step_puts_the_step_in_the_next_perio
     model = mlp()
     opt = _sgd(model)
     si = SynapticIntelligence(model, opt, si_lambda=2.0, importance=importance)
-    seen = {}
-
-    def at_step_5(m, step):
+    ce = torch.nn.CrossEntropyLoss()
+    x, y, _ = tasks[0]
+    si.start_task()
+    for step, i in enumerate(range(0, 48, 8)):
+        opt.zero_grad()
+        ce(model(x[i:i + 8]), y[i:i + 8]).backward()
+        si.before_step()
         if step == 5:
-            si.before_step()  # the loop calls it again: the same step, recorded once more
-            seen["grads"] = [p.grad.clone() for p in m.parameters()]
-            seen["pre"] = [p.detach().clone() for p in m.parameters()]
+            grads = [p.grad.clone() for p in model.parameters()]
+            pre = [p.detach().clone() for p in model.parameters()]
             si.consolidate_now()
-
-    def stop_after_5():
-        if "pre" in seen and "post" not in seen:
-            seen["post"] = [p.detach().clone() for p in model.parameters()]
-            seen["running"] = [t.clone() for t in si._groups[0].running]
-
-    train_loop(model, opt, tasks, si, on_backward=at_step_5, on_step=stop_after_5)
+            assert si.consolidations == 1
+        opt.step()
+        si.after_step()
     # right after the step: ω holds that step alone, −g·Δθ, and θ* is the weights before it
-    for r, g, a, b in zip(seen["running"], seen["grads"], seen["pre"], seen["post"]):
+    post = [p.detach() for p in model.parameters()]
+    for r, g, a, b, prev in zip(si._groups[0].running, grads, pre, post, si._groups[0].prev):
         torch.testing.assert_close(r, -g * (b - a), rtol=1e-12, atol=1e-15)
         assert r.abs().max() > 0
+        assert torch.equal(prev, a)
+
+
+def test_before_step_twice_without_after_step_is_refused(tasks):
+    # a template that skips after_update on some iterations, or a loop that forgets
+    # after_step(): the step in between would be measured wrongly (and in "total" the
+    # penalty added twice)
+    model = mlp()
+    opt = _sgd(model)
+    si = SynapticIntelligence(model, opt, si_lambda=2.0)
+    si.start_task()
+    model(tasks[0][0][:4]).sum().backward()
+    si.before_step()
+    opt.step()
+    with pytest.raises(RuntimeError, match="before_step\\(\\) was called twice"):
+        si.before_step()
+    si.before_step()  # refused once; the loop may go on after handling it
+    opt.step()
+    si.after_step()
+
+
+class SkippingNaive(Naive):
+    """Steps and calls after_update on every second iteration only."""
+
+    def training_epoch(self, **kwargs):
+        for k, self.mbatch in enumerate(self.dataloader):
+            self._before_training_iteration(**kwargs)
+            self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self.mb_output = self.forward()
+            self.loss += self.criterion()
+            self.backward()
+            self._after_backward(**kwargs)
+            if k % 2 == 1:
+                self.optimizer.step()
+                self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+
+def test_a_template_that_skips_after_update_is_refused(tasks):
+    model = mlp()
+    strat = strategy(model, _sgd(model), [SIPlugin(1.0)], cls=SkippingNaive)
+    with pytest.raises(RuntimeError, match="template ran after_backward without after_update"):
+        train_stream(strat, make_stream(tasks))
 
 
 def test_consolidating_twice_in_a_row_does_not_shift_a_schedule_of_strengths(tasks):

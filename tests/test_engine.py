@@ -306,3 +306,32 @@ def test_no_module_imports_a_layer_above_its_own():
         for target in re.findall(r"^\s*from \.(\w+) import|^\s*from \. import (\w+)", source, re.M):
             name = target[0] or target[1]
             assert rank[name] <= rank[module], f"{module} imports {name}, a layer above it"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # _foreach path, fused path
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_the_penalty_value_is_the_definition_also_with_negative_importances(importance, dtype):
+    # clamp="none" stores negative Ω; the value c Σ Ω (θ − θ*)² at the step must keep its sign
+    tasks = make_tasks(dtype=dtype)
+    model = mlp(dtype=dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)  # steps against g: negative ω
+    si = SynapticIntelligence(model, opt, si_lambda=3.0, eps=0.1, clamp="none",
+                              importance=importance)
+    train_loop(model, opt, tasks[:1], si)
+    omega, star = si.importances(), weights(model)
+    # what clamp="none" stores when a path integral is negative: Ω < 0 for one layer (the
+    # importances are SI's own tensors)
+    omega["2.weight"].mul_(-1.0)
+    omega = {n: o.clone() for n, o in omega.items()}
+    seen, values = {}, []
+    train_loop(model, opt, tasks[1:2], si, epochs=1,
+               on_backward=lambda m, step: seen.setdefault(step, weights(m)),
+               on_step=lambda: values.append(si.penalty))
+    # the last step's value, against the weights before that step
+    last = seen[max(seen)]
+    want = 3.0 * sum((omega[n].double() * (last[n].double() - star[n].double()) ** 2).sum()
+                     for n in omega)
+    assert want < sum(3.0 * (omega[n].double().abs() * (last[n].double() - star[n].double()) ** 2
+                             ).sum() for n in omega)  # signs matter here
+    torch.testing.assert_close(values[-1].double(), want, rtol=1e-5 if dtype == torch.float32
+                               else 1e-12, atol=0)

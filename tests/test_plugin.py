@@ -351,11 +351,10 @@ def test_nothing_grows_from_step_to_step(importance, dtype):
     per_state = 3 if importance == "delta_params" else 4
     steps = len(probe.sizes) // 3
     assert probe.sizes[:steps] == [per_state * n] * steps          # task 1: no penalty yet
-    if dtype == torch.float32 and _fused.available():
-        # one pass, no temporary: only one float64 sum per tensor for the penalty's value
+    if (dtype == torch.float32 and _fused.available()) or importance == "delta_params":
+        # only one float64 sum per tensor for the penalty's value: the fused pass computes it;
+        # without a copy of the weights before the step (delta_params) it is summed at the step
         extra = len(list(model.parameters()))
-    elif importance == "delta_params":
-        extra = n  # no copy of the weights before the step: d = θ − θ* kept for the value
     else:
         extra = 0  # the value is read from the copy of the weights before the step
     assert probe.sizes[steps:] == [per_state * n + extra] * (2 * steps)
