@@ -255,13 +255,18 @@ def load_baseline(path: str):
     if not os.path.isdir(path):
         tmp = tempfile.mkdtemp(prefix="avalanche_si_baseline_")
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        archive = subprocess.run(["git", "archive", path, "avalanche_si"], cwd=here,
+        archive = subprocess.run(["git", "archive", path, "src/avalanche_si"], cwd=here,
                                  capture_output=True)
+        inner = "src/avalanche_si"
+        if archive.returncode != 0:  # a revision from before the src layout
+            archive = subprocess.run(["git", "archive", path, "avalanche_si"], cwd=here,
+                                     capture_output=True)
+            inner = "avalanche_si"
         if archive.returncode != 0:
             raise SystemExit(f"--baseline {path}: neither a folder nor a git revision of this "
                              f"repository ({archive.stderr.decode().strip()}).")
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        path = os.path.join(tmp, "avalanche_si")
+        path = os.path.join(tmp, inner)
     init = os.path.join(path, "__init__.py")
     if not os.path.isfile(init):
         raise SystemExit(f"--baseline {path}: no __init__.py there; give the folder of an "
@@ -676,7 +681,9 @@ def _main(args) -> int:
     repeats = args.repeats or (5 if args.quick else 15)
     if args.no_steps:
         models = []
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+    threads = torch.get_num_threads()
+    print(f"# torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''}, "
+          f"device {args.device}"
           + (", mixed precision (--amp)" if args.amp else ""))
     if models:
         print(f"\n# SI per-step overhead: Adam, batch 128, penalty active; median of {repeats} "

@@ -249,7 +249,7 @@ def _commit() -> Optional[str]:
         if head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "avalanche_si", "experiments"], cwd=os.path.dirname(here),
+                                "src/avalanche_si", "experiments"], cwd=os.path.dirname(here),
                                text=True, capture_output=True, timeout=10)
         return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

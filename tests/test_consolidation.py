@@ -252,3 +252,13 @@ def test_state_of_another_policy_is_refused():
         SIPlugin(1.0, consolidate=LossPlateau()).load_state_dict(si.state_dict())
     with pytest.raises(ValueError, match="every 5 steps, this one every 6"):
         SIPlugin(1.0, consolidate=6).load_state_dict(si.state_dict())
+
+
+def test_the_0_1_call_consolidate_names_its_new_name():
+    # avalanche_si 0.1's si.consolidate() consolidated; si.consolidate is now the policy
+    from avalanche_si import SIPlugin, SynapticIntelligence
+
+    for si in (SIPlugin(1.0), SynapticIntelligence(si_lambda=1.0), SIPlugin(1.0, consolidate=5)):
+        with pytest.raises(TypeError, match=r"call si.consolidate_now\(\) \(renamed from "
+                                            r"consolidate\(\) in 0.2\)"):
+            si.consolidate()

@@ -53,3 +53,18 @@ def test_the_package_imports_from_the_wheel_alone(wheel, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     file, spec = done.stdout.split()[-2:]
     assert file.startswith(str(target)) and spec == "None"
+
+
+def test_a_folder_named_like_the_package_beside_a_script_does_not_hide_it(tmp_path):
+    # a script next to a clone called avalanche_si (no __init__.py at its top: a namespace
+    # package to Python) still imports the installed package: the src layout keeps the
+    # editable install on sys.path as a path, which a regular package wins from
+    (tmp_path / "avalanche_si" / "tests").mkdir(parents=True)
+    (tmp_path / "script.py").write_text(
+        "import avalanche_si\nfrom avalanche_si import SIPlugin, SynapticIntelligence\n"
+        "print(avalanche_si.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user runs it
+    done = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).parent == ROOT / "src" / "avalanche_si"

@@ -1,6 +1,5 @@
 """The README's promises: its commands are what CI runs, its example runs."""
 
-import os
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def test_readme_gives_exactly_two_commands_for_a_fresh_machine():
 
 
 def test_package_does_not_import_experiments():
-    for path in (ROOT / "avalanche_si").rglob("*.py"):
+    for path in (ROOT / "src" / "avalanche_si").rglob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+experiments", path.read_text(), flags=re.M), path
 
 
@@ -47,7 +46,9 @@ def test_readme_headline_is_the_current_copy_of_the_results():
 
     assert headline(ROOT / "results") == (ROOT / "results" / "headline.md").read_text()
     copies = readme_copies(ROOT / "README.md")
-    assert [path for path, _, _ in copies] == ["results/headline.md"]
+    # and its options table is the options page's (one source for both)
+    assert [path for path, _, _ in copies] == ["docs/guide/options.md#options",
+                                               "results/headline.md"]
     for path, body, current in copies:
         assert body == current, f"README's copy of {path} is stale: python -m experiments " \
                                 "report --docs docs --readme README.md"

@@ -1,31 +1,31 @@
 r"""Fused CPU kernels for SI's per-step work: two passes over memory instead of five.
 
-SI's per-step work is elementwise and memory-bound. With one ``torch._foreach_*``
+SI's per-step work is elementwise and memory-bound. With one `torch._foreach_*`
 operation per arithmetic step it reads and writes about 16 floats per weight and step
-(:math:`d = \theta - \theta^*`; :math:`g \mathrel{+}= 2c\,\Omega d`; the copy of
-:math:`\theta` before the step; :math:`\theta_\text{pre} - \theta`;
-:math:`\omega \mathrel{+}= g \cdot (\theta_\text{pre} - \theta)`). The two kernels here do
+(`d = θ - θ*`; `g += 2cΩ d`; the copy of
+θ before the step; `θ_pre - θ`;
+`ω += g · (θ_pre - θ)`). The two kernels here do
 the same arithmetic in two passes, 11 floats per weight and step, and allocate nothing:
 
-- :func:`penalty`: :math:`g' = g + 2c\,\Omega (\theta - \theta^*)`, the copy
-  :math:`\theta_\text{pre} \leftarrow \theta` and the per-tensor sums of
-  :math:`\Omega (\theta - \theta^*)^2` (the penalty's value, in float64) in one pass;
-- :func:`accumulate`: :math:`\omega \leftarrow \omega + g \cdot (\theta_\text{pre} - \theta)`
+- `penalty()`: `g' = g + 2cΩ (θ - θ*)`, the copy
+  `θ_pre ← θ` and the per-tensor sums of
+  `Ω (θ - θ*)²` (the penalty's value, in float64) in one pass;
+- `accumulate()`: `ω ← ω + g · (θ_pre - θ)`
   in one pass.
 
-They are *bit-identical* to the ``_foreach`` operations they replace: same operations in
-the same order, and the one fused multiply-add where ATen's ``addcmul`` has one (probed
+They are *bit-identical* to the `_foreach` operations they replace: same operations in
+the same order, and the one fused multiply-add where ATen's `addcmul` has one (probed
 once per process, since that depends on how ATen was built; where the probe is not
 conclusive the kernels are not used). The penalty's *value* is summed in float64 here,
-so it can differ from the ``_foreach`` path's float32 sum in the last bits (it is a
+so it can differ from the `_foreach` path's float32 sum in the last bits (it is a
 logged number; the training arithmetic is unaffected).
 
-The C source below is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``)
-at first use in each process (about 0.2 s), with ``-march=native`` and OpenMP, which
-links to the OpenMP runtime torch already loaded, and runs with ``torch.get_num_threads()``
+The C source below is compiled with the system C compiler (`$CC`, else `cc`/`gcc`)
+at first use in each process (about 0.2 s), with `-march=native` and OpenMP, which
+links to the OpenMP runtime torch already loaded, and runs with `torch.get_num_threads()`
 threads. Used only for contiguous float32 CPU tensors; everything else, and every
-machine without a working compiler, takes the ``_foreach`` path. ``AVALANCHE_SI_FUSED=0``
-switches the kernels off for a process, ``with disabled():`` for a block.
+machine without a working compiler, takes the `_foreach` path. `AVALANCHE_SI_FUSED=0`
+switches the kernels off for a process, `with disabled():` for a block.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ why_not: Optional[str] = None  # why the kernels are off in this process, once t
 
 
 def _aten_addcmul_is_fma() -> Optional[bool]:
-    """Whether ATen's float32 ``addcmul`` rounds ``self + v*t1*t2`` as fma(v*t1, t2, self).
+    """Whether ATen's float32 `addcmul` rounds `self + v*t1*t2` as fma(v*t1, t2, self).
 
     Decided on values where the fused and the unfused results differ, through the
     vectorized body and the scalar tail alike; None if ATen agrees with neither.
@@ -188,7 +188,7 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """A block in which every SI kernel takes the ``_foreach`` path (for comparisons)."""
+    """A block in which every SI kernel takes the `_foreach` path (for comparisons)."""
     global _off
     _off += 1
     try:
@@ -199,7 +199,7 @@ def disabled():
 
 def eligible(*lists: Sequence[Tensor]) -> bool:
     """All tensors contiguous float32 on the CPU, position by position of one size, and
-    the kernels available and not :func:`disabled`."""
+    the kernels available and not `disabled()`."""
     return _pointers(lists) is not None
 
 
@@ -208,7 +208,7 @@ _F32, _STRIDED = torch.float32, torch.strided
 
 def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
     """The data pointers of every tensor, list after list, then the sizes of the first
-    list's tensors; None unless :func:`eligible`. One pass, the only per-step check."""
+    list's tensors; None unless `eligible()`. One pass, the only per-step check."""
     if _off or not lists[0] or not lists[0][0].is_cpu or not available():
         return None  # on a GPU: decided by the first tensor, with no loop over the others
     sizes = [t.numel() for t in lists[0]]
@@ -229,13 +229,13 @@ def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
 def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
             prev: Sequence[Tensor], pre: Optional[Sequence[Tensor]], *, two_c: float,
             in_place: bool) -> Optional[tuple[list[Tensor], Tensor]]:
-    r"""One pass: ``g' = grads + two_c·Ω·(θ − θ*)`` (into ``grads`` if ``in_place``, else
-    into new tensors) and ``pre = θ`` if given.
+    r"""One pass: `g' = grads + two_c·Ω·(θ − θ*)` (into `grads` if `in_place`, else
+    into new tensors) and `pre = θ` if given.
 
     Returns:
-        ``(g', sums)``, ``sums`` the float64 per-tensor sums of
-        :math:`\Omega(\theta - \theta^*)^2`; or None, having done nothing, when the
-        tensors are not :func:`eligible`.
+        `(g', sums)`, `sums` the float64 per-tensor sums of
+        `Ω(θ - θ*)²`; or None, having done nothing, when the
+        tensors are not `eligible()`.
     """
     lists = [grads, omega, params, prev] + ([pre] if pre is not None else [])
     table = _pointers(lists)
@@ -253,9 +253,9 @@ def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[T
 
 def accumulate(running: Sequence[Tensor], grads: Sequence[Tensor], pre: Sequence[Tensor],
                params: Sequence[Tensor]) -> bool:
-    r"""One pass: :math:`\omega \leftarrow \omega + g \cdot (\theta_\text{pre} - \theta)`.
+    r"""One pass: `ω ← ω + g · (θ_pre - θ)`.
 
-    Returns False, having done nothing, when the tensors are not :func:`eligible`.
+    Returns False, having done nothing, when the tensors are not `eligible()`.
     """
     table = _pointers([running, grads, pre, params])
     if table is None:

@@ -2,11 +2,11 @@ r"""The plugin's options: what each accepts, checked the same way at constructio
 assigned later.
 
 Numbers may be Python numbers, numpy scalars or one-element tensors. The strength
-:math:`c` may also change with the experience, as Avalanche's own plugin allows: a list
+c may also change with the experience, as Avalanche's own plugin allows: a list
 (one value per experience, the last one repeated) or a callable of the experience index.
 
 Nothing here imports a training framework, nor torch until a check needs it, so that the
-experiments' ``--help`` reads the modes below without loading either.
+experiments' `--help` reads the modes below without loading either.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_
            "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError"]
 
 IMPORTANCE_MODES = ("total", "task", "delta_params")
+"""The values of the `importance` option: which gradient and step measure ω."""
 CLAMP_MODES = ("task", "total", "none")
+"""The values of the `clamp` option: where the consolidation's max(0, ·) goes."""
 
 #: a strength: a number, one number per experience, or a function of the experience index
 Strength = Union[float, Sequence[float], Callable[[int], float]]
@@ -30,7 +32,7 @@ Strength = Union[float, Sequence[float], Callable[[int], float]]
 
 
 class OptionTypeError(TypeError, ValueError):
-    """An option or argument of the wrong type. A ``TypeError``; also a ``ValueError``, which
+    """An option or argument of the wrong type. A `TypeError`; also a `ValueError`, which
     avalanche_si 0.2 raised for these, so code written against it keeps catching them."""
 
 
@@ -38,7 +40,7 @@ _EPS_HINT = "1e-3 is the default, 0.1 the value of van de Ven et al. 2019 and Ze
 
 
 def as_number(value: Any) -> Optional[float]:
-    """``value`` as a float if it is a real number (Python, numpy, or a one-element
+    """`value` as a float if it is a real number (Python, numpy, or a one-element
     tensor), else None. Booleans are not numbers here."""
     import torch
 
@@ -72,7 +74,7 @@ def _strength_number(value: Any, what: str) -> float:
 
 def check_strength(value: Any, what: str) -> Strength:
     """A valid strength: a number >= 0, a non-empty list of them (one per experience), or a
-    callable ``(experience_index) -> number`` (checked when called)."""
+    callable `(experience_index) -> number` (checked when called)."""
     import torch
 
     if callable(value) and not isinstance(value, torch.Tensor):
@@ -86,8 +88,8 @@ def check_strength(value: Any, what: str) -> Strength:
 
 
 def strength_at(value: Strength, experience: int, what: str) -> float:
-    """The strength for the ``experience``-th experience trained (0-based, Avalanche's
-    ``strategy.clock.train_exp_counter``): a list's entry, its last one beyond its end (as
+    """The strength for the `experience`-th experience trained (0-based, Avalanche's
+    `strategy.clock.train_exp_counter`): a list's entry, its last one beyond its end (as
     Avalanche's plugin does), or the callable's value, checked."""
     if isinstance(value, tuple):
         return value[min(experience, len(value) - 1)]

@@ -1,31 +1,30 @@
 r"""When SI consolidates: after each experience, at real task boundaries, every k steps, or
 on a loss plateau.
 
-Consolidation is :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta^*)^2 +
-\xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`. On an ordinary stream
+Consolidation is `Ω ← Ω + max(0, ω / ((θ - θ*)² + ξ))`, `θ* ← θ`, `ω ← 0`. On an ordinary stream
 an experience is a task and consolidating after each is the paper's algorithm. On an
-online stream (Avalanche's ``split_online_stream``) an experience is a mini-batch or a few,
+online stream (Avalanche's `split_online_stream`) an experience is a mini-batch or a few,
 so "after each experience" is after every few samples: the penalty starts inside the first
 task. The policies here decide instead:
 
-- ``"experience"``: after every experience (:class:`AfterEachExperience`);
-- ``"boundary"``: at the real task boundaries of an online stream built with
-  ``access_task_boundaries=True`` (:class:`AtTaskBoundaries`); an error if it hides them;
-- an ``int`` k: every k optimizer steps, across experience ends, as van de Ven's task-free
-  SI does with ``--update-every`` (:class:`EveryKSteps`);
-- :class:`LossPlateau`: when the training loss settles on a plateau after a peak (Aljundi,
+- `"experience"`: after every experience (`AfterEachExperience`);
+- `"boundary"`: at the real task boundaries of an online stream built with
+  `access_task_boundaries=True` (`AtTaskBoundaries`); an error if it hides them;
+- an `int` k: every k optimizer steps, across experience ends, as van de Ven's task-free
+  SI does with `--update-every` (`EveryKSteps`);
+- `LossPlateau`: when the training loss settles on a plateau after a peak (Aljundi,
   Kelchtermans & Tuytelaars, "Task-Free Continual Learning", CVPR 2019).
 
-``None`` (the default) is ``"boundary"``: after each experience on ordinary streams, at the
+`None` (the default) is `"boundary"`: after each experience on ordinary streams, at the
 task boundaries on an online stream that shows them, and an error on an online stream that
 hides them, where no choice is right for every user.
 
-Consolidating when :math:`\omega = 0` adds nothing, so consolidating twice in a row is
-harmless. Consolidating often (small k) makes :math:`(\theta - \theta^*)^2` small, and
-:math:`\Omega \approx \omega / \xi`: then the damping :math:`\xi` sets the scale of the
-importances, and the strength :math:`c` that works depends on it.
+Consolidating when `ω = 0` adds nothing, so consolidating twice in a row is
+harmless. Consolidating often (small k) makes `(θ - θ*)²` small, and
+`Ω ≈ ω / ξ`: then the damping ξ sets the scale of the
+importances, and the strength c that works depends on it.
 
-Each policy's state (step counts, the loss window) is part of the plugin's ``state_dict``.
+Each policy's state (step counts, the loss window) is part of the plugin's `state_dict`.
 Nothing here imports Avalanche: experiences are read by duck typing.
 """
 
@@ -45,8 +44,8 @@ class HiddenBoundariesError(ValueError):
 
 
 def _boundaries(experience) -> Optional[tuple[bool, bool, Any]]:
-    """``(is_first_subexp, is_last_subexp, origin id)`` of an online sub-experience, or None
-    for an ordinary experience. Raises :class:`HiddenBoundariesError` if it hides them."""
+    """`(is_first_subexp, is_last_subexp, origin id)` of an online sub-experience, or None
+    for an ordinary experience. Raises `HiddenBoundariesError` if it hides them."""
     if not hasattr(type(experience), "__mro__") or not any(
             c.__name__ == "OnlineCLExperience" for c in type(experience).__mro__):
         return None
@@ -73,7 +72,7 @@ def _boundaries(experience) -> Optional[tuple[bool, bool, Any]]:
 
 class ConsolidationPolicy:
     """When to consolidate. The plugin calls the three methods; each returns whether to
-    consolidate now. Subclass to write your own; keep its state in :meth:`state_dict`."""
+    consolidate now. Subclass to write your own; keep its state in `state_dict()`."""
 
     def at_experience_start(self, experience) -> bool:
         return False
@@ -96,6 +95,12 @@ class ConsolidationPolicy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        # `si.consolidate()` consolidated in 0.1; since 0.2 `si.consolidate` is this policy
+        raise TypeError(f"{type(self).__name__} is SI's consolidation policy (si.consolidate), "
+                        "not a method: to consolidate now, call si.consolidate_now() (renamed "
+                        "from consolidate() in 0.2).")
+
 
 class AfterEachExperience(ConsolidationPolicy):
     """After every experience (the paper's algorithm on an ordinary stream of tasks)."""
@@ -108,9 +113,9 @@ class AtTaskBoundaries(ConsolidationPolicy):
     """At the real task boundaries of an online stream; after each experience on an ordinary
     one.
 
-    A task ends with the sub-experience marked ``is_last_subexp``, or, since Avalanche
-    0.6.0's ``split_online_stream`` marks it only when the experience size does not divide
-    the task's length, when a sub-experience marked ``is_first_subexp`` (or of another
+    A task ends with the sub-experience marked `is_last_subexp`, or, since Avalanche
+    0.6.0's `split_online_stream` marks it only when the experience size does not divide
+    the task's length, when a sub-experience marked `is_first_subexp` (or of another
     origin experience) starts after training on another task: then the consolidation
     happens before training on the new task, with the weights the old one ended with.
     """
@@ -147,8 +152,8 @@ class AtTaskBoundaries(ConsolidationPolicy):
 
 
 class EveryKSteps(ConsolidationPolicy):
-    """Every ``k`` optimizer steps, counted across experience ends (van de Ven's task-free
-    SI, ``--update-every k``; 100 in his code).
+    """Every `k` optimizer steps, counted across experience ends (van de Ven's task-free
+    SI, `--update-every k`; 100 in his code).
 
     Args:
         k: steps between consolidations (>= 1).
@@ -180,26 +185,26 @@ class LossPlateau(ConsolidationPolicy):
     r"""Consolidate when the training loss settles on a plateau after a peak (Aljundi,
     Kelchtermans & Tuytelaars, CVPR 2019, as in their code).
 
-    The last ``window`` training losses (``strategy.loss`` after each step, SI's penalty
-    not included) have mean :math:`\mu` and variance :math:`\sigma^2` (over fewer losses
-    until ``window`` have been seen). A *peak* is :math:`\mu > \mu_p + \sigma_p`, with
-    :math:`\mu_p, \sigma_p^2` the window's statistics at the last plateau (the first one
-    needs no peak). A *plateau* after a peak is :math:`\mu <` ``mean_threshold`` and
-    :math:`\sigma^2 <` ``variance_threshold``: then SI consolidates.
+    The last `window` training losses (`strategy.loss` after each step, SI's penalty
+    not included) have mean μ and variance `σ²` (over fewer losses
+    until `window` have been seen). A *peak* is `μ > μ_p + σ_p`, with
+    `μ_p, σ_p²` the window's statistics at the last plateau (the first one
+    needs no peak). A *plateau* after a peak is `μ <` `mean_threshold` and
+    `σ² <` `variance_threshold`: then SI consolidates.
 
     The losses stay on their device; reading the window's statistics is one host
-    synchronisation, every ``check_every`` steps (1: every step, as in their code; more
+    synchronisation, every `check_every` steps (1: every step, as in their code; more
     keeps a GPU's queue full at the price of up to that many steps of delay). Under DDP the
     window holds the losses averaged over the ranks (one all-reduce per check), so every rank
     decides alike, and as one process training on the global mini-batch would.
 
     Args:
         window: losses in the window (5 in their code).
-        mean_threshold: the plateau's bound on :math:`\mu` (0.2 in their code, for their
+        mean_threshold: the plateau's bound on μ (0.2 in their code, for their
             loss; set it for yours: about the loss a task settles at, under SI: its penalty
             keeps the task loss higher as Ω grows, and a bound read from an unregularized run
-            can stop firing after a few consolidations; check ``SIPlugin.consolidations``).
-        variance_threshold: the plateau's bound on :math:`\sigma^2` (0.1 in their code; how
+            can stop firing after a few consolidations; check `SIPlugin.consolidations`).
+        variance_threshold: the plateau's bound on `σ²` (0.1 in their code; how
             much the settled loss still moves).
         check_every: steps between two checks of the window.
     """
@@ -268,8 +273,8 @@ class LossPlateau(ConsolidationPolicy):
 
 
 def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Under ``torch.distributed``, every rank must decide alike: the ranks' average of
-    ``t`` (``t`` itself otherwise)."""
+    """Under `torch.distributed`, every rank must decide alike: the ranks' average of
+    `t` (`t` itself otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = t.clone()
         torch.distributed.all_reduce(t)

@@ -1,21 +1,21 @@
 r"""SI's state: buffers named like the functional API's, keyed by parameter name.
 
-For parameter ``i`` of group ``_name``: :math:`\Omega` (``si_omega_name_weights_i``),
-:math:`\theta^*` (``si_prev_theta...``), :math:`\omega` (``si_running_omega...``) and
-:math:`\theta_\text{pre\_step}` (``si_pre_step_theta...``, not kept with
-``importance="delta_params"``). ``i`` numbers a group's parameters in the order they were
+For parameter `i` of group `_name`: Ω (`si_omega_name_weights_i`),
+`θ*` (`si_prev_theta...`), ω (`si_running_omega...`) and
+`θ_pre_step` (`si_pre_step_theta...`, not kept with
+`importance="delta_params"`). `i` numbers a group's parameters in the order they were
 first seen, so a new head never shifts another parameter's state.
 
-- **dtype**: the state's dtype is ``state_dtype``, else float32 for 16-bit weights (so that
-  :math:`\omega` and :math:`\Omega` do not accumulate in 8 or 11 mantissa bits), else the
+- **dtype**: the state's dtype is `state_dtype`, else float32 for 16-bit weights (so that
+  ω and Ω do not accumulate in 8 or 11 mantissa bits), else the
   weights' dtype. Memory: 4 numbers of that dtype per regularized weight (3 with
-  ``delta_params``); for bfloat16/float16 weights 16 bytes each, 8x the weights.
+  `delta_params`); for bfloat16/float16 weights 16 bytes each, 8x the weights.
 - **growth**: Avalanche's dynamic heads grow their output dimension, so a parameter's first
   dimension may grow (the old slice keeps its state, new rows start with
-  :math:`\Omega = 0`, :math:`\theta^* = \theta`); any other change of shape is an error that
+  `Ω = 0`, `θ* = θ`); any other change of shape is an error that
   names the parameter and both shapes.
-- **saving**: :meth:`SIState.state_dict` / :meth:`SIState.load_state_dict`, checked: finite
-  values, :math:`\Omega \ge 0` where the clamp promises it, and (``strict``) every saved name
+- **saving**: `SIState.state_dict()` / `SIState.load_state_dict()`, checked: finite
+  values, `Ω ≥ 0` where the clamp promises it, and (`strict`) every saved name
   a parameter of the model it is used with.
 
 Nothing here imports Avalanche.
@@ -46,7 +46,7 @@ def state_dtype_for(param: Tensor, state_dtype: Optional[torch.dtype]) -> torch.
 
 
 def can_grow(old: torch.Size, new: torch.Size) -> bool:
-    """Whether ``old`` may become ``new``: same rank, first dimension not smaller, the
+    """Whether `old` may become `new`: same rank, first dimension not smaller, the
     others equal (a classifier gaining output units)."""
     return len(old) == len(new) and (len(new) == 0 or (new[0] >= old[0] and old[1:] == new[1:]))
 
@@ -64,8 +64,8 @@ class SIState:
     """The buffers of every group and the name index (name → i) of each group.
 
     Args:
-        keys: the groups' keys (``None`` for the default group).
-        kinds: the buffers kept per parameter (:data:`KINDS`, or its first three).
+        keys: the groups' keys (`None` for the default group).
+        kinds: the buffers kept per parameter (`KINDS`, or its first three).
         state_dtype: see the module's docstring.
     """
 
@@ -91,8 +91,8 @@ class SIState:
         self.store._buffers[self.name(key, kind, i)] = value
 
     def track(self, key: Optional[str], name: str, param: Tensor) -> int:
-        """The position of ``name`` in group ``key``, its state created or adapted to
-        ``param`` (device, dtype, grown shape).
+        """The position of `name` in group `key`, its state created or adapted to
+        `param` (device, dtype, grown shape).
 
         Raises:
             ValueError: the saved state's shape cannot become the parameter's.
@@ -125,7 +125,7 @@ class SIState:
         return i
 
     def check_shape(self, key: Optional[str], name: str, param: Tensor) -> None:
-        """Raise now, as :meth:`track` would later, if ``param`` cannot take the state."""
+        """Raise now, as `track()` would later, if `param` cannot take the state."""
         i = self.index[key].get(name)
         if i is not None:
             _check_fits(name, self.get(key, "omega", i).shape, param.shape)
@@ -147,9 +147,9 @@ class SIState:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, clamp: str, labels) -> None:
-        """Replace the state by a checked copy of ``state_dict`` (nothing changes on error).
+        """Replace the state by a checked copy of `state_dict` (nothing changes on error).
 
-        ``labels`` maps a group key to how messages name it.
+        `labels` maps a group key to how messages name it.
 
         Raises:
             ValueError: not a state of this plugin, other groups, missing, inconsistent or
@@ -211,7 +211,7 @@ class SIState:
 
     def check_loaded_names(self, model_names: set[str], *, strict: bool) -> None:
         """After a load: every saved name must be a parameter of the model it first meets
-        (with ``strict``), and each such parameter must fit its state's shape."""
+        (with `strict`), and each such parameter must fit its state's shape."""
         if self.unchecked is None:
             return
         unknown = sorted(n for names in self.unchecked.values() for n in names

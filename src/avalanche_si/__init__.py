@@ -1,17 +1,17 @@
 """avalanche_si: Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for PyTorch, Avalanche
 and Lightning.
 
-- :class:`SynapticIntelligence`, the engine: SI in any PyTorch training loop (four calls
+- `SynapticIntelligence`, the engine: SI in any PyTorch training loop (four calls
   around the optimizer step);
-- :class:`SIPlugin`, an Avalanche ``SupervisedPlugin`` over the engine, for any supervised
-  strategy; :class:`avalanche_si.lightning.SICallback`, a Lightning callback over it;
-- :mod:`avalanche_si.functional`, the framework-free core: the four functions
-  ``si_pre_optim_step``, ``si_post_optim_step``, ``si_compute_importance`` and
-  ``si_regularizer`` with state as named buffers on a module.
+- `SIPlugin`, an Avalanche `SupervisedPlugin` over the engine, for any supervised
+  strategy; `avalanche_si.lightning.SICallback`, a Lightning callback over it;
+- `avalanche_si.functional`, the framework-free core: the four functions
+  `si_pre_optim_step`, `si_post_optim_step`, `si_compute_importance` and
+  `si_regularizer` with state as named buffers on a module.
 
 The names below load their module when first used: importing the package, the engine or the
-functional core loads no training framework (Avalanche comes with :class:`SIPlugin`, Lightning
-with the callback), and ``import avalanche_si`` alone loads nothing at all.
+functional core loads no training framework (Avalanche comes with `SIPlugin`, Lightning
+with the callback), and `import avalanche_si` alone loads nothing at all.
 """
 
 from typing import TYPE_CHECKING

@@ -1,16 +1,16 @@
 r"""Predict the step an optimizer would take from a given gradient, without taking it.
 
-Used by the ``"delta_params"`` importance: :math:`\omega \leftarrow \omega - g \odot \Delta\theta`
-with :math:`g` the task gradient and :math:`\Delta\theta` the step the optimizer *would*
-take from :math:`g` alone, read from its current state (which is left unchanged).
-Supported, with the exact update rules of ``torch.optim`` (2.x):
+Used by the `"delta_params"` importance: `ω ← ω - g ⊙ Δθ`
+with g the task gradient and Δθ the step the optimizer *would*
+take from g alone, read from its current state (which is left unchanged).
+Supported, with the exact update rules of `torch.optim` (2.x):
 
-- :class:`torch.optim.SGD`: momentum, dampening, nesterov, weight decay, maximize;
-- :class:`torch.optim.Adam` / :class:`torch.optim.AdamW`: weight decay (coupled or
+- `torch.optim.SGD`: momentum, dampening, nesterov, weight decay, maximize;
+- `torch.optim.Adam` / `torch.optim.AdamW`: weight decay (coupled or
   decoupled), amsgrad, maximize;
-- :class:`torch.optim.RMSprop`: alpha, centered, momentum, weight decay, maximize.
+- `torch.optim.RMSprop`: alpha, centered, momentum, weight decay, maximize.
 
-Every function works on lists with fused ``torch._foreach_*`` operations. Nothing here
+Every function works on lists with fused `torch._foreach_*` operations. Nothing here
 imports Avalanche.
 """
 
@@ -32,7 +32,7 @@ def _scalar(x) -> float:
 
 
 def check_optimizer_supported(optimizer: torch.optim.Optimizer) -> None:
-    """Raise ``ValueError`` if :class:`StepPredictor` cannot predict ``optimizer``'s steps."""
+    """Raise `ValueError` if `StepPredictor` cannot predict `optimizer`'s steps."""
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
         names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
         raise ValueError(
@@ -57,13 +57,13 @@ class _Slot:
 
 
 class StepPredictor:
-    r"""Predicts :math:`\Delta\theta` for a fixed list of parameters of one optimizer.
+    r"""Predicts Δθ for a fixed list of parameters of one optimizer.
 
     Built once per experience (it maps each parameter to its optimizer param group);
-    :meth:`predict` then does fused list operations only.
+    `predict()` then does fused list operations only.
 
     Args:
-        optimizer: one of :data:`SUPPORTED_OPTIMIZERS`.
+        optimizer: one of `SUPPORTED_OPTIMIZERS`.
         params: the parameters whose steps are wanted, in a fixed order.
 
     Raises:
@@ -98,11 +98,11 @@ class StepPredictor:
 
     @torch.no_grad()
     def predict(self, grads: Sequence[Tensor], mask: Optional[Sequence[int]] = None) -> list[Tensor]:
-        r"""The steps :math:`\Delta\theta` the optimizer would take from ``grads``.
+        r"""The steps Δθ the optimizer would take from `grads`.
 
         Args:
             grads: one gradient per parameter, in the constructor's order (or, with
-                ``mask``, one per listed position).
+                `mask`, one per listed position).
             mask: positions (into the constructor's list) to predict; default all.
 
         Returns:

@@ -1,39 +1,40 @@
 r"""The SI engine: Synaptic Intelligence for any PyTorch training loop.
 
-:class:`SynapticIntelligence` owns everything SI needs between a model and its optimizer:
+`SynapticIntelligence` owns everything SI needs between a model and its optimizer:
 the options and parameter groups, the binding to a model, an optimizer and an optional
-``torch.amp.GradScaler``, the per-step work, consolidation (by a policy or on demand), the
-penalty and the importances, and a validated ``state_dict``. It never imports a training
-framework: the Avalanche plugin (:class:`avalanche_si.SIPlugin`), the Lightning callback
-(:class:`avalanche_si.lightning.SICallback`) and a hand-written loop all drive the same
-four calls::
+`torch.amp.GradScaler`, the per-step work, consolidation (by a policy or on demand), the
+penalty and the importances, and a validated `state_dict`. It never imports a training
+framework: the Avalanche plugin (`avalanche_si.SIPlugin`), the Lightning callback
+(`avalanche_si.lightning.SICallback`) and a hand-written loop all drive the same
+four calls:
 
-    si = SynapticIntelligence(model, optimizer, si_lambda=1.0, eps=0.1)
-    for task in tasks:
-        si.start_task()
-        for x, y in task:
-            optimizer.zero_grad()
-            loss_fn(model(x), y).backward()   # k backward passes under accumulation
-            si.before_step()                  # once per optimizer step, before clipping
-            optimizer.step()
-            si.after_step()
-        si.end_task()                         # consolidates (after each task by default)
+```python
+si = SynapticIntelligence(model, optimizer, si_lambda=1.0, eps=0.1)
+for task in tasks:
+    si.start_task()
+    for x, y in task:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()   # k backward passes under accumulation
+        si.before_step()                  # once per optimizer step, before clipping
+        optimizer.step()
+        si.after_step()
+    si.end_task()                         # consolidates (after each task by default)
+```
 
-Per optimizer step, with :math:`g` the gradient, :math:`\theta` the weights and
-:math:`\theta^*` their value at the last consolidation (glossary: the docs' conventions page):
+Per optimizer step, with g the gradient, θ the weights and
+`θ*` their value at the last consolidation (glossary: the docs' conventions page):
 
-- :meth:`~SynapticIntelligence.before_step` adds the penalty's gradient
-  :math:`2c\,\Omega \odot (\theta - \theta^*)` to ``.grad`` in closed form and keeps the
+- `before_step()` adds the penalty's gradient
+  `2cΩ ⊙ (θ - θ*)` to `.grad` in closed form and keeps the
   weights before the step (one pass over memory);
-- :meth:`~SynapticIntelligence.after_step` adds :math:`-g \odot \Delta\theta` to the running
-  importance :math:`\omega` (one pass);
-- consolidation: :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta^*)^2 +
-  \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`.
+- `after_step()` adds `-g ⊙ Δθ` to the running
+  importance ω (one pass);
+- consolidation: `Ω ← Ω + max(0, ω / ((θ - θ*)² + ξ))`, `θ* ← θ`, `ω ← 0`.
 
-The maths is in :mod:`avalanche_si.functional`; which parameters, under which names:
-:mod:`avalanche_si.groups`; the buffers: :mod:`avalanche_si.state`; the options:
-:mod:`avalanche_si.options`; when to consolidate: :mod:`avalanche_si.consolidation`;
-mixed precision: :mod:`avalanche_si.amp`.
+The maths is in `avalanche_si.functional`; which parameters, under which names:
+`avalanche_si.groups`; the buffers: `avalanche_si.state`; the options:
+`avalanche_si.options`; when to consolidate: `avalanche_si.consolidation`;
+mixed precision: `avalanche_si.amp`.
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ class _Group:
 class _Binding:
     """The model, optimizer and scaler SI serves, and whether the per-step lists are current.
 
-    ``built``: the groups' lists hold the bound model's parameters (consolidation can run);
-    ``state_model``: the model the state belongs to (one run, one model);
-    ``current``: they need no rebuilding before the next step. ``signature`` is what they were
+    `built`: the groups' lists hold the bound model's parameters (consolidation can run);
+    `state_model`: the model the state belongs to (one run, one model);
+    `current`: they need no rebuilding before the next step. `signature` is what they were
     built from: an online stream starts hundreds of experiences, and the lists are rebuilt
     only when it changes.
     """
@@ -185,10 +186,10 @@ class _Binding:
 
 
 class GroupOptions:
-    """The live options of one SI group (:meth:`SynapticIntelligence.group`).
+    """The live options of one SI group (`SynapticIntelligence.group()`).
 
-    Assigning ``si_lambda`` or ``eps`` is checked like the constructor's and takes effect at the
-    next step (strength) or consolidation (damping); ``None`` follows the engine's value.
+    Assigning `si_lambda` or `eps` is checked like the constructor's and takes effect at the
+    next step (strength) or consolidation (damping); `None` follows the engine's value.
     """
 
     __slots__ = ("_engine", "_group")
@@ -249,7 +250,7 @@ FIXED_OPTIONS = {
 
 
 def refuse_attribute(owner: type, name: str) -> None:
-    """Raise the ``AttributeError`` for assigning ``name`` on an SI object (engine or adapter):
+    """Raise the `AttributeError` for assigning `name` on an SI object (engine or adapter):
     fixed options, read-only properties and typos, each with its fix."""
     cls = owner.__name__
     if name in FIXED_OPTIONS:
@@ -267,81 +268,79 @@ def refuse_attribute(owner: type, name: str) -> None:
 class SynapticIntelligence:
     r"""Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for any PyTorch training loop.
 
-    For every regularized weight :math:`\theta_k`:
+    For every regularized weight `θ_k`:
 
-    - after each optimizer step: :math:`\omega_k \leftarrow \omega_k - g_k \Delta\theta_k`;
-    - at each consolidation (after each task by default): :math:`\Omega_k \leftarrow \Omega_k +
-      \max(0, \omega_k / ((\theta_k - \theta^*_k)^2 + \xi))`, :math:`\theta^*_k \leftarrow
-      \theta_k`, :math:`\omega_k \leftarrow 0` (:math:`\theta^*` of the first task is the
-      weights when SI first sees them);
-    - after the first consolidation the loss gets :math:`c \sum_k \Omega_k (\theta_k -
-      \theta^*_k)^2` (no :math:`\tfrac12`).
+    - after each optimizer step: `ω_k ← ω_k - g_k Δθ_k`;
+    - at each consolidation (after each task by default):
+      `Ω_k ← Ω_k + max(0, ω_k / ((θ_k - θ*_k)² + ξ))`, `θ*_k ← θ_k`, `ω_k ← 0` (`θ*` of the
+      first task is the weights when SI first sees them);
+    - after the first consolidation the loss gets `c Σ_k Ω_k (θ_k - θ*_k)²` (no ½).
 
-    The penalty's gradient :math:`2c\,\Omega \odot (\theta - \theta^*)` is added in closed form
-    by :meth:`before_step`, so no graph is built for it; its value at the last step is
-    :attr:`penalty` (computed when read, for logging; it is not part of your loss).
+    The penalty's gradient `2cΩ ⊙ (θ - θ*)` is added in closed form
+    by `before_step()`, so no graph is built for it; its value at the last step is
+    `penalty` (computed when read, for logging; it is not part of your loss).
 
-    Memory: :math:`\Omega`, :math:`\theta^*`, :math:`\omega` and the weights before the step,
-    ``4n`` numbers for ``n`` regularized weights (``3n`` with ``importance="delta_params"``), on
+    Memory: Ω, `θ*`, ω and the weights before the step,
+    `4n` numbers for `n` regularized weights (`3n` with `importance="delta_params"`), on
     each parameter's device, in the weights' dtype (float32 for 16-bit weights; see
-    ``state_dtype``). The state lives here, not in the model: ``model.state_dict()`` is unchanged.
+    `state_dtype`). The state lives here, not in the model: `model.state_dict()` is unchanged.
 
     Args:
-        model: the model to regularize (or later, with :meth:`bind`). Wrappers of
-            ``torch.compile`` and ``DistributedDataParallel`` are seen through: state is keyed
+        model: the model to regularize (or later, with `bind()`). Wrappers of
+            `torch.compile` and `DistributedDataParallel` are seen through: state is keyed
             by the plain model's parameter names.
-        optimizer: the optimizer that steps it (needed by ``importance="delta_params"``).
-        si_lambda: the strength :math:`c` of the penalty (>= 0; 0 switches the penalty off and
+        optimizer: the optimizer that steps it (needed by `importance="delta_params"`).
+        si_lambda: the strength c of the penalty (>= 0; 0 switches the penalty off and
             leaves training bit-identical to training without SI). A list gives one strength
-            per task (the last repeats), a callable ``(index) -> c`` computes it; the index
+            per task (the last repeats), a callable `(index) -> c` computes it; the index
             counts the consolidations so far.
-        eps: the damping :math:`\xi > 0` of the consolidation (default 1e-3).
-        excluded_parameters: name patterns (see :class:`~avalanche_si.ParamGroup`) of
+        eps: the damping `ξ > 0` of the consolidation (default 1e-3).
+        excluded_parameters: name patterns (see `ParamGroup`) of
             parameters never regularized.
-        groups: parameter groups, ``{name: ParamGroup(...)}`` (a bare pattern list or callable
-            stands for ``ParamGroup(params=...)``), each with its own strength and damping, its
-            state named ``si_omega_<name>_weights_<i>`` and so on. A parameter may belong to one
+        groups: parameter groups, `{name: ParamGroup(...)}` (a bare pattern list or callable
+            stands for `ParamGroup(params=...)`), each with its own strength and damping, its
+            state named `si_omega_<name>_weights_<i>` and so on. A parameter may belong to one
             group only; parameters in no group are not regularized. Default: one group holding
-            every trainable parameter, named ``si_omega_weights_<i>``.
-        importance: which gradient and step measure the importance :math:`\omega`:
+            every trainable parameter, named `si_omega_weights_<i>`.
+        importance: which gradient and step measure the importance ω:
 
-            - ``"total"``: the gradient the optimizer used (task loss, SI penalty and anything
-              else added to ``.grad``) times the step taken;
-            - ``"task"``: the gradient without the SI penalty, as :meth:`before_step` finds it,
+            - `"total"`: the gradient the optimizer used (task loss, SI penalty and anything
+              else added to `.grad`) times the step taken;
+            - `"task"`: the gradient without the SI penalty, as `before_step()` finds it,
               times the step taken (Zenke et al.'s code);
-            - ``"delta_params"``: the same gradient times the step the optimizer would take
+            - `"delta_params"`: the same gradient times the step the optimizer would take
               from it alone, predicted from its state (SGD, Adam, AdamW, RMSprop; 3n memory).
-        clamp: where the consolidation's :math:`\max(0, \cdot)` goes:
+        clamp: where the consolidation's `max(0, ·)` goes:
 
-            - ``"task"`` (default): on each consolidation's contribution;
-            - ``"total"`` (Zenke et al.'s code): on the running total :math:`\Omega`;
-            - ``"none"`` (van de Ven's code): no clamp; :math:`\Omega` may become negative.
+            - `"task"` (default): on each consolidation's contribution;
+            - `"total"` (Zenke et al.'s code): on the running total Ω;
+            - `"none"` (van de Ven's code): no clamp; Ω may become negative.
         regularize_norm_layers: also regularize the parameters of normalization layers
-            (``BatchNorm``, ``InstanceNorm``: torch's ``_NormBase``). Default False, as
-            Avalanche's ``SynapticIntelligencePlugin``.
+            (`BatchNorm`, `InstanceNorm`: torch's `_NormBase`). Default False, as
+            Avalanche's `SynapticIntelligencePlugin`.
         state_dtype: the dtype of the state; None (default) keeps it in float32 for
-            float16/bfloat16 weights and in the weights' dtype otherwise; ``torch.float32`` or
-            ``torch.float64`` force one.
-        consolidate: when to consolidate (:mod:`avalanche_si.consolidation`): None (default) at
-            each :meth:`end_task`, or at the real task boundaries of an online stream that shows
-            them; ``"experience"`` at every :meth:`end_task`; ``"boundary"`` at task boundaries
-            only; an ``int`` k every k optimizer steps; or a
-            :class:`~avalanche_si.consolidation.LossPlateau`. :meth:`consolidate_now`
+            float16/bfloat16 weights and in the weights' dtype otherwise; `torch.float32` or
+            `torch.float64` force one.
+        consolidate: when to consolidate (`avalanche_si.consolidation`): None (default) at
+            each `end_task()`, or at the real task boundaries of an online stream that shows
+            them; `"experience"` at every `end_task()`; `"boundary"` at task boundaries
+            only; an `int` k every k optimizer steps; or a
+            `LossPlateau`. `consolidate_now()`
             consolidates at any moment.
-        scaler: the ``torch.amp.GradScaler`` that scales the loss, for mixed precision.
-            :meth:`before_step` unscales the gradients (PyTorch's documented pattern for
-            gradient clipping, so ``scaler.step`` does not unscale again), so the penalty acts
-            at the right scale, :math:`\omega` uses unscaled gradients and steps the scaler
+        scaler: the `torch.amp.GradScaler` that scales the loss, for mixed precision.
+            `before_step()` unscales the gradients (PyTorch's documented pattern for
+            gradient clipping, so `scaler.step` does not unscale again), so the penalty acts
+            at the right scale, ω uses unscaled gradients and steps the scaler
             skips add nothing.
 
-    ``si_lambda``, ``eps``, ``clamp`` and ``scaler`` may be assigned during training (checked
+    `si_lambda`, `eps`, `clamp` and `scaler` may be assigned during training (checked
     like here; the strength applies from the next step, the damping and clamp at the next
-    consolidation); so may each group's (:meth:`group`). The other options are fixed:
-    assigning them, or an unknown name, raises ``AttributeError``.
+    consolidation); so may each group's (`group()`). The other options are fixed:
+    assigning them, or an unknown name, raises `AttributeError`.
 
     Raises:
         ValueError: a bad option value, here; when training starts, an unsupported optimizer
-            for ``"delta_params"``, a parameter in two groups, a group that matches no
+            for `"delta_params"`, a parameter in two groups, a group that matches no
             parameter, or a state that does not fit the model.
         TypeError: an option or argument of the wrong type.
 
@@ -420,7 +419,7 @@ class SynapticIntelligence:
 
     @property
     def si_lambda(self) -> Strength:
-        """The strength :math:`c`: a number, a list of them (one per task; kept as a tuple) or a
+        """The strength c: a number, a list of them (one per task; kept as a tuple) or a
         callable."""
         return self._si_lambda
 
@@ -431,7 +430,7 @@ class SynapticIntelligence:
 
     @property
     def eps(self) -> float:
-        """The damping :math:`\\xi` (used at the next consolidation)."""
+        """The damping ξ (used at the next consolidation)."""
         return self._eps
 
     @eps.setter
@@ -440,8 +439,8 @@ class SynapticIntelligence:
 
     @property
     def clamp(self) -> str:
-        """Where the consolidation clamps at 0: ``"task"``, ``"total"`` or ``"none"``. Switching
-        from ``"none"`` to a clamp also clamps the Ω held so far at 0."""
+        """Where the consolidation clamps at 0: `"task"`, `"total"` or `"none"`. Switching
+        from `"none"` to a clamp also clamps the Ω held so far at 0."""
         return self._clamp
 
     @clamp.setter
@@ -468,12 +467,12 @@ class SynapticIntelligence:
 
     @property
     def importance(self) -> str:
-        """Which gradient and step measure :math:`\\omega`."""
+        """Which gradient and step measure ω."""
         return self._importance
 
     @property
     def consolidate(self) -> ConsolidationPolicy:
-        """When SI consolidates (a policy); :meth:`consolidate_now` consolidates at once."""
+        """When SI consolidates (a policy); `consolidate_now()` consolidates at once."""
         return self._policy
 
     @property
@@ -504,7 +503,7 @@ class SynapticIntelligence:
             refuse_attribute(type(self), name)
 
     def group(self, key: Optional[str] = None) -> GroupOptions:
-        """The live options of group ``key`` (None: the default group)."""
+        """The live options of group `key` (None: the default group)."""
         return GroupOptions(self, self._group(key))
 
     def _resolve_strengths(self) -> None:
@@ -520,7 +519,7 @@ class SynapticIntelligence:
 
     @property
     def penalty(self) -> Optional[Tensor]:
-        """The SI penalty :math:`\\sum_g c_g \\sum \\Omega (\\theta - \\theta^*)^2` at the last
+        """The SI penalty `Σ_g c_g Σ Ω (θ - θ*)²` at the last
         step (0-d tensor on the parameters' device), or None before the first consolidation,
         right after one, or when every strength is 0. Computed on first read, so a loop that
         never reads it does not pay for it."""
@@ -534,11 +533,11 @@ class SynapticIntelligence:
 
     @property
     def group_names(self) -> list[Optional[str]]:
-        """The groups' names (``None`` for the default group)."""
+        """The groups' names (`None` for the default group)."""
         return [g.key for g in self._groups]
 
     def importances(self, group: Optional[str] = None) -> dict[str, Tensor]:
-        r"""The consolidated importances :math:`\Omega` of one group, by parameter name.
+        r"""The consolidated importances Ω of one group, by parameter name.
 
         The tensors are the live state: read, do not modify them.
         """
@@ -556,7 +555,7 @@ class SynapticIntelligence:
 
     @property
     def model(self) -> Optional[torch.nn.Module]:
-        """The model SI is bound to (None before :meth:`bind`)."""
+        """The model SI is bound to (None before `bind()`)."""
         return self._binding.model
 
     @property
@@ -567,27 +566,27 @@ class SynapticIntelligence:
     def bind(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
              scaler: Optional[torch.amp.GradScaler] = None,
              carry_state: bool = False) -> "SynapticIntelligence":
-        """Serve ``model`` stepped by ``optimizer`` (a compiled or distributed wrapper of the same
+        """Serve `model` stepped by `optimizer` (a compiled or distributed wrapper of the same
         model keeps its state: names are the plain model's).
 
         Cheap when nothing changed: call it whenever the loop may have replaced the model or the
         optimizer. The per-step lists are rebuilt at the next step when either object changed.
 
         One SI object serves one run: once it holds state for a model, binding another model
-        object raises, unless ``carry_state`` (the same run goes on with a new model object,
+        object raises, unless `carry_state` (the same run goes on with a new model object,
         as Avalanche's GDumb builds one per experience; state follows the parameter names).
 
         Args:
-            scaler: a ``GradScaler`` found by an adapter, used unless the ``scaler`` option is
+            scaler: a `GradScaler` found by an adapter, used unless the `scaler` option is
                 set.
             carry_state: keep the state for a new model object of the same run.
 
         Returns:
-            ``self``, for ``si = SynapticIntelligence(...).bind(model, optimizer)``.
+            `self`, for `si = SynapticIntelligence(...).bind(model, optimizer)`.
 
         Raises:
-            RuntimeError: SI holds state for another model (call :meth:`reset` for a new run).
-            ValueError: ``torch.optim.LBFGS`` (a closure optimizer).
+            RuntimeError: SI holds state for another model (call `reset()` for a new run).
+            ValueError: `torch.optim.LBFGS` (a closure optimizer).
         """
         if not isinstance(model, torch.nn.Module):
             raise OptionTypeError(f"bind() needs the torch.nn.Module to regularize, got "
@@ -614,7 +613,7 @@ class SynapticIntelligence:
     def reset(self) -> None:
         """Forget everything learnt: Ω, θ*, ω, the consolidation count and the policy's state;
         the options stay. For a new run (another seed) with the same SI object; the next
-        :meth:`bind` may then name any model."""
+        `bind()` may then name any model."""
         self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
         self._consolidations = 0
         self._steps_since = self._task_steps = 0
@@ -631,7 +630,7 @@ class SynapticIntelligence:
 
     def invalidate(self) -> None:
         """The model's parameters changed (a head grew, modules were replaced, parameters were
-        unfrozen): rebuild the per-step lists before the next step. :meth:`start_task` notices
+        unfrozen): rebuild the per-step lists before the next step. `start_task()` notices
         such changes itself; call this when they happen in the middle of a task."""
         self._binding.current = False
 
@@ -693,9 +692,9 @@ class SynapticIntelligence:
     def _hold_for_accumulation(self) -> None:
         """The optimizer did not step after this backward pass: gradients accumulate over
         several backward passes (a template or loop that steps every k mini-batches). The
-        pending step waits for the real one, whose gradient is the sum: with ``"total"`` the
-        penalty's gradient is already in ``.grad`` (it is not added again); with ``"task"`` the
-        task gradient goes back into ``.grad``, where the next backward pass adds to it."""
+        pending step waits for the real one, whose gradient is the sum: with `"total"` the
+        penalty's gradient is already in `.grad` (it is not added again); with `"task"` the
+        task gradient goes back into `.grad`, where the next backward pass adds to it."""
         if self._importance == "delta_params":
             for g in self._groups:
                 g.step_grads = []
@@ -724,7 +723,7 @@ class SynapticIntelligence:
     def _follow_renamed(self, model_names: set[str], tracked: set) -> None:
         """Parameters SI tracked that the model no longer has under their name (it was wrapped
         in a new module, say): a name that is now the end of exactly one new name follows it
-        (``0.weight`` → ``net.0.weight``); the others lose their importance, with a warning."""
+        (`0.weight` → `net.0.weight`); the others lose their importance, with a warning."""
         lost = [(key, n) for key, n in sorted(tracked, key=str) if n not in model_names]
         if not lost:
             return
@@ -766,7 +765,7 @@ class SynapticIntelligence:
     def start_task(self, experience: Any = None) -> None:
         """Call as a task (or an experience of a stream) starts: SI re-reads the model if its
         parameters changed (a new head, unfrozen layers), and a policy that consolidates at
-        task boundaries may consolidate here (``experience``: an Avalanche experience, read by
+        task boundaries may consolidate here (`experience`: an Avalanche experience, read by
         duck typing; None in a plain loop)."""
         if self._start_task(experience):
             self.consolidate_now()  # a task boundary seen as the next task starts
@@ -788,11 +787,11 @@ class SynapticIntelligence:
     @torch.no_grad()
     def before_step(self) -> None:
         """Call once per optimizer step, after the (last) backward pass and before gradient
-        clipping and ``optimizer.step()`` (or ``scaler.step``): unscales the gradients when a
+        clipping and `optimizer.step()` (or `scaler.step`): unscales the gradients when a
         scaler is in use, adds the penalty's gradient and keeps the weights before the step.
         Under gradient accumulation, call it after the last of the k backward passes, or after
-        each with :meth:`after_step` after each: SI sees that the optimizer did not step and
-        carries the step over (``"total"`` and ``"task"``; ``"delta_params"`` refuses)."""
+        each with `after_step()` after each: SI sees that the optimizer did not step and
+        carries the step over (`"total"` and `"task"`; `"delta_params"` refuses)."""
         b = self._binding
         if self._in_step:
             self._in_step = False
@@ -872,10 +871,10 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def after_step(self, loss: Optional[Tensor] = None) -> None:
-        """Call once per optimizer step, right after it (after ``scaler.update()`` with AMP):
-        adds the step to the running importance :math:`\\omega`, and lets a step-counting or
-        loss-watching policy consolidate. ``loss``: the training loss of the step (needed by
-        :class:`~avalanche_si.consolidation.LossPlateau` only; SI's penalty not included)."""
+        """Call once per optimizer step, right after it (after `scaler.update()` with AMP):
+        adds the step to the running importance ω, and lets a step-counting or
+        loss-watching policy consolidate. `loss`: the training loss of the step (needed by
+        `LossPlateau` only; SI's penalty not included)."""
         if self._after_step(loss):
             self.consolidate_now()
 
@@ -925,12 +924,11 @@ class SynapticIntelligence:
         return self._policy.at_experience_end(experience)
 
     def consolidate_now(self) -> None:
-        r"""Consolidate now, every group at once: :math:`\Omega \mathrel{+}= \max(0, \omega /
-        ((\theta - \theta^*)^2 + \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega
-        \leftarrow 0`. The ``consolidate`` policy calls it (after each task by default); call it
-        yourself to consolidate at a point of your choosing: between :meth:`before_step` and the
-        step, the step counts towards the next period (with ``importance="delta_params"``, which
-        measures it in :meth:`before_step`, towards this one); with no step since the last
+        r"""Consolidate now, every group at once: `Ω += max(0, ω / ((θ - θ*)² + ξ))`,
+        `θ* ← θ`, `ω ← 0`. The `consolidate` policy calls it (after each task by default);
+        call it yourself to consolidate at a point of your choosing: between `before_step()` and the
+        step, the step counts towards the next period (with `importance="delta_params"`, which
+        measures it in `before_step()`, towards this one); with no step since the last
         consolidation it does nothing (the count, and so a list of strengths, does not move).
 
         Raises:
@@ -938,7 +936,7 @@ class SynapticIntelligence:
                 group keeps its Ω and θ*, and the running ω of the task is reset, so the task
                 can be trained again once the weights are restored.
             RuntimeError: SI holds no parameters to consolidate: it has not trained yet, or not
-                since :meth:`load_state_dict` or unpickling. Nothing changes.
+                since `load_state_dict()` or unpickling. Nothing changes.
         """
         pending = any(g.step_grads for g in self._groups)
         if self._steps_since == 0 and not pending and self._binding.built:
@@ -1027,7 +1025,7 @@ class SynapticIntelligence:
                             "state": self._policy.state_dict()})
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Load a :meth:`state_dict`, checked against these groups and, if SI is bound to a
+        """Load a `state_dict()`, checked against these groups and, if SI is bound to a
         model (else when training starts), the model.
 
         Tensors are copied; they move to the live parameters' device and the state's dtype.
@@ -1035,13 +1033,13 @@ class SynapticIntelligence:
 
         Args:
             strict: every parameter the state names must be a parameter of the model (as
-                ``torch.nn.Module.load_state_dict``). With False, state for parameters the
+                `torch.nn.Module.load_state_dict`). With False, state for parameters the
                 model lacks is kept unused (it applies if such a parameter appears later).
 
         Raises:
             ValueError: not an SI state, other groups, missing, inconsistent or non-finite
                 buffers, negative Ω under a clamp that forbids it, names the model lacks
-                (``strict``), or shapes that do not fit the model's.
+                (`strict`), or shapes that do not fit the model's.
         """
         new = SIState(self._state.index, self._state.kinds, self._state_dtype)
         new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)

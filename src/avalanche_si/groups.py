@@ -1,12 +1,12 @@
 r"""Which parameters SI regularizes, under which names, in which group.
 
 State is keyed by parameter *name*, so a name must mean the same weight however the model
-is wrapped. :func:`canonical_name` removes what wrappers add: ``module.`` of
-``DataParallel``/``DistributedDataParallel`` and ``_orig_mod.`` of ``torch.compile`` (at
+is wrapped. `canonical_name()` removes what wrappers add: `module.` of
+`DataParallel`/`DistributedDataParallel` and `_orig_mod.` of `torch.compile` (at
 the top or on any compiled submodule), so state moves freely between a plain, a compiled
 and a distributed model, and patterns match the same names on all of them.
 
-:func:`select` runs once per experience: it walks the model, drops frozen and excluded
+`select()` runs once per experience: it walks the model, drops frozen and excluded
 parameters and (by default, as Avalanche's own plugin does) those of normalization layers,
 and assigns each remaining parameter to exactly one group.
 
@@ -29,7 +29,7 @@ __all__ = ["ParamGroup", "Matcher", "canonical_name", "select", "unwrap"]
 
 Matcher = Union[str, Sequence[str], Callable[[str, torch.nn.Parameter], bool]]
 
-#: what ``torch.compile`` inserts in parameter names (``OptimizedModule._orig_mod``)
+#: what `torch.compile` inserts in parameter names (`OptimizedModule._orig_mod`)
 _COMPILED = "_orig_mod"
 
 
@@ -39,15 +39,15 @@ class ParamGroup:
 
     Args:
         params: which parameters belong to the group: a name pattern or a list of
-            them (``fnmatch`` globs such as ``"features.*"``; a plain name also
-            matches every parameter below it, so ``"classifier"`` covers
-            ``"classifier.weight"``), or a callable ``(name, parameter) -> bool``.
-            Names are those of the plain model (see :func:`canonical_name`).
-        si_lambda: the strength :math:`c` of this group's penalty (a number, a list with
-            one per experience, or a callable of the experience index); ``None`` follows
-            the plugin's ``si_lambda``.
-        eps: the damping :math:`\xi` of this group's consolidation; ``None`` follows the
-            plugin's ``eps``.
+            them (`fnmatch` globs such as `"features.*"`; a plain name also
+            matches every parameter below it, so `"classifier"` covers
+            `"classifier.weight"`), or a callable `(name, parameter) -> bool`.
+            Names are those of the plain model (see `canonical_name()`).
+        si_lambda: the strength c of this group's penalty (a number, a list with
+            one per experience, or a callable of the experience index); `None` follows
+            the plugin's `si_lambda`.
+        eps: the damping ξ of this group's consolidation; `None` follows the
+            plugin's `eps`.
     """
 
     params: Matcher
@@ -56,7 +56,7 @@ class ParamGroup:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under ``(Distributed)DataParallel`` and ``torch.compile`` wrappers."""
+    """The module under `(Distributed)DataParallel` and `torch.compile` wrappers."""
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     while True:
         if isinstance(model, wrappers):
@@ -68,10 +68,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def canonical_name(name: str) -> str:
-    """A parameter's name without the ``_orig_mod`` segments ``torch.compile`` inserts (on
-    the whole model or on any submodule). ``module.`` of the DDP wrapper never reaches a
-    name: :func:`unwrap` removes that wrapper by type (a submodule that is really called
-    ``module`` keeps its name)."""
+    """A parameter's name without the `_orig_mod` segments `torch.compile` inserts (on
+    the whole model or on any submodule). `module.` of the DDP wrapper never reaches a
+    name: `unwrap()` removes that wrapper by type (a submodule that is really called
+    `module` keeps its name)."""
     parts = [p for p in name.split(".") if p != _COMPILED]
     return ".".join(parts)
 
@@ -103,9 +103,9 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def norm_layer_parameters(model: torch.nn.Module) -> set[str]:
-    """Canonical names of the parameters of normalization layers (torch's ``_NormBase``:
+    """Canonical names of the parameters of normalization layers (torch's `_NormBase`:
     BatchNorm, SyncBatchNorm, InstanceNorm; not LayerNorm or GroupNorm), the ones
-    Avalanche's ``SynapticIntelligencePlugin`` never regularizes."""
+    Avalanche's `SynapticIntelligencePlugin` never regularizes."""
     out = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, _NormBase):
@@ -115,8 +115,8 @@ def norm_layer_parameters(model: torch.nn.Module) -> set[str]:
 
 
 def sparse_gradient_parameters(model: torch.nn.Module) -> set[str]:
-    """Canonical names of parameters that get sparse gradients (``nn.Embedding`` and
-    ``nn.EmbeddingBag`` built with ``sparse=True``)."""
+    """Canonical names of parameters that get sparse gradients (`nn.Embedding` and
+    `nn.EmbeddingBag` built with `sparse=True`)."""
     out = set()
     for mod_name, module in model.named_modules():
         if getattr(module, "sparse", False) is True:
@@ -128,18 +128,18 @@ def sparse_gradient_parameters(model: torch.nn.Module) -> set[str]:
 def select(model: torch.nn.Module, groups: Sequence, excluded: Sequence[str], *,
            regularize_norm_layers: bool, check_patterns: bool
            ) -> list[tuple[Any, str, torch.nn.Parameter]]:
-    """The regularized parameters, in the model's order, as ``(group, name, parameter)``.
+    """The regularized parameters, in the model's order, as `(group, name, parameter)`.
 
-    ``groups`` are objects with a ``covers(name, parameter)`` method and a ``key``. With
-    ``check_patterns`` (the first experience), patterns are checked against every parameter
+    `groups` are objects with a `covers(name, parameter)` method and a `key`. With
+    `check_patterns` (the first experience), patterns are checked against every parameter
     name of the model, frozen ones included: a typo must not switch SI off silently.
 
     Raises:
         ValueError: a parameter is in two groups, a regularized parameter gets sparse
-            gradients, or (``check_patterns``) a group covers no parameter of the model.
+            gradients, or (`check_patterns`) a group covers no parameter of the model.
 
     Warns:
-        UserWarning: (``check_patterns``) an ``excluded_parameters`` pattern matches no name.
+        UserWarning: (`check_patterns`) an `excluded_parameters` pattern matches no name.
     """
     plain = unwrap(model)
     norms = set() if regularize_norm_layers else norm_layer_parameters(plain)

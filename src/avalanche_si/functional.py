@@ -2,50 +2,50 @@ r"""Synaptic Intelligence, framework-free: the maths on lists of tensors.
 
 Synaptic Intelligence (SI; Zenke, Poole & Ganguli, "Continual Learning Through
 Synaptic Intelligence", ICML 2017) gives every regularized weight
-:math:`\theta_k` an importance :math:`\Omega_k` and penalizes moving important
+`θ_k` an importance `Ω_k` and penalizes moving important
 weights away from where an earlier task left them:
 
-- after every optimizer step that moves :math:`\theta` by :math:`\Delta\theta`
-  with gradient :math:`g`: :math:`\omega \leftarrow \omega - g \odot \Delta\theta`
+- after every optimizer step that moves θ by Δθ
+  with gradient g: `ω ← ω - g ⊙ Δθ`
   (the running importance, the path integral of the loss decrease);
-- at the end of a task, with :math:`\theta_\text{prev}` the weights at its start
-  and damping :math:`\xi > 0`:
-  :math:`\Omega \leftarrow \Omega + \max\bigl(0, \omega / ((\theta - \theta_\text{prev})^2 + \xi)\bigr)`,
-  then :math:`\theta_\text{prev} \leftarrow \theta` and :math:`\omega \leftarrow 0`;
+- at the end of a task, with `θ_prev` the weights at its start
+  and damping `ξ > 0`:
+  `Ω ← Ω + max(0, ω / ((θ - θ_prev)² + ξ))`,
+  then `θ_prev ← θ` and `ω ← 0`;
 - while training later tasks the loss gets
-  :math:`c \sum_k \Omega_k (\theta_k - \theta_{\text{prev},k})^2`.
+  `c Σ_k Ω_k (θ_k - θ_prev,k)²`.
 
 Conventions (those of the design this module is a drop-in for, and of
 van de Ven et al. 2019, appendix A.2.3):
 
 - the clamp at 0 is applied to each task's contribution before it is added to
-  :math:`\Omega` (an importance never pushes a weight *away* from an old solution);
-- no :math:`\tfrac12` in the penalty, and the strength :math:`c` is applied by the
-  caller (:func:`si_regularizer` returns the bare sum);
-- :math:`\theta_\text{prev}` for the first task is the weights at the first call
-  of :func:`si_pre_optim_step`.
+  Ω (an importance never pushes a weight *away* from an old solution);
+- no ½ in the penalty, and the strength c is applied by the
+  caller (`si_regularizer()` returns the bare sum);
+- `θ_prev` for the first task is the weights at the first call
+  of `si_pre_optim_step()`.
 
-Memory: :math:`\Omega`, :math:`\theta_\text{prev}`, :math:`\omega` and
-:math:`\theta_\text{pre\_step}`, i.e. ``4n`` extra numbers for ``n`` regularized
-weights (``3n`` when the step is passed as ``delta_params``).
+Memory: Ω, `θ_prev`, ω and
+`θ_pre_step`, i.e. `4n` extra numbers for `n` regularized
+weights (`3n` when the step is passed as `delta_params`).
 
 The module has two layers:
 
-1. The four functions :func:`si_pre_optim_step`, :func:`si_post_optim_step`,
-   :func:`si_compute_importance` and :func:`si_regularizer` keep their state as
-   buffers on a ``net`` named ``si_omega{_name}_weights_{i}``,
-   ``si_prev_theta{_name}_weights_{i}``, ``si_running_omega{_name}_weights_{i}``
-   and ``si_pre_step_theta{_name}_weights_{i}`` (``_name`` is ``_<params_name>``,
-   empty for ``params_name=None``; ``i`` is the position in ``params``), so that
+1. The four functions `si_pre_optim_step()`, `si_post_optim_step()`,
+   `si_compute_importance()` and `si_regularizer()` keep their state as
+   buffers on a `net` named `si_omega{_name}_weights_{i}`,
+   `si_prev_theta{_name}_weights_{i}`, `si_running_omega{_name}_weights_{i}`
+   and `si_pre_step_theta{_name}_weights_{i}` (`_name` is `_<params_name>`,
+   empty for `params_name=None`; `i` is the position in `params`), so that
    several parameter groups of one network each carry their own SI. A script
    written against that design runs unchanged against these.
-2. The list kernels (``accumulate_*``, :func:`penalty_step`, :func:`penalty_grad_`,
-   :func:`penalty_value`, :func:`consolidate`) that do the work with fused multi-tensor
-   (``torch._foreach_*``) operations. The four functions call them, and so does
-   :class:`avalanche_si.SynapticIntelligence`, which holds the lists once per task.
-   :func:`penalty_step` and :func:`accumulate_from_pre`, the two per-step kernels, do
+2. The list kernels (`accumulate_*`, `penalty_step()`, `penalty_grad_()`,
+   `penalty_value()`, `consolidate()`) that do the work with fused multi-tensor
+   (`torch._foreach_*`) operations. The four functions call them, and so does
+   `avalanche_si.SynapticIntelligence`, which holds the lists once per task.
+   `penalty_step()` and `accumulate_from_pre()`, the two per-step kernels, do
    their work in one pass each on contiguous float32 CPU tensors (C kernels compiled at
-   first use, bit-identical to the ``_foreach`` path: see :mod:`avalanche_si._fused`).
+   first use, bit-identical to the `_foreach` path: see `avalanche_si._fused`).
 
 Nothing here imports a training framework (importing this module loads no Avalanche).
 """
@@ -99,13 +99,13 @@ class NonFiniteImportanceError(FloatingPointError):
 
 
 def fused_kernels_available() -> tuple[bool, Optional[str]]:
-    """Whether :func:`penalty_step` and :func:`accumulate_from_pre` run as one-pass C kernels
+    """Whether `penalty_step()` and `accumulate_from_pre()` run as one-pass C kernels
     in this process (on contiguous float32 CPU tensors), and if not, why.
 
-    The first call compiles them (about 0.2 s). ``AVALANCHE_SI_FUSED=0`` switches them off.
+    The first call compiles them (about 0.2 s). `AVALANCHE_SI_FUSED=0` switches them off.
 
     Returns:
-        ``(True, None)``, or ``(False, reason)`` when every tensor takes the ``_foreach`` path
+        `(True, None)`, or `(False, reason)` when every tensor takes the `_foreach` path
         (same results, more passes over memory).
     """
     return _fused.available(), _fused.why_not
@@ -117,9 +117,9 @@ def accumulate_from_step(running: Sequence[Tensor], grads: Sequence[Tensor],
     r"""ω ← ω + g ⊙ (−Δθ), in place, fused over the lists.
 
     Args:
-        running: the running importances :math:`\omega`, updated in place.
-        grads: the gradients :math:`g` the importance is measured with.
-        neg_delta: :math:`\theta_\text{pre\_step} - \theta`, i.e. minus the step taken.
+        running: the running importances ω, updated in place.
+        grads: the gradients g the importance is measured with.
+        neg_delta: `θ_pre_step - θ`, i.e. minus the step taken.
     """
     if running:
         torch._foreach_addcmul_(running, grads, neg_delta)
@@ -130,15 +130,15 @@ def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
                         pre: Sequence[Tensor], params: Sequence[Tensor]) -> None:
     r"""ω ← ω + g ⊙ (θ_pre − θ) after a step, θ_pre the weights before it.
 
-    One pass on contiguous float32 CPU tensors (:mod:`avalanche_si._fused`), else
-    ``θ_pre − θ`` into a temporary and :func:`accumulate_from_step`; both give the same bits.
-    ``pre`` is left as it is (the value of the last step's penalty is read from it).
+    One pass on contiguous float32 CPU tensors (`avalanche_si._fused`), else
+    `θ_pre − θ` into a temporary and `accumulate_from_step()`; both give the same bits.
+    `pre` is left as it is (the value of the last step's penalty is read from it).
 
     Args:
-        running: the running importances :math:`\omega`, updated in place.
-        grads: the gradients :math:`g` the importance is measured with.
-        pre: :math:`\theta_\text{pre\_step}`, the weights before the step.
-        params: :math:`\theta`, the weights after it.
+        running: the running importances ω, updated in place.
+        grads: the gradients g the importance is measured with.
+        pre: `θ_pre_step`, the weights before the step.
+        params: θ, the weights after it.
     """
     if running and not _fused.accumulate(running, grads, pre, params):
         # θ_pre − θ = −Δθ, a temporary freed at once: pre stays, and nothing else is kept
@@ -148,7 +148,7 @@ def accumulate_from_pre(running: Sequence[Tensor], grads: Sequence[Tensor],
 @torch.no_grad()
 def accumulate_from_delta(running: Sequence[Tensor], grads: Sequence[Tensor],
                           delta: Sequence[Tensor]) -> None:
-    r"""ω ← ω − g ⊙ Δθ for a step Δθ given explicitly (``delta_params``)."""
+    r"""ω ← ω − g ⊙ Δθ for a step Δθ given explicitly (`delta_params`)."""
     if running:
         torch._foreach_addcmul_(running, grads, delta, value=-1.0)
 
@@ -156,21 +156,21 @@ def accumulate_from_delta(running: Sequence[Tensor], grads: Sequence[Tensor],
 @torch.no_grad()
 def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
                   prev: Sequence[Tensor], *, strength: float) -> list[Tensor]:
-    r"""Add the gradient of :math:`c \sum \Omega (\theta - \theta_\text{prev})^2` to ``grads``.
+    r"""Add the gradient of `c Σ Ω (θ - θ_prev)²` to `grads`.
 
-    The gradient :math:`2c\,\Omega \odot (\theta - \theta_\text{prev})` is added in closed
+    The gradient `2cΩ ⊙ (θ - θ_prev)` is added in closed
     form (no autograd graph, no second backward), in two fused passes.
 
     Args:
         grads: the parameters' gradients, updated in place.
-        omega: :math:`\Omega`.
-        params: :math:`\theta`.
-        prev: :math:`\theta_\text{prev}`.
-        strength: the SI strength :math:`c`.
+        omega: Ω.
+        params: θ.
+        prev: `θ_prev`.
+        strength: the SI strength c.
 
     Returns:
-        :math:`d = \theta - \theta_\text{prev}` (the one temporary this allocates): pass it
-        to :func:`penalty_value` for the penalty's value, when it is wanted.
+        `d = θ - θ_prev` (the one temporary this allocates): pass it
+        to `penalty_value()` for the penalty's value, when it is wanted.
     """
     d = torch._foreach_sub(params, prev)  # under no_grad: no graph, no detach needed
     torch._foreach_addcmul_(grads, omega, d, value=2.0 * strength)
@@ -180,10 +180,10 @@ def penalty_grad_(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequ
 @torch.no_grad()
 def penalty_grad(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
                  prev: Sequence[Tensor], *, strength: float) -> tuple[list[Tensor], list[Tensor]]:
-    r"""Out-of-place :func:`penalty_grad_`: new tensors :math:`g + 2c\,\Omega \odot d`, and ``d``.
+    r"""Out-of-place `penalty_grad_()`: new tensors `g + 2cΩ ⊙ d`, and `d`.
 
-    ``grads`` is left as it was, so the task-loss gradient survives the step without being
-    recomputed as :math:`(g + 2c\Omega d) - 2c\Omega d`; the same passes over memory as the
+    `grads` is left as it was, so the task-loss gradient survives the step without being
+    recomputed as `(g + 2cΩ d) - 2cΩ d`; the same passes over memory as the
     in-place version, one more n-sized temporary.
     """
     d = torch._foreach_sub(params, prev)
@@ -199,32 +199,32 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
                  ) -> tuple[list[Tensor], Callable[[], Tensor]]:
     r"""One step's penalty gradient, and optionally the checkpoint of the weights before the step.
 
-    Computes :math:`g' = g + 2c\,\Omega \odot (\theta - \theta_\text{prev})` and, when
-    ``pre`` is given, copies :math:`\theta` into it (the :math:`\theta_\text{pre\_step}`
-    that :func:`accumulate_from_pre` needs after the step), reading :math:`\theta` once.
+    Computes `g' = g + 2cΩ ⊙ (θ - θ_prev)` and, when
+    `pre` is given, copies θ into it (the `θ_pre_step`
+    that `accumulate_from_pre()` needs after the step), reading θ once.
     On contiguous float32 CPU tensors this is one pass over memory with no temporary
-    (:mod:`avalanche_si._fused`); otherwise :func:`penalty_grad_` / :func:`penalty_grad`
-    and a copy. Both paths give the same bits for :math:`g'` and ``pre``.
+    (`avalanche_si._fused`); otherwise `penalty_grad_()` / `penalty_grad()`
+    and a copy. Both paths give the same bits for `g'` and `pre`.
 
     Args:
-        grads: :math:`g`, the gradients.
-        omega: :math:`\Omega`.
-        params: :math:`\theta`.
-        prev: :math:`\theta_\text{prev}`.
-        strength: the SI strength :math:`c`.
-        in_place: add to ``grads`` (True) or leave them as they are and return new
-            tensors (False: the task gradient survives the step, for ``importance="task"``).
-        pre: where to copy :math:`\theta`, or None.
+        grads: g, the gradients.
+        omega: Ω.
+        params: θ.
+        prev: `θ_prev`.
+        strength: the SI strength c.
+        in_place: add to `grads` (True) or leave them as they are and return new
+            tensors (False: the task gradient survives the step, for `importance="task"`).
+        pre: where to copy θ, or None.
 
     Returns:
-        ``(g', value)``: the gradients to step with (``grads`` itself when ``in_place``),
-        and a function returning :math:`c \sum \Omega (\theta - \theta_\text{prev})^2`
+        `(g', value)`: the gradients to step with (`grads` itself when `in_place`),
+        and a function returning `c Σ Ω (θ - θ_prev)²`
         at this step as a 0-d tensor (no host sync; on the fused path summed in float64).
-        ``value.held`` lists the tensors it keeps alive until it is dropped: one float64 sum
-        per tensor on the fused path and on the ``_foreach`` path without ``pre`` (summed in
-        this call, in the memory of the temporary ``d``, which is then freed); nothing on the
-        ``_foreach`` path with ``pre`` (the value is computed from ``pre`` when read, so read it
-        before ``pre`` is written again).
+        `value.held` lists the tensors it keeps alive until it is dropped: one float64 sum
+        per tensor on the fused path and on the `_foreach` path without `pre` (summed in
+        this call, in the memory of the temporary `d`, which is then freed); nothing on the
+        `_foreach` path with `pre` (the value is computed from `pre` when read, so read it
+        before `pre` is written again).
     """
     fused = _fused.penalty(grads, omega, params, prev, pre, two_c=2.0 * strength,
                            in_place=in_place) if grads else None
@@ -250,7 +250,7 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
 
 
 def _value_from_pre(omega, pre, prev, strength: float) -> Tensor:
-    """The penalty at the step whose weights ``pre`` holds: ``pre − θ*`` is the ``d`` of that
+    """The penalty at the step whose weights `pre` holds: `pre − θ*` is the `d` of that
     step, to the bit (the same subtraction of the same numbers)."""
     d = torch._foreach_sub(pre, prev)
     return _summed_value(_omega_d2_sums(omega, d), strength, d[0].dtype)
@@ -262,9 +262,9 @@ def _summed_value(sums: Tensor, strength: float, dtype: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: float) -> Tensor:
-    r""":math:`c \sum \Omega d^2` as a 0-d tensor on the tensors' device (no host sync).
+    r"""`c Σ Ω d²` as a 0-d tensor on the tensors' device (no host sync).
 
-    Kept out of :func:`penalty_grad_` so that training pays for the value only when
+    Kept out of `penalty_grad_()` so that training pays for the value only when
     somebody reads it (logging every k steps, say).
     """
     if not d:
@@ -273,10 +273,10 @@ def penalty_value(omega: Sequence[Tensor], d: Sequence[Tensor], *, strength: flo
 
 
 def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
-    """The per-tensor sums of Ω d² (1-d, float64 where the device has it), computed in ``d``'s
+    """The per-tensor sums of Ω d² (1-d, float64 where the device has it), computed in `d`'s
     memory (overwritten) with a fixed number of multi-tensor kernels, however many tensors.
 
-    Ω may be negative (``clamp="none"``), so the sum is Σ|x| − 2 Σ|min(x, 0)|: two L1 norms,
+    Ω may be negative (`clamp="none"`), so the sum is Σ|x| − 2 Σ|min(x, 0)|: two L1 norms,
     the second exactly 0 when every Ω ≥ 0."""
     torch._foreach_mul_(d, d)
     torch._foreach_mul_(d, omega)
@@ -290,7 +290,7 @@ def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
 def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                        params: Sequence[Tensor], *, eps: float, clamp: str = "task",
                        names: Optional[Sequence[str]] = None) -> list[Tensor]:
-    r"""The Ω that :func:`consolidate` would store, checked, without storing anything.
+    r"""The Ω that `consolidate()` would store, checked, without storing anything.
 
     Raises:
         NonFiniteImportanceError: a new Ω would be NaN or infinite; the message names the
@@ -345,7 +345,7 @@ def _why_not_finite(running: Tensor, param: Tensor, prev: Tensor, eps: float) ->
 def commit_consolidation(omega: Sequence[Tensor], prev: Sequence[Tensor],
                          running: Sequence[Tensor], params: Sequence[Tensor],
                          new_omega: Sequence[Tensor]) -> None:
-    r"""Store a :func:`consolidated_omega`: Ω ← new Ω, θ_prev ← θ, ω ← 0."""
+    r"""Store a `consolidated_omega()`: Ω ← new Ω, θ_prev ← θ, ω ← 0."""
     if omega:
         torch._foreach_copy_(omega, new_omega)
         torch._foreach_copy_(prev, [p.detach() for p in params])
@@ -358,22 +358,22 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
                 names: Optional[Sequence[str]] = None, clamp: str = "task") -> None:
     r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
 
-    ``clamp`` says where the max(0, ·) goes, following the conventions of the existing
-    implementations: ``"task"`` (default, above: each task's contribution), ``"total"``
-    (Ω ← max(0, Ω + ω / ((θ − θ_prev)² + ξ)), Zenke et al.'s code) or ``"none"`` (no clamp,
+    `clamp` says where the max(0, ·) goes, following the conventions of the existing
+    implementations: `"task"` (default, above: each task's contribution), `"total"`
+    (Ω ← max(0, Ω + ω / ((θ − θ_prev)² + ξ)), Zenke et al.'s code) or `"none"` (no clamp,
     van de Ven's code; Ω may then be negative).
 
     Checks the result before storing anything: if any new Ω would be NaN or
-    infinite, raises :class:`NonFiniteImportanceError` naming the parameter and the cause,
-    and leaves ``omega``, ``prev`` and ``running`` untouched.
+    infinite, raises `NonFiniteImportanceError` naming the parameter and the cause,
+    and leaves `omega`, `prev` and `running` untouched.
 
     Args:
-        omega: :math:`\Omega` (all four lists of equal length and shapes).
-        prev: :math:`\theta_\text{prev}`.
-        running: :math:`\omega`.
-        params: :math:`\theta`.
-        eps: the damping :math:`\xi > 0`.
-        names: how the error message names each parameter (default: ``#<position>``).
+        omega: Ω (all four lists of equal length and shapes).
+        prev: `θ_prev`.
+        running: ω.
+        params: θ.
+        eps: the damping `ξ > 0`.
+        names: how the error message names each parameter (default: `#<position>`).
     """
     new = consolidated_omega(omega, prev, running, params, eps=eps, clamp=clamp, names=names)
     commit_consolidation(omega, prev, running, params, new)
@@ -383,12 +383,12 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
 
 
 def si_buffer_names(param_id: int, params_name: Optional[str] = None) -> tuple[str, str, str, str]:
-    """Buffer names of Ω, θ_prev, ω and θ_pre_step for the ``param_id``-th parameter.
+    """Buffer names of Ω, θ_prev, ω and θ_pre_step for the `param_id`-th parameter.
 
     Returns:
-        ``("si_omega{_name}_weights_{i}", "si_prev_theta{_name}_weights_{i}",
-        "si_running_omega{_name}_weights_{i}", "si_pre_step_theta{_name}_weights_{i}")``
-        with ``_name = "_" + params_name`` (empty when ``params_name`` is None).
+        `("si_omega{_name}_weights_{i}", "si_prev_theta{_name}_weights_{i}",
+        "si_running_omega{_name}_weights_{i}", "si_pre_step_theta{_name}_weights_{i}")`
+        with `_name = "_" + params_name` (empty when `params_name` is None).
     """
     suffix = f"{'' if params_name is None else '_' + params_name}_weights_{param_id}"
     return (f"si_omega{suffix}", f"si_prev_theta{suffix}",
@@ -407,7 +407,7 @@ def _active(params: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
 
 
 def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
-    """The state held for position ``i`` must have the parameter's shape: a list in another
+    """The state held for position `i` must have the parameter's shape: a list in another
     order, or another model's parameters, would otherwise be paired with the wrong state."""
     if buffer is not None and buffer.shape != p.shape:
         raise ValueError(f"SI state {name!r} has shape {tuple(buffer.shape)} but parameter #{i} "
@@ -418,7 +418,7 @@ def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
 def _check_order(net: torch.nn.Module, params: Sequence[Tensor],
                  params_name: Optional[str]) -> None:
     """The same parameter objects in another order would pair each with another's state: refuse
-    that (new objects, such as a grown head, are fine). The order is remembered on ``net``."""
+    that (new objects, such as a grown head, are fine). The order is remembered on `net`."""
     seen = net.__dict__.setdefault("_si_param_order", {})
     ids = tuple(id(p) for p in params)
     old = seen.get(params_name)
@@ -431,19 +431,19 @@ def _check_order(net: torch.nn.Module, params: Sequence[Tensor],
 
 def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
                       params_name: Optional[str] = None, no_pre_step_ckpt: bool = False) -> None:
-    r"""Call right before ``optimizer.step()``: checkpoint :math:`\theta_\text{pre\_step}`.
+    r"""Call right before `optimizer.step()`: checkpoint `θ_pre_step`.
 
     On the very first call for a parameter it also stores
-    :math:`\theta_\text{prev} = \theta` (the weights at the start of the first task,
-    which normalize :math:`\Omega` at its end).
+    `θ_prev = θ` (the weights at the start of the first task,
+    which normalize Ω at its end).
 
     Args:
         net: the module that holds the SI state as buffers.
-        params: the parameters to regularize; those with ``requires_grad=False``
+        params: the parameters to regularize; those with `requires_grad=False`
             are skipped (their position still counts for the buffer names).
-        params_name: the group's name, for several groups on one ``net``.
-        no_pre_step_ckpt: do not checkpoint :math:`\theta_\text{pre\_step}`; then
-            :func:`si_post_optim_step` must get ``delta_params`` (3n memory, not 4n).
+        params_name: the group's name, for several groups on one `net`.
+        no_pre_step_ckpt: do not checkpoint `θ_pre_step`; then
+            `si_post_optim_step()` must get `delta_params` (3n memory, not 4n).
             One call is still needed before the first update of the first task.
     """
     for i, p in _active(params):  # every check before anything is written
@@ -461,15 +461,15 @@ def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
 def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
                        params_name: Optional[str] = None,
                        delta_params: Optional[Sequence[Tensor]] = None) -> None:
-    r"""Call right after ``optimizer.step()``: :math:`\omega \leftarrow \omega - g \odot \Delta\theta`.
+    r"""Call right after `optimizer.step()`: `ω ← ω - g ⊙ Δθ`.
 
-    :math:`g` is ``p.grad``; :math:`\Delta\theta = \theta - \theta_\text{pre\_step}`, or
-    ``delta_params[i]`` when given (then :math:`\theta_\text{pre\_step}` is not needed,
+    g is `p.grad`; `Δθ = θ - θ_pre_step`, or
+    `delta_params[i]` when given (then `θ_pre_step` is not needed,
     nor is the optimizer step itself: only the gradients must be there).
 
     Raises:
-        ValueError: a parameter has no gradient, or :func:`si_pre_optim_step` was
-            not called before this step and no ``delta_params`` were given.
+        ValueError: a parameter has no gradient, or `si_pre_optim_step()` was
+            not called before this step and no `delta_params` were given.
     """
     active = _active(params)
     if delta_params is not None and len(delta_params) != len(params):
@@ -517,17 +517,17 @@ def si_post_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
 
 def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
                           params_name: Optional[str] = None, epsilon: float = DEFAULT_EPS) -> None:
-    r"""Call after training a task: consolidate :math:`\Omega`.
+    r"""Call after training a task: consolidate Ω.
 
-    :math:`\Omega \leftarrow \Omega + \max(0, \omega / ((\theta - \theta_\text{prev})^2 + \xi))`,
-    then :math:`\theta_\text{prev} \leftarrow \theta` and :math:`\omega` is reset.
+    `Ω ← Ω + max(0, ω / ((θ - θ_prev)² + ξ))`,
+    then `θ_prev ← θ` and ω is reset.
 
     Args:
-        epsilon: the damping :math:`\xi > 0` (default 1e-3).
+        epsilon: the damping `ξ > 0` (default 1e-3).
 
     Raises:
-        ValueError: no :func:`si_pre_optim_step` / :func:`si_post_optim_step` call
-            happened since the last consolidation, or ``epsilon <= 0``.
+        ValueError: no `si_pre_optim_step()` / `si_post_optim_step()` call
+            happened since the last consolidation, or `epsilon <= 0`.
         NonFiniteImportanceError: the new Ω would not be finite. Ω and θ_prev are left as
             they were and ω is dropped: restore the weights from before the task and train
             it again.
@@ -560,13 +560,13 @@ def si_compute_importance(net: torch.nn.Module, params: Sequence[Tensor],
 
 def si_regularizer(net: torch.nn.Module, params: Sequence[Tensor],
                    params_name: Optional[str] = None) -> Tensor:
-    r"""The SI penalty :math:`\sum_k \Omega_k (\theta_k - \theta_{\text{prev},k})^2`.
+    r"""The SI penalty `Σ_k Ω_k (θ_k - θ_prev,k)²`.
 
-    No strength and no :math:`\tfrac12`: multiply by :math:`c` yourself. Differentiable
-    with respect to ``params``.
+    No strength and no ½: multiply by c yourself. Differentiable
+    with respect to `params`.
 
     Raises:
-        ValueError: :func:`si_compute_importance` was never called.
+        ValueError: `si_compute_importance()` was never called.
     """
     reg: Tensor | float = 0.0
     for i, p in _active(params):

@@ -1,21 +1,21 @@
 r"""Synaptic Intelligence as an Avalanche plugin: Avalanche's hooks mapped onto the engine.
 
-:class:`SIPlugin` owns a :class:`~avalanche_si.engine.SynapticIntelligence` and translates
+`SIPlugin` owns a `SynapticIntelligence` and translates
 callbacks into its calls; the maths, the state and the options live there:
 
 ==========================  =================================================================
 Avalanche hook              engine call
 ==========================  =================================================================
-``before_training_exp``     ``bind(strategy.model, strategy.optimizer, scaler=...)``,
-                            ``start_task(strategy.experience)``
-``after_backward``          ``before_step()`` (the penalty's gradient, the weights before the
+`before_training_exp`     `bind(strategy.model, strategy.optimizer, scaler=...)`,
+                            `start_task(strategy.experience)`
+`after_backward`          `before_step()` (the penalty's gradient, the weights before the
                             step)
-``after_update``            ``after_step(strategy.loss)`` (the path integral)
-``after_training_exp``      ``end_task(strategy.experience)`` (consolidation, by the policy)
-``after_eval``              ``invalidate()`` if evaluation replaced parameters
+`after_update`            `after_step(strategy.loss)` (the path integral)
+`after_training_exp`      `end_task(strategy.experience)` (consolidation, by the policy)
+`after_eval`              `invalidate()` if evaluation replaced parameters
 ==========================  =================================================================
 
-The scaler is the ``scaler=`` option, else the ``torch.amp.GradScaler`` the strategy holds
+The scaler is the `scaler=` option, else the `torch.amp.GradScaler` the strategy holds
 as an attribute.
 """
 
@@ -52,93 +52,82 @@ __all__ = ["SIPlugin", "ParamGroup", "GroupOptions", "IMPORTANCE_MODES", "CLAMP_
 expose_torch_optim_submodules()  # so that Avalanche checkpoints can pickle optimizers
 
 
-def _delegated(name: str, doc: str, *, live: bool) -> property:
-    """A property of the plugin that is the engine's option ``name``."""
-    def get(self):
-        return getattr(self._engine, name)
-
-    def set_(self, value):
-        setattr(self._engine, name, value)
-    return property(get, set_ if live else None, doc=doc)
-
-
 class SIPlugin(SupervisedPlugin, supports_distributed=True):
     r"""Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017) for any Avalanche strategy.
 
-    For every regularized weight :math:`\theta_k`:
+    For every regularized weight `θ_k`:
 
-    - after each optimizer step: :math:`\omega_k \leftarrow \omega_k - g_k \Delta\theta_k`;
-    - after each experience: :math:`\Omega_k \leftarrow \Omega_k + \max(0, \omega_k /
-      ((\theta_k - \theta^*_k)^2 + \xi))`, :math:`\theta^*_k \leftarrow \theta_k`,
-      :math:`\omega_k \leftarrow 0` (:math:`\theta^*` of the first experience is the
+    - after each optimizer step: `ω_k ← ω_k - g_k Δθ_k`;
+    - after each experience: `Ω_k ← Ω_k + max(0, ω_k / ((θ_k - θ*_k)² + ξ))`, `θ*_k ← θ_k`,
+      `ω_k ← 0` (`θ*` of the first experience is the
       weights when it starts);
     - from the second experience on the loss gets
-      :math:`c \sum_k \Omega_k (\theta_k - \theta^*_k)^2` (no :math:`\tfrac12`).
+      `c Σ_k Ω_k (θ_k - θ*_k)²` (no ½).
 
-    The penalty's gradient :math:`2c\,\Omega \odot (\theta - \theta^*)` is added in closed
-    form after the backward pass (``after_backward``), so no graph is built for it; its
-    value at the last step is :attr:`penalty` (computed when read, for logging; it is not
-    part of ``strategy.loss``). A plugin that rewrites gradients in its own
-    ``after_backward`` sees the penalty's gradient if it comes after this plugin in the
+    The penalty's gradient `2cΩ ⊙ (θ - θ*)` is added in closed
+    form after the backward pass (`after_backward`), so no graph is built for it; its
+    value at the last step is `penalty` (computed when read, for logging; it is not
+    part of `strategy.loss`). A plugin that rewrites gradients in its own
+    `after_backward` sees the penalty's gradient if it comes after this plugin in the
     strategy's list, not if it comes before.
 
-    Memory: :math:`\Omega`, :math:`\theta^*`, :math:`\omega` and the weights before the
-    step, ``4n`` numbers for ``n`` regularized weights (``3n`` with
-    ``importance="delta_params"``), on each parameter's device, in the weights' dtype
-    (float32 for 16-bit weights; see ``state_dtype``). The state lives in the plugin, not
-    in the model: ``model.state_dict()`` is unchanged.
+    Memory: Ω, `θ*`, ω and the weights before the
+    step, `4n` numbers for `n` regularized weights (`3n` with
+    `importance="delta_params"`), on each parameter's device, in the weights' dtype
+    (float32 for 16-bit weights; see `state_dtype`). The state lives in the plugin, not
+    in the model: `model.state_dict()` is unchanged.
 
-    The plugin is a thin adapter: the work is done by its :attr:`engine`, a
-    :class:`~avalanche_si.SynapticIntelligence`, which a plain PyTorch loop or the Lightning
+    The plugin is a thin adapter: the work is done by its `engine`, a
+    `SynapticIntelligence`, which a plain PyTorch loop or the Lightning
     callback drive the same way. The arguments are the engine's (see it for each in full);
     an experience is a task, and an index of strengths counts consolidations.
 
     Args:
-        si_lambda: the strength :math:`c` of the penalty (>= 0; 0 switches the penalty
+        si_lambda: the strength c of the penalty (>= 0; 0 switches the penalty
             off and leaves training bit-identical to training without the plugin). A list
             gives one strength per experience (the last repeats), a callable
-            ``(experience_index) -> c`` computes it, as Avalanche's plugin allows; the index
+            `(experience_index) -> c` computes it, as Avalanche's plugin allows; the index
             counts the consolidations so far (on an ordinary stream: the experiences
             trained; on an online stream: the tasks, not the mini-experiences).
-        eps: the damping :math:`\xi > 0` of the consolidation (default 1e-3).
-        excluded_parameters: name patterns (see :class:`ParamGroup`) of parameters never
+        eps: the damping `ξ > 0` of the consolidation (default 1e-3).
+        excluded_parameters: name patterns (see `ParamGroup`) of parameters never
             regularized.
-        groups: parameter groups, ``{name: ParamGroup(...)}``, each with its own strength
+        groups: parameter groups, `{name: ParamGroup(...)}`, each with its own strength
             and damping; default one group holding every trainable parameter.
-        importance: ``"total"`` (default: the gradient the optimizer used times the step
-            taken), ``"task"`` (the gradient without the SI penalty, as this plugin's
-            ``after_backward`` finds it, times the step taken; Zenke et al.'s code) or
-            ``"delta_params"`` (that gradient times the step the optimizer would take from
+        importance: `"total"` (default: the gradient the optimizer used times the step
+            taken), `"task"` (the gradient without the SI penalty, as this plugin's
+            `after_backward` finds it, times the step taken; Zenke et al.'s code) or
+            `"delta_params"` (that gradient times the step the optimizer would take from
             it alone; SGD, Adam, AdamW, RMSprop; 3n memory).
-        clamp: where the consolidation's :math:`\max(0, \cdot)` goes: ``"task"`` (default,
-            each experience's contribution), ``"total"`` (Zenke et al.'s code: the running
-            total) or ``"none"`` (van de Ven's code).
-        regularize_norm_layers: also regularize the parameters of ``BatchNorm`` and
-            ``InstanceNorm`` layers (default False, as Avalanche's
-            ``SynapticIntelligencePlugin``).
+        clamp: where the consolidation's `max(0, ·)` goes: `"task"` (default,
+            each experience's contribution), `"total"` (Zenke et al.'s code: the running
+            total) or `"none"` (van de Ven's code).
+        regularize_norm_layers: also regularize the parameters of `BatchNorm` and
+            `InstanceNorm` layers (default False, as Avalanche's
+            `SynapticIntelligencePlugin`).
         state_dtype: the dtype of the state; None (default): float32 for 16-bit weights, else
             the weights' dtype.
-        consolidate: when to consolidate (:mod:`avalanche_si.consolidation`): None (default)
+        consolidate: when to consolidate (`avalanche_si.consolidation`): None (default)
             after each experience, or at the real task boundaries of an online stream that
-            shows them (an error on one that hides them); ``"experience"`` after every
-            experience, online ones included; ``"boundary"`` at task boundaries only; an
-            ``int`` k every k optimizer steps (van de Ven's task-free SI); or a
-            :class:`~avalanche_si.consolidation.LossPlateau` (Aljundi et al. 2019).
-        scaler: the ``torch.amp.GradScaler`` that scales the loss, for mixed-precision
+            shows them (an error on one that hides them); `"experience"` after every
+            experience, online ones included; `"boundary"` at task boundaries only; an
+            `int` k every k optimizer steps (van de Ven's task-free SI); or a
+            `LossPlateau` (Aljundi et al. 2019).
+        scaler: the `torch.amp.GradScaler` that scales the loss, for mixed-precision
             training. None (default) uses the strategy's own if it has one as an
-            attribute. The plugin unscales the gradients in ``after_backward`` (as PyTorch
+            attribute. The plugin unscales the gradients in `after_backward` (as PyTorch
             documents for gradient clipping: plugins after it see unscaled gradients and
             must not unscale again), so the penalty acts at the right scale, ω uses
             unscaled gradients and steps the scaler skips add nothing to ω.
 
-    ``si_lambda``, ``eps``, ``clamp`` and ``scaler`` may be assigned during training
+    `si_lambda`, `eps`, `clamp` and `scaler` may be assigned during training
     (checked like here; the strength applies from the next step, the damping and clamp at
-    the next consolidation); so may each group's (:meth:`group`). The other options are
-    fixed: assigning them, or an unknown name, raises ``AttributeError``.
+    the next consolidation); so may each group's (`group()`). The other options are
+    fixed: assigning them, or an unknown name, raises `AttributeError`.
 
     Raises:
         ValueError: on a bad option, here; when training starts, on an unsupported
-            optimizer for ``"delta_params"``, a parameter in two groups, a group that
+            optimizer for `"delta_params"`, a parameter in two groups, a group that
             matches no parameter, or a state that does not fit the model.
         TypeError: an option of the wrong type.
 
@@ -178,27 +167,88 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ options
 
-    si_lambda = _delegated("si_lambda", "The strength :math:`c`: a number, a list of them (one "
-                           "per experience; kept as a tuple) or a callable.", live=True)
-    eps = _delegated("eps", "The damping :math:`\\xi` (used at the next consolidation).",
-                     live=True)
-    clamp = _delegated("clamp", "Where the consolidation clamps at 0: ``\"task\"``, "
-                       "``\"total\"`` or ``\"none\"``.", live=True)
-    scaler = _delegated("scaler", "The GradScaler passed in (None: the strategy's own, found "
-                        "when training starts).", live=True)
-    importance = _delegated("importance", "Which gradient and step measure ω.", live=False)
-    consolidate = _delegated("consolidate", "When SI consolidates (a policy).", live=False)
-    consolidations = _delegated("consolidations", (
-        "How many times SI has consolidated so far (the index a list of strengths is read "
-        "at); on a task-free stream, check that the policy keeps firing."), live=False)
-    excluded_parameters = _delegated("excluded_parameters", "The name patterns never "
-                                     "regularized.", live=False)
-    regularize_norm_layers = _delegated("regularize_norm_layers", "Whether normalization "
-                                        "layers' parameters are regularized.", live=False)
-    state_dtype = _delegated("state_dtype", "The dtype option of the state.", live=False)
-    penalty = _delegated("penalty", SynapticIntelligence.penalty.__doc__, live=False)
-    group_names = _delegated("group_names", "The groups' names (``None`` for the default "
-                             "group).", live=False)
+    # The options and read-outs are the engine's, spelt out so that help() and the API pages
+    # show each with its docstring.
+
+    @property
+    def si_lambda(self) -> Strength:
+        """The strength c: a number, a list of them (one per experience; kept as a tuple) or
+        a callable."""
+        return self._engine.si_lambda
+
+    @si_lambda.setter
+    def si_lambda(self, value) -> None:
+        self._engine.si_lambda = value
+
+    @property
+    def eps(self) -> float:
+        """The damping ξ (used at the next consolidation)."""
+        return self._engine.eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._engine.eps = value
+
+    @property
+    def clamp(self) -> str:
+        """Where the consolidation clamps at 0: `"task"`, `"total"` or `"none"`."""
+        return self._engine.clamp
+
+    @clamp.setter
+    def clamp(self, value) -> None:
+        self._engine.clamp = value
+
+    @property
+    def scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The GradScaler passed in (None: the strategy's own, found when training starts)."""
+        return self._engine.scaler
+
+    @scaler.setter
+    def scaler(self, value) -> None:
+        self._engine.scaler = value
+
+    @property
+    def importance(self) -> str:
+        """Which gradient and step measure ω."""
+        return self._engine.importance
+
+    @property
+    def consolidate(self) -> ConsolidationPolicy:
+        """When SI consolidates (a policy)."""
+        return self._engine.consolidate
+
+    @property
+    def consolidations(self) -> int:
+        """How many times SI has consolidated so far (the index a list of strengths is read
+        at); on a task-free stream, check that the policy keeps firing."""
+        return self._engine.consolidations
+
+    @property
+    def excluded_parameters(self) -> tuple[str, ...]:
+        """The name patterns never regularized."""
+        return self._engine.excluded_parameters
+
+    @property
+    def regularize_norm_layers(self) -> bool:
+        """Whether normalization layers' parameters are regularized."""
+        return self._engine.regularize_norm_layers
+
+    @property
+    def state_dtype(self) -> Optional[torch.dtype]:
+        """The dtype option of the state."""
+        return self._engine.state_dtype
+
+    @property
+    def penalty(self) -> Optional[Tensor]:
+        """The SI penalty `Σ_g c_g Σ Ω (θ - θ*)²` at the last step, a 0-d tensor (None before
+        the first penalized step); computed when read, for logging, and not part of
+        `strategy.loss`."""
+        return self._engine.penalty
+
+    @property
+    def group_names(self) -> list[Optional[str]]:
+        """The groups' names (`None` for the default group)."""
+        return self._engine.group_names
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_") or name in LIVE_OPTIONS:
@@ -207,21 +257,20 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             refuse_attribute(type(self), name)
 
     def group(self, key: Optional[str] = None) -> GroupOptions:
-        """The live options of group ``key`` (None: the default group)."""
+        """The live options of group `key` (None: the default group)."""
         return self._engine.group(key)
 
     def importances(self, group: Optional[str] = None) -> dict[str, Tensor]:
-        r"""The consolidated importances :math:`\Omega` of one group, by parameter name.
+        r"""The consolidated importances Ω of one group, by parameter name.
 
         The tensors are the live state: read, do not modify them.
         """
         return self._engine.importances(group)
 
     def consolidate_now(self) -> None:
-        r"""Consolidate now: :math:`\Omega \mathrel{+}= \max(0, \omega / ((\theta - \theta^*)^2 +
-        \xi))`, :math:`\theta^* \leftarrow \theta`, :math:`\omega \leftarrow 0`, as the
-        engine's :meth:`~avalanche_si.SynapticIntelligence.consolidate_now` (its errors and
-        when it does nothing). The ``consolidate`` policy calls it; a subclass that overrides it
+        r"""Consolidate now: `Ω += max(0, ω / ((θ - θ*)² + ξ))`, `θ* ← θ`, `ω ← 0`, as the
+        engine's `consolidate_now()` (its errors and
+        when it does nothing). The `consolidate` policy calls it; a subclass that overrides it
         sees every consolidation."""
         self._engine.consolidate_now()
 
@@ -299,9 +348,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         return self._engine.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Load a :meth:`state_dict`, checked, as the engine's
-        :meth:`~avalanche_si.SynapticIntelligence.load_state_dict` does (nothing changes on an
-        error; ``strict=False`` keeps state for parameters the model lacks unused)."""
+        """Load a `state_dict()`, checked, as the engine's
+        `load_state_dict()` does (nothing changes on an
+        error; `strict=False` keeps state for parameters the model lacks unused)."""
         self._engine.load_state_dict(state_dict, strict=strict)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -342,7 +391,7 @@ def _from_version_0_1(old: dict[str, Any]) -> dict[str, Any]:
     whole.
 
     0.1 regularized normalization layers too, so the converted plugin does
-    (``regularize_norm_layers=True``); each named group kept a copy of its strength and
+    (`regularize_norm_layers=True`); each named group kept a copy of its strength and
     damping, so those stay fixed rather than following the plugin's.
     """
     importance = old.get("importance", "total")

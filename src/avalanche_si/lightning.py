@@ -1,24 +1,24 @@
 r"""Synaptic Intelligence as a Lightning callback: Lightning's hooks mapped onto the engine.
 
-:class:`SICallback` owns a :class:`~avalanche_si.engine.SynapticIntelligence`; one
-``trainer.fit`` is one task:
+`SICallback` owns a `SynapticIntelligence`; one
+`trainer.fit` is one task:
 
 ============================  ===============================================================
 Lightning hook                engine call
 ============================  ===============================================================
-``on_train_start``            ``bind(module, optimizer, scaler=precision plugin's)``,
-                              ``start_task()``
-``on_before_optimizer_step``  ``before_step()``: once per optimizer step, after Lightning's
+`on_train_start`            `bind(module, optimizer, scaler=precision plugin's)`,
+                              `start_task()`
+`on_before_optimizer_step`  `before_step()`: once per optimizer step, after Lightning's
                               AMP unscaling and gradient accumulation, before its clipping
-``on_train_batch_end``        ``after_step(loss)``, after a batch whose optimizer step ran
-``on_train_end``              ``end_task()``: consolidation, by the policy (after each fit by
+`on_train_batch_end`        `after_step(loss)`, after a batch whose optimizer step ran
+`on_train_end`              `end_task()`: consolidation, by the policy (after each fit by
                               default)
-``state_dict``                the engine's, in Lightning checkpoints
+`state_dict`                the engine's, in Lightning checkpoints
 ============================  ===============================================================
 
-Needs ``lightning`` (or the older ``pytorch_lightning``) 2.x: ``pip install
-"avalanche-si[lightning]"``. Automatic optimization with one optimizer; with manual
-optimization, drive the engine from ``training_step`` as in a plain loop.
+Needs `lightning` (or the older `pytorch_lightning`) 2.x: `pip install
+"avalanche-si[lightning]"`. Automatic optimization with one optimizer; with manual
+optimization, drive the engine from `training_step` as in a plain loop.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ __all__ = ["SICallback"]
 
 
 class SICallback(Callback):
-    r"""Synaptic Intelligence for a ``LightningModule`` trained one task per ``trainer.fit``.
+    r"""Synaptic Intelligence for a `LightningModule` trained one task per `trainer.fit`.
 
-    Takes the options of :class:`~avalanche_si.SynapticIntelligence` (``si_lambda``, ``eps``,
-    ``groups``, ``importance``, ``clamp``, ``consolidate``, ...), or an existing engine as
-    ``engine=``. The penalty's gradient is added in ``on_before_optimizer_step``, so
+    Takes the options of `SynapticIntelligence` (`si_lambda`, `eps`,
+    `groups`, `importance`, `clamp`, `consolidate`, ...), or an existing engine as
+    `engine=`. The penalty's gradient is added in `on_before_optimizer_step`, so
     Lightning's gradient clipping clips it with the task gradient; with
-    ``accumulate_grad_batches=k`` it acts once per optimizer step, and :math:`\omega` counts
-    each step once. With ``precision="16-mixed"`` the precision plugin's ``GradScaler`` is used:
+    `accumulate_grad_batches=k` it acts once per optimizer step, and ω counts
+    each step once. With `precision="16-mixed"` the precision plugin's `GradScaler` is used:
     steps it skips add nothing.
 
     Example:

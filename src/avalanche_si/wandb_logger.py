@@ -1,28 +1,32 @@
 """An Avalanche logger for Weights & Biases that works with current wandb, with SI diagnostics.
 
-Avalanche 0.6.0's ``WandBLogger`` fails at construction with wandb 0.31
-(``wandb.util.generate_id`` is gone; a later check uses ``wandb.viz``, also gone). This
-logger uses only wandb's public run API (``wandb.init``, ``run.log``, ``wandb.Histogram``,
-``wandb.Table``, ``wandb.Image``, ``wandb.Artifact``) and adds what an SI user wants to see:
+Avalanche 0.6.0's `WandBLogger` fails at construction with wandb 0.31
+(`wandb.util.generate_id` is gone; a later check uses `wandb.viz`, also gone). This
+logger uses only wandb's public run API (`wandb.init`, `run.log`, `wandb.Histogram`,
+`wandb.Table`, `wandb.Image`, `wandb.Artifact`) and adds what an SI user wants to see:
 
-- every numeric metric the :class:`~avalanche.training.plugins.EvaluationPlugin` emits
-  (training loss, accuracies ...), against ``train/iteration``;
-- every ``log_every`` iterations the training loss and, for each
-  :class:`~avalanche_si.SIPlugin` in the strategy, its penalty (reading them is a host
+- every numeric metric the `EvaluationPlugin` emits
+  (training loss, accuracies ...), against `train/iteration`;
+- every `log_every` iterations the training loss and, for each
+  `SIPlugin` in the strategy, its penalty (reading them is a host
   synchronisation, hence not every step); after each experience Ω statistics and a
   histogram of log10 Ω per group;
-- :meth:`log_accuracy_row` / :meth:`log_result` / :meth:`log_images` for result tables,
+- `log_accuracy_row()` / `log_result()` / `log_images()` for result tables,
   plots and a JSON artifact.
 
-It works offline (``WANDB_MODE=offline``): everything lands in the run's folder and can be
-uploaded later with ``wandb sync``.
+It works offline (`WANDB_MODE=offline`): everything lands in the run's folder and can be
+uploaded later with `wandb sync`.
 
 Example:
-    >>> from avalanche.training.plugins import EvaluationPlugin
-    >>> from avalanche.evaluation.metrics import loss_metrics, accuracy_metrics
-    >>> logger = SIWandBLogger(project="my-cl", config={"c": 0.1})       # doctest: +SKIP
-    >>> evaluator = EvaluationPlugin(loss_metrics(minibatch=True),
-    ...                              accuracy_metrics(experience=True), loggers=[logger])
+    ```python
+    from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche_si.wandb_logger import SIWandBLogger
+
+    logger = SIWandBLogger(project="my-cl", config={"c": 0.1})
+    evaluator = EvaluationPlugin(loss_metrics(minibatch=True),
+                                 accuracy_metrics(experience=True), loggers=[logger])
+    ```
 """
 
 from __future__ import annotations
@@ -47,12 +51,12 @@ class SIWandBLogger(BaseLogger):
         project: the wandb project.
         name: the run's name.
         config: the run's configuration.
-        dir: where wandb writes the run (``<dir>/wandb/``).
-        mode: ``"online"``, ``"offline"`` or ``"disabled"``; None lets ``WANDB_MODE`` decide.
+        dir: where wandb writes the run (`<dir>/wandb/`).
+        mode: `"online"`, `"offline"` or `"disabled"`; None lets `WANDB_MODE` decide.
         log_every: log the SI penalty every this many training iterations.
         histogram_bins: bins of the log10 Ω histograms.
         run: an existing wandb run to log into instead of starting one.
-        **init_kwargs: any other ``wandb.init`` argument (entity, group, tags ...).
+        **init_kwargs: any other `wandb.init` argument (entity, group, tags ...).
     """
 
     def __init__(self, *, project: str = "avalanche-si", name: Optional[str] = None,
@@ -78,7 +82,7 @@ class SIWandBLogger(BaseLogger):
     # ------------------------------------------------------------ Avalanche's side
 
     def _step(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` against ``train/iteration`` once training has begun. The axis is declared
+        """`data` against `train/iteration` once training has begun. The axis is declared
         then too: wandb fills a declared step metric into every row, so a run that only
         carries tables and plots (the CLI's report run) would get a step of 0."""
         if self.iteration > 0:
@@ -145,7 +149,7 @@ class SIWandBLogger(BaseLogger):
     # --------------------------------------------------------------- results side
 
     def log_accuracy_row(self, trained_task: int, accuracies: Iterable[Optional[float]]) -> None:
-        """Accuracy on every task after training task ``trained_task`` (0-based)."""
+        """Accuracy on every task after training task `trained_task` (0-based)."""
         data: dict[str, Any] = {}
         for j, a in enumerate(accuracies):
             if a is not None:
@@ -175,9 +179,9 @@ class SIWandBLogger(BaseLogger):
         self.run.log(self._step(data))
 
     def log_markdown_table(self, path: Path, *, key: str = "results/summary") -> None:
-        """A Markdown table (as ``report`` writes it) as a wandb table with numbers as
-        numbers: a ``mean ± SEM`` column becomes two numeric columns, ``<name>`` and
-        ``<name> SEM``; empty cells become missing values."""
+        """A Markdown table (as `report` writes it) as a wandb table with numbers as
+        numbers: a `mean ± SEM` column becomes two numeric columns, `<name>` and
+        `<name> SEM`; empty cells become missing values."""
         lines = [l for l in Path(path).read_text().splitlines() if l.startswith("|")]
         header = [c.strip() for c in lines[0].strip("|").split("|")]
         rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]

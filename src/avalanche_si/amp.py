@@ -1,28 +1,30 @@
-r"""Mixed precision: SI with ``torch.amp.GradScaler``.
+r"""Mixed precision: SI with `torch.amp.GradScaler`.
 
-With a gradient scaler the backward pass leaves :math:`S\,g` in ``.grad`` (:math:`S` the loss
-scale, 65,536 at the start), and ``scaler.step`` divides by :math:`S` and *skips* the step
+With a gradient scaler the backward pass leaves Sg in `.grad` (S the loss
+scale, 65,536 at the start), and `scaler.step` divides by S and *skips* the step
 (weights unchanged) when any gradient is inf or NaN. SI must therefore
 
-- add its penalty's gradient :math:`2c\,\Omega(\theta - \theta^*)` to the *unscaled*
-  gradient, or the penalty acts :math:`S` times too weakly;
-- measure :math:`\omega` with unscaled gradients;
-- add nothing to :math:`\omega` for a skipped step (its inf gradient times a zero step is
+- add its penalty's gradient `2cΩ(θ - θ*)` to the *unscaled*
+  gradient, or the penalty acts S times too weakly;
+- measure ω with unscaled gradients;
+- add nothing to ω for a skipped step (its inf gradient times a zero step is
   NaN otherwise).
 
-:func:`unscale_` does the first two the way PyTorch documents for gradient clipping
-(``scaler.unscale_(optimizer)`` between the backward pass and ``scaler.step``) and the third
+`unscale_()` does the first two the way PyTorch documents for gradient clipping
+(`scaler.unscale_(optimizer)` between the backward pass and `scaler.step`) and the third
 by zeroing the non-finite entries of the gradients SI reads: the step is skipped anyway, as
 the scaler decided when it unscaled, and a step that does not move a weight then adds
-exactly 0. :class:`~avalanche_si.SIPlugin` calls it in ``after_backward`` when the strategy
-has a scaler (or one is passed as ``scaler=``); with the functional API call it yourself::
+exactly 0. `SIPlugin` calls it in `after_backward` when the strategy
+has a scaler (or one is passed as `scaler=`); with the functional API call it yourself:
 
-    scaler.scale(loss).backward()
-    found_inf = avalanche_si.amp.unscale_(scaler, optimizer, params)
-    F.si_pre_optim_step(net, params)
-    scaler.step(optimizer)
-    scaler.update()
-    F.si_post_optim_step(net, params)
+```python
+scaler.scale(loss).backward()
+found_inf = avalanche_si.amp.unscale_(scaler, optimizer, params)
+F.si_pre_optim_step(net, params)
+scaler.step(optimizer)
+scaler.update()
+F.si_post_optim_step(net, params)
+```
 
 Nothing here imports Avalanche.
 """
@@ -48,12 +50,12 @@ def check_scaler(value: Any) -> Optional[GradScaler]:
 
 
 def find_scaler(strategy: Any) -> Optional[GradScaler]:
-    """The ``torch.amp.GradScaler`` the strategy holds (an AMP subclass's ``self.scaler``,
+    """The `torch.amp.GradScaler` the strategy holds (an AMP subclass's `self.scaler`,
     whatever its name), or None. Looked for among its attributes, its class's, and one level
-    down, in the attributes of the objects it holds (a helper with a ``.scaler``).
+    down, in the attributes of the objects it holds (a helper with a `.scaler`).
 
     Raises:
-        ValueError: the strategy holds several; pass the one in use as ``scaler=``.
+        ValueError: the strategy holds several; pass the one in use as `scaler=`.
     """
     own = dict(vars(strategy))
     for cls in reversed(type(strategy).__mro__):  # class attributes, the instance's win
@@ -80,14 +82,14 @@ def find_scaler(strategy: Any) -> Optional[GradScaler]:
 
 def unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
              params: Sequence[Tensor] = ()) -> Optional[Tensor]:
-    r"""Unscale ``optimizer``'s gradients now (unless already done for this step) and zero
-    the non-finite entries of ``params``' gradients.
+    r"""Unscale `optimizer`'s gradients now (unless already done for this step) and zero
+    the non-finite entries of `params`' gradients.
 
-    Call between the backward pass and ``scaler.step(optimizer)``. ``scaler.step`` then
+    Call between the backward pass and `scaler.step(optimizer)`. `scaler.step` then
     neither unscales again nor changes its decision to skip the step.
 
     Returns:
-        ``found_inf``, a float 0-d tensor on the scaler's device: 1 when ``scaler.step``
+        `found_inf`, a float 0-d tensor on the scaler's device: 1 when `scaler.step`
         will skip this step, else 0 (no host synchronisation); None when the scaler is
         disabled (the gradients are not scaled then).
     """
@@ -114,8 +116,8 @@ def unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
 
 
 def stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
-    """After :func:`unscale_`: whether ``scaler.step(optimizer)`` ran since (the step taken or
-    skipped), or ``scaler.update()`` did. False means the loop went on to another backward pass
+    """After `unscale_()`: whether `scaler.step(optimizer)` ran since (the step taken or
+    skipped), or `scaler.update()` did. False means the loop went on to another backward pass
     without stepping: gradient accumulation."""
     state = scaler._per_optimizer_states.get(id(optimizer))
     return state is None or state["stage"] is not OptState.UNSCALED
@@ -124,11 +126,11 @@ def stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
 @torch.no_grad()
 def rescale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
              found_inf: Optional[Tensor], params: Sequence[Tensor] = ()) -> None:
-    r"""Undo :func:`unscale_` for a step that did not happen (gradient accumulation): multiply
-    the optimizer's gradients by the scale :math:`S` again (a power of 2: exact) and mark the
-    optimizer as not unscaled, so that the next backward pass adds :math:`S\,g` to
-    :math:`S\,g` and the real step unscales the sum once. Where :func:`unscale_` zeroed
-    non-finite entries of ``params``' gradients (``found_inf`` = 1), one NaN is put back, so
+    r"""Undo `unscale_()` for a step that did not happen (gradient accumulation): multiply
+    the optimizer's gradients by the scale S again (a power of 2: exact) and mark the
+    optimizer as not unscaled, so that the next backward pass adds Sg to
+    Sg and the real step unscales the sum once. Where `unscale_()` zeroed
+    non-finite entries of `params`' gradients (`found_inf` = 1), one NaN is put back, so
     that the scaler skips the real step as it would have without SI. No host sync."""
     grads: dict[torch.device, list[Tensor]] = {}
     for group in optimizer.param_groups:
