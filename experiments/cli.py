@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--wandb", action="store_true",
                    help="log each run to Weights & Biases (SIWandBLogger), plus one run with "
                         "the tables and plots; wandb writes them under <out>/wandb/ (with "
-                        "WANDB_MODE=offline, to upload later with `wandb sync`)")
+                        "WANDB_MODE=offline, to upload later with `wandb sync`); wandb's own "
+                        "messages are off unless WANDB_SILENT=false")
     r.add_argument("--wandb-project", default="avalanche-si",
                    help="wandb project of --wandb runs (they are written under <out>/wandb/)")
     r.add_argument("--no-report", action="store_true", help="skip tables and plots")
@@ -170,8 +172,8 @@ def _configs(args) -> list:
     if wrong:
         raise UsageError(f"--method {' '.join(wrong)}: "
                          + (f"the online preset {preset_name} runs {', '.join(ONLINE_METHODS)}."
-                            if online else f"the online methods run on online presets only "
-                                           f"(vandeven-taskfree-*, avalanche-online-*)."))
+                            if online else "the online methods run on online presets only "
+                                           "(vandeven-taskfree-*, avalanche-online-*)."))
     if not online:
         for opt in ("consolidate_every", "plateau", "eval_every", "fuzziness"):
             if getattr(args, opt) is not None:
@@ -303,6 +305,13 @@ def cmd_run(args) -> int:
         for cfg in configs:
             print(f"  {'to run' if cfg in todo else 'done'}  {label(cfg)}")
         return 0
+    if args.wandb:
+        # wandb's own banners and summaries would bury the progress lines: off unless asked
+        # for (WANDB_SILENT=false); one line here says where the runs go
+        os.environ.setdefault("WANDB_SILENT", "true")
+        print(f"wandb: runs are written under {out}/wandb/"
+              + (" (offline: upload them later with `wandb sync`)"
+                 if os.environ.get("WANDB_MODE") == "offline" else ""), flush=True)
     try:
         _train_all(args, out, todo, label)
     except KeyboardInterrupt:
@@ -396,6 +405,12 @@ def cmd_report(args) -> int:
             changed = refresh_readme(Path(args.readme))
             print(f"{args.readme}: " + (f"refreshed {', '.join(changed)}" if changed
                                          else "its copied tables were current"))
+        # pages that copy the README's quick start or the changelog, paths from the repo root
+        root = Path(args.docs).resolve().parent
+        for page in sorted(Path(args.docs).rglob("*.md")):
+            changed = refresh_readme(page, root)
+            if changed:
+                print(f"{page}: refreshed {', '.join(changed)}")
         return 0
     try:
         write_report(Path(args.out))

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from typing import Optional
 from collections import defaultdict
 from pathlib import Path
 
@@ -150,31 +151,52 @@ README_BLOCK = re.compile(r"(<!-- copy of (?P<path>\S+) -->\n)(?P<body>.*?)(<!--
                           re.S)
 
 
-def readme_copies(readme: Path) -> list[tuple[str, str, str]]:
-    """Each ``(path, body in the README, current file text)`` of the README's copied blocks.
+def _section(text: str, name: str) -> Optional[str]:
+    """The text between ``<!-- start of NAME -->`` and ``<!-- end of NAME -->``, or None."""
+    m = re.search(rf"<!-- start of {re.escape(name)} -->\n(.*?)<!-- end of {re.escape(name)} -->",
+                  text, re.S)
+    return None if m is None else m[1]
 
-    Raises ``FileNotFoundError`` (naming the block) if a block names a file that is not there.
+
+def readme_copies(readme: Path, root: Optional[Path] = None) -> list[tuple[str, str, str]]:
+    """Each ``(source, body in the page, current source text)`` of a page's copied blocks:
+    ``<!-- copy of PATH -->`` (a whole file) or ``<!-- copy of PATH#NAME -->`` (its section
+    NAME), PATH relative to ``root`` (default: the page's folder). The README copies result
+    tables; docs pages copy the README's quick start and the changelog, so that each reads
+    whole on a code host too.
+
+    Raises ``FileNotFoundError`` (naming the block) if a block names a file or section that is
+    not there.
     """
     readme = Path(readme)
+    root = readme.parent if root is None else Path(root)
     blocks = []
     for m in README_BLOCK.finditer(readme.read_text()):
-        src = readme.parent / m["path"]
+        path, _, name = m["path"].partition("#")
+        src = root / path
         if not src.is_file():
-            raise FileNotFoundError(f"{readme} copies {m['path']}, which does not exist; run "
+            raise FileNotFoundError(f"{readme} copies {path}, which does not exist; run "
                                     f"`python -m experiments report` for its folder, or remove "
                                     f"the block.")
-        blocks.append((m["path"], m["body"], src.read_text()))
+        text = src.read_text()
+        if name:
+            text = _section(text, name)
+            if text is None:
+                raise FileNotFoundError(f"{readme} copies the section {name!r} of {path}, which "
+                                        f"has no '<!-- start of {name} -->' ... '<!-- end of "
+                                        f"{name} -->'.")
+        blocks.append((m["path"], m["body"], text))
     return blocks
 
 
-def refresh_readme(readme: Path) -> list[str]:
+def refresh_readme(readme: Path, root: Optional[Path] = None) -> list[str]:
     """Replace every ``<!-- copy of PATH -->`` block of ``readme`` by PATH's current text.
 
     So the README's result tables are the files ``write_report`` wrote from the runs, never
     typed by hand (a test checks they still agree). Returns the paths whose copy changed.
     """
     readme = Path(readme)
-    current = {path: text for path, _, text in readme_copies(readme)}
+    current = {path: text for path, _, text in readme_copies(readme, root)}
     text = readme.read_text()
     changed = sorted({m["path"] for m in README_BLOCK.finditer(text)
                       if m["body"] != current[m["path"]]})
@@ -184,13 +206,24 @@ def refresh_readme(readme: Path) -> list[str]:
     return changed
 
 
+def _folders_with_results(out: Path) -> str:
+    """For the error on a folder without results (a mistyped --out): the folders beside it,
+    and under results/, that have some."""
+    near = set()
+    for base in (out.parent, Path("results")):
+        if base.is_dir():
+            near |= {str(child) for child in base.iterdir()
+                     if child.is_dir() and child != out and any(child.rglob("seed*.json"))}
+    return f"; folders with results: {', '.join(sorted(near))}" if near else ""
+
+
 def write_report(out: Path) -> dict:
     """Write summary.csv, summary.md and the plots into ``out``; return the paths."""
     out = Path(out)
     results = load_results(out)
     if not results:
-        raise FileNotFoundError(f"no results (seed*.json) under {out}; run `python -m experiments "
-                                f"run --out {out}` first.")
+        raise FileNotFoundError(f"no results (seed*.json) under {out.resolve()}; run `python -m "
+                                f"experiments run --out {out}` first{_folders_with_results(out)}.")
     rows = summarize(results)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

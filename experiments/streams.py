@@ -34,6 +34,8 @@ def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor
 
     cls = {"mnist": torchvision.datasets.MNIST, "fmnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    # the folder torchvision reads: <root>/MNIST/raw, <root>/cifar-10-batches-py ...
+    holds = f"{cls.__name__}/raw" if name in ("mnist", "fmnist") else cls.base_folder
     folder = Path(root) / cls.__name__ if name in ("mnist", "fmnist") else Path(root)
     created = _first_missing(folder / "raw")  # what a failed download must not leave behind
     try:
@@ -44,7 +46,7 @@ def _torchvision_images(name: str, root: str, train: bool) -> tuple[torch.Tensor
         raise DataError(
             f"{cls.__name__} is not in {folder} and could not be downloaded ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass --data-root with "
-            f"the folder that holds {cls.__name__}/raw (or set ${DATA_ENV}); "
+            f"the folder that holds {holds} (or set ${DATA_ENV}); "
             f"docs/guide/data.md lists its files.") from None
     data = torch.as_tensor(ds.data)
     x = data.float().div_(255.0)

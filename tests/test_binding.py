@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-from avalanche.core import SupervisedPlugin
 from avalanche.training import GDumb, MER, Naive
 
-from avalanche_si import ParamGroup, SIPlugin, SynapticIntelligence
+from avalanche_si import SIPlugin, SynapticIntelligence
 from avalanche_si import functional as F
 from conftest import (Every, assert_same, make_stream, make_tasks, mlp, omegas, reference_si,
                       strategy, train_loop, train_stream, weights)

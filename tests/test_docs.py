@@ -1,5 +1,6 @@
 """The documentation site: its result pages are what results/ gives, and it builds strictly."""
 
+import html
 import re
 import shutil
 import subprocess
@@ -35,16 +36,115 @@ def test_generated_pages_are_what_the_results_give(tmp_path):
             assert (ROOT / "docs" / rel).parent.joinpath(image).exists(), image
 
 
-def test_mkdocs_builds_strictly(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings")
+    pytest.importorskip("latex2mathml")
+    out = tmp_path_factory.mktemp("site")
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                           str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert (tmp_path / "site" / "reference" / "plugin" / "index.html").exists()
-    page = (tmp_path / "site" / "reference" / "plugin" / "index.html").read_text()
+    assert "not included in the \"nav\"" not in done.stderr, done.stderr  # every page reachable
+    return out
+
+
+def _prose(html_text):
+    """The page's text outside code, tags removed: what a reader sees as running text."""
+    html_text = re.sub(r"<(pre|code|script|style)\b.*?</\1>", " ", html_text, flags=re.S)
+    html_text = re.sub(r"<math\b.*?</math>", " ", html_text, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", " ", html_text))
+
+
+def test_the_site_builds_strictly_and_renders_every_role_and_formula(site):
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20
+    mathml = 0
+    for page in pages:
+        raw = page.read_text()
+        mathml += raw.count("<math ")
+        text = _prose(raw)
+        where = page.relative_to(site)
+        # reStructuredText roles and maths that no renderer touched
+        assert not re.search(r":(math|class|meth|func|mod|attr|data|exc):`", text), where
+        for delimiter in ("\\(", "\\)", "\\[", "\\]", "$$", "``"):
+            assert delimiter not in text, (where, delimiter, text[text.find(delimiter) - 80:
+                                                                    text.find(delimiter) + 80])
+        assert "--8<--" not in text, where  # a snippet that was not included
+    assert mathml > 50  # the guide's maths, as MathML (no script: it renders offline)
+    assert "MathJax" not in (site / "index.html").read_text()
+
+
+def test_copied_blocks_of_the_docs_are_current():
+    # getting-started copies the README's quick start and changelog.md the CHANGELOG, so that
+    # each reads whole on a code host; `report --docs docs` refreshes them
+    from experiments.report import readme_copies
+
+    copies = {page.relative_to(ROOT / "docs").as_posix(): readme_copies(page, ROOT)
+              for page in (ROOT / "docs").rglob("*.md")}
+    assert [c[0] for c in copies["getting-started.md"]] == ["README.md#install",
+                                                            "README.md#quickstart"]
+    assert [c[0] for c in copies["changelog.md"]] == ["CHANGELOG.md"]
+    for page, blocks in copies.items():
+        for path, body, current in blocks:
+            assert body == current, f"docs/{page}'s copy of {path} is stale: python -m " \
+                                    "experiments report --docs docs --readme README.md"
+
+
+def test_every_public_name_is_in_the_api_reference(site):
+    import avalanche_si
+    from avalanche_si import amp, consolidation, functional, lightning
+
+    reference = " ".join(p.read_text() for p in (site / "reference").rglob("*.html"))
+    names = set(avalanche_si.__all__) - {"__version__"}
+    for module in (amp, consolidation, functional, lightning):
+        names |= set(module.__all__)
+    for cls in (avalanche_si.SIPlugin, avalanche_si.SynapticIntelligence):
+        names |= {f"{cls.__name__}.{n}" for n, v in vars(cls).items()
+                  if not n.startswith("_") and not n.startswith(("before_", "after_"))
+                  and n not in ("supports_distributed",)}
+    missing = sorted(n for n in names
+                     if not re.search(r'id="avalanche_si\.[\w.]*\b' + re.escape(n) + '"',
+                                      reference))
+    assert not missing, f"not in the API reference: {missing}"
+    page = (site / "reference" / "plugin" / "index.html").read_text()
     assert "consolidate_now" in page and "si_lambda" in page  # built from the docstrings
+    assert "_delegated(" not in page and "doctest" not in reference
+
+
+def _python_blocks(text):
+    """The page's python blocks, less those copied from elsewhere (the README's quick start,
+    which the README's own test runs)."""
+    text = re.sub(r"<!-- copy of \S+ -->.*?<!-- end of copy -->", "", text, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+SNIPPET_PAGES = sorted(
+    p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")
+    if _python_blocks(p.read_text())
+    and p.name not in ("own-loop.md", "lightning.md"))  # each run with its output checked below
+
+
+@pytest.mark.parametrize("page", SNIPPET_PAGES)
+def test_every_snippet_of_the_docs_runs_as_written(page, tmp_path, monkeypatch):
+    # the page's python blocks in order, in one namespace, as a reader goes through the page;
+    # a page that says it continues from Getting started's setup runs that first
+    monkeypatch.chdir(tmp_path)  # checkpoints and wandb runs land here
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    text = (ROOT / "docs" / page).read_text()
+    blocks = _python_blocks(text)
+    namespace = {"__name__": "docs"}
+    uses = [name for name in ("model", "optimizer", "benchmark")
+            if any(re.search(rf"\b{name}\b", b) for b in blocks)
+            and not any(re.search(rf"^{name} = ", b, re.M) for b in blocks)]
+    if uses:
+        assert "getting-started.md#your-own-strategy" in text, \
+            f"docs/{page} uses {uses} without saying where they come from"
+        setup = _python_blocks((ROOT / "docs" / "getting-started.md").read_text())[0]
+        exec(compile(setup, "docs/getting-started.md (setup)", "exec"), namespace)
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"docs/{page} (block {k + 1})", "exec"), namespace)
 
 
 @pytest.mark.parametrize("page", ["guide/own-loop.md", "guide/lightning.md"])

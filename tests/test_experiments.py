@@ -297,7 +297,10 @@ def test_mean_sem():
     (["run", "--hidden", "100", "0"], "--hidden sizes must be positive integers, got 100 0"),
     (["run", "--n-tasks", "7"], "split-digits has 10 classes, which --n-tasks 7 cannot split"),
     (["run", "--benchmark", "split-cifar100", "--n-tasks", "3"], "a divisor of 100"),
-    (["report", "--out", "no/such/folder"], "no results (seed*.json) under no/such/folder"),
+    # a mistyped --out: the folder looked in, in full, and the folders that have results
+    (["report", "--out", "no/such/folder"], "no/such/folder; run `python -m experiments run "
+                                            "--out no/such/folder` first; folders with results: "
+                                            "results/"),
 ])
 def test_bad_input_gets_a_one_line_error(argv, message, capsys):
     try:
@@ -346,13 +349,18 @@ def test_a_finished_run_survives_an_unwritable_results_folder(tmp_path, capsys, 
 
 
 def test_cli_wandb_offline_writes_runs(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    env.pop("WANDB_SILENT", None)  # as a user runs it: wandb's own messages off by default
     out = tmp_path / "res"
     proc = subprocess.run([sys.executable, "-m", "experiments", "run", "--scenario", "task",
                            "--method", "si", "--seeds", "0", "--iterations", "10", "--hidden", "16",
                            "--wandb", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("wandb:")]
+    assert said == [f"wandb: runs are written under {out}/wandb/ (offline: upload them later "
+                    "with `wandb sync`)"], said
+    assert "task 5/5: mean accuracy" in proc.stdout  # the progress lines
     runs = sorted(Path(out, "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # the run and the report
     sys.path.insert(0, str(Path(__file__).parent))
@@ -680,3 +688,24 @@ def test_ctrl_c_prints_one_line_saying_what_finished_and_how_to_resume(tmp_path,
     monkeypatch.setattr(run_module, "run", real)
     assert main(argv) == 0
     assert "2 runs (1 already in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, holds", [("cifar10", "cifar-10-batches-py"),
+                                         ("cifar100", "cifar-100-python"),
+                                         ("mnist", "MNIST/raw")])
+def test_a_dataset_that_cannot_be_downloaded_names_what_the_folder_must_hold(
+        name, holds, tmp_path, monkeypatch):
+    import torchvision
+
+    from experiments.options import DataError
+    from experiments.streams import _torchvision_images
+
+    def offline(self, *args, **kwargs):
+        raise RuntimeError("no internet")
+
+    for cls in ("MNIST", "CIFAR10", "CIFAR100"):
+        monkeypatch.setattr(getattr(torchvision.datasets, cls), "__init__", offline)
+    with pytest.raises(DataError, match=f"the folder that holds {holds} .*docs/guide/data.md"):
+        _torchvision_images(name, str(tmp_path / "data"), train=True)
+    assert not (tmp_path / "data").exists()  # nothing left behind
+    assert holds.split("/")[0] in (ROOT / "docs" / "guide" / "data.md").read_text()
