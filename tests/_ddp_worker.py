@@ -52,3 +52,45 @@ def train_rank_loop(rank, world_size, port, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def train_rank_family(rank, world_size, port, out_dir, importance):
+    """Benzing's variants in a plain loop: each rank takes every other sample of the step's
+    mini-batch and of the independent one (whose loss goes through the unwrapped module)."""
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    import torch
+    import torch.distributed as dist
+
+    from conftest import make_tasks, mlp
+    from avalanche_si import SynapticIntelligence
+    from test_estimators import C, XI, _draws
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(mlp())
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        si = SynapticIntelligence(model, opt, si_lambda=C, eps=XI, importance=importance)
+        ce = torch.nn.CrossEntropyLoss()
+        tasks = make_tasks()
+        for (x_all, y_all, _), task_draws in zip(tasks, _draws(tasks)):
+            si.start_task()
+            k = 0
+            for _ in range(2):
+                for i in range(0, len(x_all), 8):
+                    opt.zero_grad()
+                    if importance in ("siu", "sib"):
+                        u = task_draws[k][rank::world_size]
+                        si.record_independent_gradient(ce(model.module(x_all[u]), y_all[u]))
+                    k += 1
+                    rows = torch.arange(i, i + 8)[rank::world_size]
+                    ce(model(x_all[rows]), y_all[rows]).backward()
+                    si.before_step()
+                    opt.step()
+                    si.after_step()
+            si.end_task()
+        torch.save({"omega": si.importances(),
+                    "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

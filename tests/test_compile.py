@@ -83,3 +83,21 @@ def test_compile_with_inductor():
         raise
     assert sorted(si.importances()) == sorted(n for n, _ in model.named_parameters())
     assert sum(float(o.sum()) for o in si.importances().values()) > 0
+
+
+@pytest.mark.parametrize("importance", ["siu", "sib", "sos"])
+def test_benzings_variants_on_a_compiled_model_equal_the_plain_one(importance):
+    # the plugin's independent mini-batch goes through the compiled model's forward too
+    tasks = make_tasks()
+    runs = []
+    for wrap in (lambda m: m, _compiled):
+        torch.manual_seed(3)  # the plugin's independent loader is seeded from it
+        model = mlp()
+        si = SIPlugin(5.0, eps=0.1, importance=importance, groups={"body": ["0", "2"],
+                                                                  "head": ["4"]})
+        wrapped = wrap(model)
+        train_stream(strategy(wrapped, torch.optim.Adam(wrapped.parameters(), lr=0.05), [si]),
+                     make_stream(tasks))
+        runs.append((weights(model), omegas(si)))
+    assert_same(runs[0][0], runs[1][0])
+    assert_same(runs[0][1], runs[1][1])

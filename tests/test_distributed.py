@@ -74,3 +74,22 @@ def test_ddp_plain_loop_with_the_engine_equals_a_single_process_run(tmp_path):
                 torch.testing.assert_close(r["omega"][g][n], o, rtol=1e-9, atol=1e-12)
         for n, p in model.named_parameters():
             torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("importance", ["siu", "sib", "sos"])
+def test_ddp_with_benzings_variants_equals_a_single_process_run(tmp_path, importance):
+    # the independent gradient is averaged over the ranks, as the step's is
+    from _ddp_worker import train_rank_family
+    from test_estimators import _draws, _engine_run
+
+    mp.start_processes(train_rank_family, args=(2, _free_port(), str(tmp_path), importance),
+                       nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    tasks = make_tasks()
+    si, model = _engine_run(importance, tasks, _draws(tasks))
+    for r in ranks:
+        for n, o in si.importances().items():
+            torch.testing.assert_close(r["omega"][n], o, rtol=1e-9, atol=1e-12, msg=n)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12)

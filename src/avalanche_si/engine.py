@@ -54,6 +54,7 @@ from .functional import (
     NonFiniteImportanceError,
     accumulate_from_delta,
     accumulate_from_pre,
+    accumulate_squares,
     commit_consolidation,
     consolidated_omega,
     penalty_step,
@@ -124,6 +125,8 @@ class _Group:
         self.predictor: Optional[StepPredictor] = None
         self.step_grads: list[Tensor] = []
         self.step_idx: Optional[list[int]] = None
+        self.step_swap = False            # "sib": ω += (g_u − g)·Δθ, pre and θ swapped
+        self.indep: Optional[list[Tensor]] = None  # "siu"/"sib": the independent gradient
         self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
         self.penalty: Optional[Tensor] = None              # ... computed when first read
 
@@ -310,6 +313,12 @@ class SynapticIntelligence:
               times the step taken (Zenke et al.'s code);
             - `"delta_params"`: the same gradient times the step the optimizer would take
               from it alone, predicted from its state (SGD, Adam, AdamW, RMSprop; 3n memory).
+            - Benzing (2022)'s variants, each with the task loss's gradient:
+              `"siu"`: the gradient `g_u` of an independent mini-batch times the step taken
+              (`record_independent_gradient()` each step); `"sib"`: `(g_u - g)` times the
+              step, the bias part of SI alone; `"sos"`: no path integral: the running
+              average `v ← 0.999 v + 0.001 g²`, and Ω += `√v` at consolidation (`eps` not
+              used; 3n memory).
         clamp: where the consolidation's `max(0, ·)` goes:
 
             - `"task"` (default): on each consolidation's contribution;
@@ -380,7 +389,8 @@ class SynapticIntelligence:
         self._policy = make_policy(consolidate)
         self._fresh_policy = self._policy.state_dict()  # what reset() restores
         self._groups = self._make_groups(groups)
-        kinds = KINDS[:3] if importance == "delta_params" else KINDS
+        # without θ_pre: delta_params predicts the step, sos measures no step
+        kinds = KINDS[:3] if importance in ("delta_params", "sos") else KINDS
         self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
         self._consolidations = 0       # the index that lists of strengths are read at
         self._resolve_strengths()
@@ -677,7 +687,7 @@ class SynapticIntelligence:
             g.omega.append(self._state.get(g.key, "omega", i))
             g.prev.append(self._state.get(g.key, "prev_theta", i))
             g.running.append(self._state.get(g.key, "running_omega", i))
-            if self._importance != "delta_params":
+            if "pre_step_theta" in self._state.kinds:
                 g.pre.append(self._state.get(g.key, "pre_step_theta", i))
         for g in self._groups:
             if g.omega:
@@ -695,14 +705,14 @@ class SynapticIntelligence:
         pending step waits for the real one, whose gradient is the sum: with `"total"` the
         penalty's gradient is already in `.grad` (it is not added again); with `"task"` the
         task gradient goes back into `.grad`, where the next backward pass adds to it."""
-        if self._importance == "delta_params":
+        if self._importance not in ("total", "task"):
             for g in self._groups:
                 g.step_grads = []
             raise RuntimeError(
                 f"{self._who}: the optimizer did not step after this backward pass (gradient "
-                "accumulation?), and importance='delta_params' predicts each step from the "
-                "whole gradient: use importance='total' or 'task', or call before_step() once "
-                "per optimizer step, after the last backward pass.")
+                f"accumulation?), and importance={self._importance!r} measures each step from "
+                "the whole gradient: use importance='total' or 'task', or call before_step() "
+                "once per optimizer step, after the last backward pass.")
         self._accumulating = True
         if self._importance == "task":
             for g in self._groups:
@@ -815,9 +825,16 @@ class SynapticIntelligence:
                 self._unscaled_by, self._found_inf = scaler, found_inf
         if b.optimizer is not None and self._unscaled_by is None:
             self._steps_before = _STEPS.get(b.optimizer, 0)
+        if self._importance in ("siu", "sib") and \
+                any(g.params and g.indep is None for g in self._groups):
+            raise RuntimeError(
+                f"importance={self._importance!r} measures each step with the gradient of an "
+                "independent mini-batch: call record_independent_gradient(loss) before "
+                "before_step(), once per optimizer step.")
         for g in self._groups:
             if g.params:
                 self._before_step_group(g, found_inf)
+            g.indep = None  # used: the next step needs its own
         self._in_step = True
 
     def _before_step_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
@@ -835,13 +852,15 @@ class SynapticIntelligence:
                 all(a is b for a, b in zip(grads, g.step_grads)):
             return  # accumulating into the same .grad: the penalty is in it, θ has not moved
         g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
+        g.step_swap = False
         if not grads:
             return
         params = g.pick(g.params)
+        measure = grads  # what ω multiplies the step with
         # The weights before the step are recorded here, in the pass that reads them for
         # the penalty anyway (the optimizer step is what follows; whatever moves the
         # weights between this call and the step has its move counted as part of it).
-        pre = None if self._importance == "delta_params" else g.pick(g.pre)
+        pre = g.pick(g.pre) if g.pre else None
         if self._importance == "delta_params":  # measured before the penalty joins the gradient
             delta = g.predictor.predict(grads, mask=idx)
             # what it predicted with, checked after the step (a scheduler or plugin that changes
@@ -851,6 +870,16 @@ class SynapticIntelligence:
             if found_inf is not None:  # a step the scaler skips moves nothing
                 torch._foreach_mul_(delta, 1.0 - found_inf)
             accumulate_from_delta(g.pick(g.running), grads, delta)
+        elif self._importance == "sos":  # v ← β v + (1 − β) g², g without the penalty
+            accumulate_squares(g.pick(g.running), grads,
+                               weight=None if found_inf is None else 1.0 - found_inf)
+        elif self._importance in ("siu", "sib"):
+            measure = g.pick(g.indep)
+            for u in measure:  # an overflow of the independent pass must not reach ω
+                torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
+            if self._importance == "sib":  # g_u − g, before the penalty joins g
+                torch._foreach_sub_(measure, grads)
+                g.step_swap = True  # ω += (g_u − g)·(θ − θ_pre)
         task = self._importance == "task"
         if self._state.consolidated[g.key] and g.c != 0.0:
             # "task": the optimizer gets new gradient tensors with the penalty added; the
@@ -867,7 +896,7 @@ class SynapticIntelligence:
                 for p, gr in zip(params, grads):
                     p.grad = gr.clone()
         if pre is not None:
-            g.step_grads = grads
+            g.step_grads = measure
 
     @torch.no_grad()
     def after_step(self, loss: Optional[Tensor] = None) -> None:
@@ -902,11 +931,45 @@ class SynapticIntelligence:
         self._steps_since += 1
         for g in self._groups:
             if g.step_grads:
-                # ω += g·(θ_pre − θ); with "task" g is the task gradient
-                accumulate_from_pre(g.pick(g.running), g.step_grads, g.pick(g.pre),
-                                    g.pick(g.params))
+                # ω += g·(θ_pre − θ); with "task" g is the task gradient, with "siu" the
+                # independent one; "sib": (g_u − g)·(θ − θ_pre), the same call, swapped
+                pre, now = g.pick(g.pre), g.pick(g.params)
+                accumulate_from_pre(g.pick(g.running), g.step_grads,
+                                    *((now, pre) if g.step_swap else (pre, now)))
                 g.step_grads = []
         return self._policy.at_step(loss)
+
+    def record_independent_gradient(self, loss: Tensor) -> None:
+        """For `importance="siu"` and `"sib"`: the gradient of `loss`, the task loss on a
+        mini-batch drawn independently of the step's one (the same size, from the same task),
+        at the weights before the step. Call it once per optimizer step, before
+        `before_step()`. Computed with `torch.autograd.grad`, so `.grad` is left as it is;
+        pass the loss unscaled (no GradScaler). Under DDP each rank's gradient is averaged
+        over the ranks, as the step's is."""
+        if self._importance not in ("siu", "sib"):
+            raise ValueError(f"record_independent_gradient() is for importance='siu' or "
+                             f"'sib'; this SI measures with importance={self._importance!r}.")
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise OptionTypeError(f"record_independent_gradient() takes the loss (a 0-d "
+                                  f"tensor with a graph), got {type(loss).__name__}"
+                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
+        b = self._binding
+        if not b.current:
+            self._require_model("record_independent_gradient")
+            self._sync()
+        params = [p for g in self._groups for p in g.params]
+        grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+        grads = [torch.zeros_like(p) if gr is None else gr.detach()
+                 for p, gr in zip(params, grads)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            world = torch.distributed.get_world_size()
+            for gr in grads:
+                torch.distributed.all_reduce(gr)
+            torch._foreach_div_(grads, float(world))
+        k = 0
+        for g in self._groups:
+            g.indep, k = grads[k:k + len(g.params)], k + len(g.params)
 
     def end_task(self, experience: Any = None) -> None:
         """Call as a task (or an experience) ends: SI consolidates if its policy says so (by
@@ -949,7 +1012,7 @@ class SynapticIntelligence:
                 "consolidated; nothing was changed.")
         try:
             new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
-                                      clamp=self._clamp,
+                                      clamp=self._clamp, sos=self._importance == "sos",
                                       names=[f"{n!r} (SI group {g.label})" for n in g.names])
                    for g in self._groups]
         except NonFiniteImportanceError as exc:

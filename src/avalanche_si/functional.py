@@ -75,6 +75,8 @@ __all__ = [
     "penalty_grad",
     "penalty_grad_",
     "penalty_value",
+    "accumulate_squares",
+    "SOS_DECAY",
     "consolidate",
     "consolidated_omega",
     "commit_consolidation",
@@ -151,6 +153,37 @@ def accumulate_from_delta(running: Sequence[Tensor], grads: Sequence[Tensor],
     r"""ω ← ω − g ⊙ Δθ for a step Δθ given explicitly (`delta_params`)."""
     if running:
         torch._foreach_addcmul_(running, grads, delta, value=-1.0)
+
+
+#: the decay β of SOS's running average of squared gradients (Benzing 2022's code)
+SOS_DECAY = 0.999
+
+
+@torch.no_grad()
+def accumulate_squares(running: Sequence[Tensor], grads: Sequence[Tensor], *,
+                       decay: float = SOS_DECAY, weight: Optional[Tensor] = None) -> None:
+    r"""SOS's running average of squared gradients, `v ← β v + (1 - β) g²` (Benzing 2022).
+
+    Not bias-corrected, as in his code: `v` starts at 0 after each consolidation, so after
+    T steps it holds `(1 - β^T)` of the average (0.99 after 4,600 steps; 0.1 after 100).
+
+    Args:
+        running: v, updated in place.
+        grads: g, the gradient of the step.
+        decay: β.
+        weight: None, or a 0-d tensor, 1 or 0 (`1 - found_inf`): 0 leaves v as it is, for a
+            step that a GradScaler skips (no host sync).
+    """
+    if not running:
+        return
+    if weight is None:
+        torch._foreach_mul_(running, decay)
+        torch._foreach_addcmul_(running, grads, grads, value=1.0 - decay)
+        return
+    new = torch._foreach_mul(running, decay)  # the same arithmetic, into a temporary ...
+    torch._foreach_addcmul_(new, grads, grads, value=1.0 - decay)
+    # ... taken whole (weight 1) or not at all (0): lerp is exact at both ends
+    torch._foreach_lerp_(running, new, [weight.to(r.device, r.dtype) for r in running])
 
 
 @torch.no_grad()
@@ -289,8 +322,12 @@ def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
 @torch.no_grad()
 def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                        params: Sequence[Tensor], *, eps: float, clamp: str = "task",
-                       names: Optional[Sequence[str]] = None) -> list[Tensor]:
+                       names: Optional[Sequence[str]] = None, sos: bool = False) -> list[Tensor]:
     r"""The Ω that `consolidate()` would store, checked, without storing anything.
+
+    With `sos=True`, `running` is SOS's running average v of squared gradients and the
+    contribution is `√v`, not divided by the path length (Benzing 2022's SOS, whose damping
+    1.0 is the divisor: `eps` is not used).
 
     Raises:
         NonFiniteImportanceError: a new Ω would be NaN or infinite; the message names the
@@ -301,10 +338,13 @@ def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running:
     if not omega:
         return []
     params = [p.detach() for p in params]
-    denom = torch._foreach_sub(params, prev)
-    torch._foreach_mul_(denom, denom)
-    torch._foreach_add_(denom, eps)
-    contribution = torch._foreach_div(running, denom)
+    if sos:
+        contribution = torch._foreach_sqrt(torch._foreach_clamp_min(running, 0.0))
+    else:
+        denom = torch._foreach_sub(params, prev)
+        torch._foreach_mul_(denom, denom)
+        torch._foreach_add_(denom, eps)
+        contribution = torch._foreach_div(running, denom)
     if clamp == "task":
         torch._foreach_clamp_min_(contribution, 0.0)
     new_omega = torch._foreach_add(omega, contribution)

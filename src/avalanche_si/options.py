@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_dtype",
            "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError"]
 
-IMPORTANCE_MODES = ("total", "task", "delta_params")
-"""The values of the `importance` option: which gradient and step measure ω."""
+IMPORTANCE_MODES = ("total", "task", "delta_params", "siu", "sib", "sos")
+"""The values of the `importance` option: which gradient and step measure ω (the last three:
+Benzing 2022's variants of SI)."""
 CLAMP_MODES = ("task", "total", "none")
 """The values of the `clamp` option: where the consolidation's max(0, ·) goes."""
 

@@ -22,7 +22,7 @@ as an attribute.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -293,6 +293,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._bind(strategy)
         self._first_iteration = self._look_for_scaler = True
+        self._independent = None  # "siu"/"sib": a loader of this experience, made when needed
         if self._engine._start_task(getattr(strategy, "experience", None)):
             self.consolidate_now()  # a task boundary seen as the next task starts
 
@@ -312,7 +313,44 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             self._look_for_scaler = False
             if engine.scaler is None and engine._binding.scaler is None:
                 self._bind(strategy)
+        if engine.importance in ("siu", "sib"):
+            engine.record_independent_gradient(self._independent_loss(strategy))
         engine.before_step()
+
+    # ------------------------------------------------ the independent mini-batch (siu, sib)
+
+    _independent: Optional[Iterator] = None
+
+    def _independent_loss(self, strategy) -> Tensor:
+        """The strategy's loss on a mini-batch of the current experience drawn independently
+        of the step's one, through the strategy's own `forward()` and `criterion()` (so a
+        template's autocast or multi-head forward applies), at the weights before the step."""
+        saved = strategy.mbatch, strategy.mb_output
+        model = strategy.model
+        try:
+            strategy.mbatch = self._next_independent_batch(strategy)
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                strategy.model = model.module  # DDP's hooks are for the step's backward
+            strategy.mb_output = strategy.forward()
+            return strategy.criterion()
+        finally:
+            strategy.model = model
+            strategy.mbatch, strategy.mb_output = saved
+
+    def _next_independent_batch(self, strategy) -> list:
+        """The next mini-batch of this experience's own shuffled loader (the strategy's batch
+        size; seeded from torch's initial seed and the experience, so runs repeat), restarted
+        when it runs out."""
+        if self._independent is None:
+            from torch.utils.data import DataLoader
+
+            data = strategy.adapted_dataset
+            seed = torch.initial_seed() + 7919 * (self._engine.consolidations + 1)
+            loader = DataLoader(data, batch_size=strategy.train_mb_size, shuffle=True,
+                                collate_fn=getattr(data, "collate_fn", None),
+                                generator=torch.Generator().manual_seed(seed % 2**63))
+            self._independent = _cycle(loader)
+        return [t.to(strategy.device, non_blocking=True) for t in next(self._independent)]
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         if self._first_iteration:  # once per experience
@@ -355,7 +393,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __getstate__(self) -> dict[str, Any]:
         # the strategy is bound again when training resumes (a weak reference does not pickle)
-        return dict(self.__dict__, _strategy=None)
+        # (nor does a generator: the independent loader starts afresh)
+        return dict(self.__dict__, _strategy=None, _independent=None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_store" in state:  # pickled by avalanche_si 0.1 (an older Avalanche checkpoint)
@@ -376,6 +415,12 @@ def _reference(strategy) -> Callable[[], Any]:
         return weakref.ref(strategy)
     except TypeError:
         return lambda: strategy
+
+
+def _cycle(loader) -> Iterator:
+    """The loader's batches, again and again (each pass in a new order)."""
+    while True:
+        yield from loader
 
 
 def _adapted(engine: SynapticIntelligence) -> SynapticIntelligence:
