@@ -145,6 +145,14 @@ class Bench:
         self.s = SimpleNamespace(model=self.model, optimizer=self.opt, loss=None,
                                  device=self.device, plugins=self.plugins,
                                  clock=SimpleNamespace(train_exp_counter=0, train_iterations=0))
+        # what SIPlugin's importance="siu"/"sib" reads to draw its independent mini-batch (and
+        # then runs: a second forward and backward pass each step, counted in its time)
+        s = self.s
+        s.train_mb_size, s.mbatch, s.mb_output = batch, None, None
+        s.adapted_dataset = torch.utils.data.TensorDataset(torch.cat(self.inputs).cpu(),
+                                                           torch.cat(self.labels[:31]).cpu())
+        s.forward = lambda: self.model(s.mbatch[0])
+        s.criterion = lambda: torch.nn.functional.cross_entropy(s.mb_output, s.mbatch[1])
         if amp:
             self.s.scaler = torch.amp.GradScaler(self.device.type)
         _call(self.plugins, "before_training_exp", self.s)
@@ -285,6 +293,10 @@ VARIANTS = {
     "SIPlugin total, _foreach only": lambda: ForeachSIPlugin(1.0, eps=0.1, importance="total"),
     "SIPlugin task": lambda: SIPlugin(1.0, eps=0.1, importance="task"),
     "SIPlugin delta_params": lambda: SIPlugin(1.0, eps=0.1, importance="delta_params"),
+    # Benzing's variants; siu and sib draw and differentiate a second mini-batch each step
+    "SIPlugin siu": lambda: SIPlugin(1.0, eps=0.1, importance="siu"),
+    "SIPlugin sib": lambda: SIPlugin(1.0, eps=0.1, importance="sib"),
+    "SIPlugin sos": lambda: SIPlugin(1.0, eps=0.1, importance="sos"),
     "Avalanche SI plugin": lambda: SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1),
     "plain Python loop": lambda: LoopSI(1.0, 0.1),
 }
@@ -605,6 +617,9 @@ def main(argv=None) -> int:
                     help="also write the output to results/bench_overhead/NAME.txt (what the "
                          "docs' performance page shows) and its provenance (date, commit, "
                          "machine, threads) to NAME.json")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help=f"time only these variants of the per-step table ('no SI' is always "
+                         f"timed); default all: {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own choice, one per core); the "
                          "relative overhead depends on it, since SI's elementwise passes and "
@@ -614,6 +629,10 @@ def main(argv=None) -> int:
         ap.error(f"--device {args.device}: CUDA is not available here")
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    unknown = sorted(set(args.variants or ()) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants {' '.join(unknown)}: not a variant; choose from "
+                 f"{', '.join(map(repr, VARIANTS))}")
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.save is None:
@@ -662,7 +681,8 @@ def _main(args) -> int:
 
     if args.amp and not args.no_e2e:
         print("# --amp applies to the per-step table only; the end-to-end table runs in float32")
-    variants = dict(VARIANTS)
+    variants = {k: v for k, v in VARIANTS.items()
+                if args.variants is None or k == "no SI" or k in args.variants}
     baseline = load_baseline(args.baseline) if args.baseline else None
     if baseline is not None:
         variants["SIPlugin total (baseline)"] = lambda: baseline.SIPlugin(
