@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None,
                    help="results folder (default results/<preset>, results/digits for the "
                         "main job)")
+    r.add_argument("--validation", type=float, default=None, metavar="FRACTION",
+                   help="hold this fraction of each task's training data out and report "
+                        "accuracy on it instead of the test set: choose c this way, then rerun "
+                        "the chosen value without it (use another --out)")
     r.add_argument("--force", action="store_true", help="rerun runs whose results exist")
     r.add_argument("--wandb", action="store_true",
                    help="log each run to Weights & Biases (SIWandBLogger), plus one run with "
@@ -238,11 +242,14 @@ def _configs(args) -> list:
             raise UsageError("--plateau takes a whole window length >= 1 and a mean and a "
                              "variance threshold > 0.")
         args.plateau = (int(w), m, v)
+    if args.validation is not None and not 0 < args.validation < 1:
+        raise UsageError(f"--validation takes a fraction between 0 and 1, got {args.validation:g}.")
     overrides = dict(si_eps=args.eps, ewc_lambda=args.ewc_lambda, lr=args.lr,
                      batch_size=args.batch_size, n_tasks=args.n_tasks,
                      hidden=tuple(args.hidden) if args.hidden else None,
                      consolidate_every=args.consolidate_every, plateau=args.plateau,
-                     eval_every=args.eval_every, fuzziness=args.fuzziness)
+                     eval_every=args.eval_every, fuzziness=args.fuzziness,
+                     validation=args.validation)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.epochs is not None:
         base.update(iterations=None, epochs=args.epochs)
@@ -339,12 +346,14 @@ def _train_all(args, out: Path, todo, label) -> None:
     streams = {}
     for k, cfg in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {label(cfg)}", flush=True)
-        key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad, cfg.class_order)
+        key = (cfg.benchmark, cfg.scenario, cfg.seed, cfg.n_tasks, cfg.pad, cfg.class_order,
+               cfg.validation)
         if key not in streams:  # one stream per (benchmark, scenario, seed), reused by methods
             from .streams import make_stream
             streams = {key: make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root,
                                         seed=cfg.seed, n_tasks=cfg.n_tasks, pad=cfg.pad,
-                                        class_order=cfg.class_order)}
+                                        class_order=cfg.class_order,
+                                        validation=cfg.validation)}
         loggers = []
         if args.wandb:
             from avalanche_si.wandb_logger import SIWandBLogger

@@ -57,6 +57,7 @@ class RunConfig:
     consolidate_every: int = 100      # si-k: steps between consolidations (van de Ven's --update-every)
     plateau: tuple[int, float, float] = (100, 0.2, 0.01)  # si-plateau: window, mean, variance
     eval_every: Optional[int] = None  # online: iterations between two accuracy measurements
+    validation: float = 0.0           # > 0: evaluate on this fraction of the training data, held out
 
     def run_id(self) -> str:
         method = self.method
@@ -161,7 +162,8 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
     started, cpu_started = time.perf_counter(), time.process_time()
     if stream is None:
         stream = make_stream(cfg.benchmark, cfg.scenario, root=cfg.data_root, seed=cfg.seed,
-                             n_tasks=cfg.n_tasks, pad=cfg.pad, class_order=cfg.class_order)
+                             n_tasks=cfg.n_tasks, pad=cfg.pad, class_order=cfg.class_order,
+                             validation=cfg.validation)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scenario, stream.input_dim, cfg.hidden, stream.classes_per_task,
                         stream.n_outputs, task_head=cfg.task_head, n_tasks=stream.n_tasks,

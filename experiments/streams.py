@@ -212,7 +212,32 @@ def _finish(stream: Stream) -> Stream:
 
 
 def make_stream(benchmark: str, scenario: str, *, root: str, seed: int, n_tasks: Optional[int] = None,
-                pad: int = 2, class_order: str = "seeded") -> Stream:
+                pad: int = 2, class_order: str = "seeded", validation: float = 0.0) -> Stream:
+    """The benchmark's tasks. `validation` > 0 holds that fraction of each task's training
+    data out and evaluates on it instead of the test set (to choose hyperparameters)."""
+    stream = _make_stream(benchmark, scenario, root=root, seed=seed, n_tasks=n_tasks, pad=pad,
+                          class_order=class_order)
+    return _hold_out(stream, validation, seed) if validation else stream
+
+
+def _hold_out(stream: Stream, fraction: float, seed: int) -> Stream:
+    """Each task's last `fraction` of its training data (in a seeded random order) becomes its
+    evaluation set; the test set is not used."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation must be a fraction in (0, 1), got {fraction}.")
+    g = torch.Generator().manual_seed(90_000 + seed)
+    for t in stream.tasks:
+        order = torch.randperm(len(t.x_train), generator=g)
+        cut = len(order) - max(1, int(round(fraction * len(order))))
+        keep, held = order[:cut], order[cut:]
+        t.x_test, t.y_test = t.x_train[held], t.y_train[held]
+        t.x_train, t.y_train = t.x_train[keep], t.y_train[keep]
+    return _finish(stream)
+
+
+def _make_stream(benchmark: str, scenario: str, *, root: str, seed: int,
+                 n_tasks: Optional[int] = None, pad: int = 2,
+                 class_order: str = "seeded") -> Stream:
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
     if scenario not in SCENARIOS:

@@ -1,0 +1,125 @@
+"""SI, SIU, SIB and SOS (Benzing 2022) compared on accuracy, each with its own strength c chosen
+on held-out training data, at two batch sizes.
+
+For every batch size, scenario and method: a sweep of c over a grid, each value trained on
+the tasks with a fraction of every task's training data held out (`--validation`), scored by
+the mean held-out accuracy after the last task over the sweep seeds; then the chosen c trained
+on the full training data and measured on the test set over the final seeds, beside Naive on
+the same seeds. Every run is a `python -m experiments run` run (its JSON file in the output
+folder), so the command reruns only what is missing.
+
+    python -m experiments.family --benchmark split-digits --scenario task domain \\
+        --batch-sizes 16 128 --out results/family/split-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+METHODS = {"SI": "task", "SIU": "siu", "SIB": "sib", "SOS": "sos"}
+
+
+def _runs(out: Path, configs, log) -> list[dict]:
+    from .run import result_path, run, save_result
+
+    results = []
+    for cfg in configs:
+        path = result_path(out, cfg)
+        if not path.exists():
+            log(f"  {cfg.run_id()}  c={cfg.si_lambda:g} batch {cfg.batch_size}"
+                + (" (validation)" if cfg.validation else ""))
+            save_result(out, run(cfg, log=lambda m: None))
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def main(argv=None) -> int:
+    from .options import default_data_root
+    from .report import _pm, mean_sem
+    from .run import RunConfig
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.family",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--benchmark", default="split-digits")
+    ap.add_argument("--scenario", nargs="+", default=["task", "domain"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--grid", type=float, nargs="+", default=[0.1, 1, 10, 100, 1000])
+    ap.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
+    ap.add_argument("--validation", type=float, default=0.2)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[100, 100])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    # (the digits need no data folder: none is recorded in their results)
+    root = "" if args.benchmark == "split-digits" else args.data_root or default_data_root()
+    base = dict(benchmark=args.benchmark, hidden=tuple(args.hidden), iterations=None,
+                epochs=args.epochs, si_eps=1e-3, data_root=root)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    rows, paired, chosen = [], [], []
+    for batch in args.batch_sizes:
+        for scenario in args.scenario:
+            common = dict(base, scenario=scenario, batch_size=batch)
+            best = {}
+            for name, importance in METHODS.items():
+                scores = {}
+                for c in args.grid:
+                    runs = _runs(out / "sweep" / f"batch{batch}" / f"c{c:g}", [
+                        RunConfig(**common, method="si", si_importance=importance, si_lambda=c,
+                                  seed=s, validation=args.validation)
+                        for s in args.sweep_seeds], log)
+                    scores[c] = sum(r["final_average_accuracy"] for r in runs) / len(runs)
+                best[name] = max(scores, key=scores.get)
+                chosen.append(f"| {batch} | {scenario} | {name} | "
+                              + " | ".join(f"{100 * scores[c]:.1f}" for c in args.grid)
+                              + f" | **{best[name]:g}** |")
+            test = out / "test" / f"batch{batch}"
+            finals = {"Naive": _runs(test, [RunConfig(**common, method="naive", seed=s)
+                                            for s in args.seeds], log)}
+            for name, importance in METHODS.items():
+                finals[name] = _runs(test, [
+                    RunConfig(**common, method="si", si_importance=importance,
+                              si_lambda=best[name], seed=s) for s in args.seeds], log)
+            acc = {m: [100 * r["final_average_accuracy"] for r in rs] for m, rs in finals.items()}
+            rows.append(f"| {batch} | {scenario} | "
+                        + " | ".join(_pm(*mean_sem(acc[m])) for m in ["Naive", *METHODS])
+                        + " |")
+            for m in ["SIU", "SIB", "SOS"]:
+                diffs = [a - b for a, b in zip(acc[m], acc["SI"])]
+                paired.append(f"| {batch} | {scenario} | {m} − SI | {_pm(*mean_sem(diffs))} |")
+    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--data-root" in shown:
+        i = shown.index("--data-root")
+        del shown[i:i + 2]
+    text = "\n".join([
+        f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam, "
+        f"{args.epochs} epochs per task, ξ = 1e-3. Mean accuracy over all tasks after the last "
+        f"(%), mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
+        f"method at the c it scored best with on held-out training data "
+        f"({args.validation:g} of each task, seeds {', '.join(map(str, args.sweep_seeds))}):\n",
+        "| batch | scenario | Naive | SI | SIU | SIB | SOS |", "|---|---|---|---|---|---|---|",
+        *rows, "",
+        "Paired differences on the same seeds, points:\n",
+        "| batch | scenario | pair | difference |", "|---|---|---|---|", *paired, "",
+        "Held-out accuracy (%) per c of the sweep, and the c chosen:\n",
+        "| batch | scenario | method | " + " | ".join(f"c = {c:g}" for c in args.grid)
+        + " | chosen |", "|---|---|---|" + "---|" * (len(args.grid) + 1), *chosen, "",
+        f"Rerun: `python -m experiments.family {' '.join(map(shlex.quote, shown))}`", ""])
+    (out / "summary.md").write_text(text)
+    (out / "family.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
+                                                          if k != "data_root"},
+                                                 "config": dataclasses.asdict(
+                                                     RunConfig(**dict(base, data_root="")))}))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
