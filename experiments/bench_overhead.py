@@ -116,6 +116,19 @@ def _call(plugins, hook, strategy):
             fn(strategy)
 
 
+@dataclass(frozen=True)
+class ResNetCase:
+    """torchvision's ResNet-18 (10 classes) on random `size`×`size` RGB images."""
+    size: int
+    batch: int
+
+
+def _resnet18() -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
 class Bench:
     """A model, an optimizer, a pool of preloaded batches and a plugin, stepped like
     Avalanche does.
@@ -131,10 +144,16 @@ class Bench:
     def __init__(self, widths, plugin_factory, *, batch=128, seed=0, device="cpu", amp=False):
         torch.manual_seed(seed)
         self.device = torch.device(device)
-        self.model = mlp(widths).to(self.device)
+        if isinstance(widths, ResNetCase):  # torchvision's ResNet-18 on synthetic images
+            batch, size = widths.batch, widths.size
+            self.model = _resnet18().to(self.device)
+            shape, outputs = (3, size, size), 10
+        else:
+            self.model = mlp(widths).to(self.device)
+            shape, outputs = (widths[0],), widths[-1]
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.inputs = [torch.randn(batch, widths[0], device=self.device) for _ in range(31)]
-        self.labels = [torch.randint(0, widths[-1], (batch,), device=self.device)
+        self.inputs = [torch.randn(batch, *shape, device=self.device) for _ in range(31)]
+        self.labels = [torch.randint(0, outputs, (batch,), device=self.device)
                        for _ in range(32)]
         self.step_count = 0
         self.plugins = [plugin_factory()] if plugin_factory else []
@@ -286,6 +305,14 @@ def load_baseline(path: str):
     spec.loader.exec_module(module)
     return module
 
+
+#: the ResNet-18 cases of --resnet
+RESNET_CASES = (ResNetCase(32, 128), ResNetCase(224, 64))
+
+
+def _resnet_cases(args) -> tuple[ResNetCase, ...]:
+    """--resnet's cases; with --quick, small ones that check the code path in seconds."""
+    return (ResNetCase(32, 8),) if args.quick else RESNET_CASES
 
 VARIANTS = {
     "no SI": None,
@@ -483,6 +510,49 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str, device
     return out
 
 
+def resnet_in_strategy(case: ResNetCase, *, chunk: int, repeats: int, device="cpu") -> dict:
+    """ResNet-18 inside Avalanche's `Naive`, as users train it: random images kept as host
+    tensors in an Avalanche benchmark, moved by Avalanche's loader each mini-batch. Three
+    strategies, identical but for the plugin (none, `SIPlugin(c=1, xi=0.1)`, Avalanche's
+    plugin with λ = 2c), each trained on the first experience (so the penalty is active),
+    then timed in turn on the second in chunks of `chunk` iterations. Returns per-iteration
+    (median, min, max) in ms per strategy."""
+    from avalanche.benchmarks import tensors_benchmark
+    from avalanche.training import Naive
+
+    g = torch.Generator().manual_seed(0)
+    n = case.batch * chunk
+    data = [(torch.randn(n, 3, case.size, case.size, generator=g),
+             torch.randint(0, 10, (n,), generator=g)) for _ in range(2)]
+    bench = tensors_benchmark(train_tensors=data, test_tensors=data, task_labels=[0, 0],
+                              complete_test_set_only=False)
+    exps = list(bench.train_stream)
+
+    def strategy(si_plugin):
+        torch.manual_seed(0)
+        model = _resnet18()
+        strat = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                      train_mb_size=case.batch, train_epochs=1, device=device,
+                      plugins=[si_plugin] if si_plugin is not None else [],
+                      evaluator=None)
+        strat.train(exps[0], eval_streams=[], num_workers=0)
+        return strat
+
+    strategies = {"no SI": strategy(None), "SIPlugin": strategy(SIPlugin(1.0, eps=0.1)),
+                  "Avalanche's SI plugin": strategy(
+                      SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1))}
+    times = {k: [] for k in strategies}
+    names = list(strategies)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            strategies[k].train(exps[1], eval_streams=[], num_workers=0)
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+
+
 def online_overhead(hidden: int, *, chunk: int, repeats: int, data_root: str,
                     device="cpu") -> dict:
     """Issue 17's target: an online run with SI against the same run without it.
@@ -620,6 +690,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                     help=f"time only these variants of the per-step table ('no SI' is always "
                          f"timed); default all: {', '.join(VARIANTS)}")
+    ap.add_argument("--resnet", action="store_true",
+                    help="add torchvision's ResNet-18 to the per-step table (random images on "
+                         "the device: 32x32 at batch 128, 224x224 at batch 64) and time it "
+                         "inside Avalanche's Naive, whose loader moves host tensors (meant for "
+                         "a GPU: minutes per repeat on a CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own choice, one per core); the "
                          "relative overhead depends on it, since SI's elementwise passes and "
@@ -698,6 +773,8 @@ def _main(args) -> int:
               ("deep MLP 32x256", [784] + [256] * 31 + [10])]
     if args.quick:
         models = [m for m in models if "2000" not in m[0]]
+    if args.resnet:
+        models += [(f"ResNet-18 {c.size}x{c.size}, batch {c.batch}", c) for c in _resnet_cases(args)]
     repeats = args.repeats or (5 if args.quick else 15)
     if args.no_steps:
         models = []
@@ -712,7 +789,8 @@ def _main(args) -> int:
               "persistent extra MiB (x n floats) | peak extra MiB/step | page faults/step |")
         print("|---|---|---|---|---|---|---|---|---|")
     for name, widths in models:
-        n = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        n = 11.2e6 if isinstance(widths, ResNetCase) else \
+            sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         steps = 5 if args.quick else max(4, min(20, int(2e7 / n)))  # ~ the same time per variant
         for r in bench_model(name, widths, repeats=repeats, steps=steps, device=args.device,
                              amp=args.amp, variants=variants):
@@ -751,6 +829,24 @@ def _main(args) -> int:
                 print(f"|   | baseline | | {old[0]:.2f} ({old[1]:.2f}-{old[2]:.2f}) | "
                       f"{100 * (old[0] / b - 1):+.1f}% | this SIPlugin / baseline: "
                       f"{ours / old[0]:.3f} | | | | | | |", flush=True)
+    if args.resnet and not args.no_strategy:
+        chunk, reps = (5, 3) if args.quick else (20, 7)
+        reps = args.repeats or reps
+        print(f"\n# ResNet-18 inside Avalanche's Naive (random images as host tensors, "
+              f"Avalanche's loader, Adam, penalty active); median (min-max) of {reps} "
+              f"alternating chunks of {chunk} iterations")
+        print("| case | no SI, ms/iter | + SIPlugin, ms/iter | overhead | + Avalanche's SI "
+              "plugin, ms/iter | overhead |")
+        print("|---|---|---|---|---|---|")
+        for case in _resnet_cases(args):
+            t = resnet_in_strategy(case, chunk=chunk, repeats=reps, device=args.device)
+            theirs_key = "Avalanche's SI plugin"
+            b, ours, theirs = (t[k][0] for k in ("no SI", "SIPlugin", theirs_key))
+            cell = lambda k: f"{t[k][0]:.2f} ({t[k][1]:.2f}-{t[k][2]:.2f})"  # noqa: E731
+            print(f"| {case.size}x{case.size}, batch {case.batch} | {cell('no SI')} | "
+                  f"{cell('SIPlugin')} | {100 * (ours / b - 1):+.1f}% | "
+                  f"{cell(theirs_key)} | "
+                  f"{100 * (theirs / b - 1):+.1f}% |", flush=True)
     if not args.no_online:
         chunk, reps = (100, 3) if args.quick else (300, 9)
         reps = args.repeats or reps

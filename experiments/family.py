@@ -64,6 +64,7 @@ def main(argv=None) -> int:
                 epochs=args.epochs, si_eps=1e-3, data_root=root)
     log = lambda m: print(m, flush=True)  # noqa: E731
     rows, paired, chosen = [], [], []
+    curves = {}  # (scenario, method) -> [(batch, mean, sem)]
     for batch in args.batch_sizes:
         for scenario in args.scenario:
             common = dict(base, scenario=scenario, batch_size=batch)
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
                     RunConfig(**common, method="si", si_importance=importance,
                               si_lambda=best[name], seed=s) for s in args.seeds], log)
             acc = {m: [100 * r["final_average_accuracy"] for r in rs] for m, rs in finals.items()}
+            for m in acc:
+                curves.setdefault((scenario, m), []).append((batch, *mean_sem(acc[m])))
             rows.append(f"| {batch} | {scenario} | "
                         + " | ".join(_pm(*mean_sem(acc[m])) for m in ["Naive", *METHODS])
                         + " |")
@@ -113,12 +116,39 @@ def main(argv=None) -> int:
         + " | chosen |", "|---|---|---|" + "---|" * (len(args.grid) + 1), *chosen, "",
         f"Rerun: `python -m experiments.family {' '.join(map(shlex.quote, shown))}`", ""])
     (out / "summary.md").write_text(text)
-    (out / "family.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
+    _plot(curves, args.scenario, out / "batch-size.png")
+    (out / "family.json").write_text(json.dumps({"argv": shown,
+                                                 "args": {k: v for k, v in vars(args).items()
                                                           if k != "data_root"},
                                                  "config": dataclasses.asdict(
                                                      RunConfig(**dict(base, data_root="")))}))
     print(text)
     return 0
+
+
+def _plot(curves: dict, scenarios: list[str], path: Path) -> None:
+    """Accuracy against batch size, per method, one panel per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6),
+                             squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        for m in ["Naive", *METHODS]:
+            pts = curves.get((scenario, m), [])
+            if pts:
+                b, mean, sem = zip(*pts)
+                ax.errorbar(b, mean, yerr=sem, marker="o", capsize=3, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("accuracy after the last task, %")
+        ax.set_title(f"{scenario}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

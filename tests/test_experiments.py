@@ -709,3 +709,38 @@ def test_a_dataset_that_cannot_be_downloaded_names_what_the_folder_must_hold(
         _torchvision_images(name, str(tmp_path / "data"), train=True)
     assert not (tmp_path / "data").exists()  # nothing left behind
     assert holds.split("/")[0] in (ROOT / "docs" / "guide" / "data.md").read_text()
+
+
+def test_the_estimator_studies_summaries_are_what_their_runs_give(tmp_path, monkeypatch):
+    # results/estimators/*/summary.md from the committed per-seed JSON files, and
+    # results/family/*/summary.md by rerunning its command on a copy (every run is there, so
+    # nothing trains)
+    import shutil
+
+    from experiments import family
+    from experiments.estimators import summary
+
+    folders = sorted((ROOT / "results" / "estimators").iterdir())
+    assert folders
+    for folder in folders:
+        results = sorted((json.loads(p.read_text()) for p in folder.glob("importances-seed*.json")),
+                         key=lambda r: r["seed"])
+        assert summary(results) == (folder / "summary.md").read_text(), folder.name
+    for folder in sorted((ROOT / "results" / "family").iterdir()):
+        copy = tmp_path / "results" / "family" / folder.name
+        shutil.copytree(folder, copy)
+        monkeypatch.chdir(tmp_path)
+        argv = json.loads((folder / "family.json").read_text())["argv"]
+        monkeypatch.setattr(family, "_runs", _no_training(family._runs))
+        assert family.main(argv) == 0
+        assert (copy / "summary.md").read_text() == (folder / "summary.md").read_text()
+
+
+def _no_training(runs):
+    def only_saved(out, configs, log):
+        from experiments.run import result_path
+
+        missing = [c.run_id() for c in configs if not result_path(out, c).exists()]
+        assert not missing, f"{out}: no saved run for {missing[:3]}"
+        return runs(out, configs, log)
+    return only_saved

@@ -166,3 +166,38 @@ def test_callback_arguments_are_checked():
         SICallback(engine=object())
     with pytest.raises(AttributeError, match="did you mean 'si_lambda'"):
         SICallback(si_lambda=1.0).engine.si_lamda = 2.0
+
+
+class IndependentBatchModule(Module):
+    """Draws the independent mini-batch of importance="siu"/"sib" in `training_step`, before
+    Lightning's backward pass, and hands its loss to the callback's engine."""
+
+    def __init__(self, net, make_opt, callback, tasks, draws):
+        super().__init__(net, make_opt)
+        self.callback, self.batches = callback, iter(
+            (x[u], y[u]) for (x, y, _), task_draws in zip(tasks, draws) for u in task_draws)
+
+    def training_step(self, batch, batch_idx):
+        if self.callback.engine.importance in ("siu", "sib"):
+            x_u, y_u = next(self.batches)
+            loss_u = torch.nn.functional.cross_entropy(self.net(x_u), y_u)
+            self.callback.engine.record_independent_gradient(loss_u)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("importance", ["siu", "sib", "sos"])
+def test_benzings_variants_in_lightning_match_their_definitions(tasks, importance):
+    from test_estimators import C, XI, _draws, reference
+
+    draws = _draws(tasks)
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    callback = SICallback(si_lambda=C, eps=XI, importance=importance)
+    module = IndependentBatchModule(mlp(), adam, callback, tasks, draws)
+    _fit_tasks(module, callback, tasks)
+    ref_model = mlp()
+    ref = reference(ref_model, adam(ref_model.parameters()), tasks, draws, importance=importance)
+    for (n, p), (_, q) in zip(module.net.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-12, msg=n)
+    got = _omegas(callback.engine)
+    for n, o in ref.items():
+        torch.testing.assert_close(got[n], o, rtol=1e-9, atol=1e-12, msg=n)

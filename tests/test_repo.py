@@ -55,7 +55,8 @@ def test_readme_headline_is_the_current_copy_of_the_results():
 
 
 @pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "results").iterdir()
-                                          if any(p.rglob("seed*.json"))))
+                                          if any(p.rglob("seed*.json"))
+                                          and p.name not in ("estimators", "family")))
 def test_results_tables_are_what_the_run_files_give(folder):
     # and each summary.md / paired.md is what the committed per-run JSON files give
     from experiments.report import load_results, markdown_table, paired, paired_table, summarize
