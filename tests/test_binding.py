@@ -236,7 +236,7 @@ def test_delta_params_refuses_a_learning_rate_changed_before_the_step(tasks):
 # ------------------------------------------------------------------ consolidate_now at any moment
 
 
-@pytest.mark.parametrize("importance", ["total", "task"])
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params"])
 def test_consolidating_between_backward_and_step_puts_the_step_in_the_next_period(importance):
     tasks = make_tasks(1)
     model = mlp()

@@ -52,7 +52,6 @@ from .consolidation import ConsolidationPolicy, make_policy
 from .functional import (
     DEFAULT_EPS,
     NonFiniteImportanceError,
-    accumulate_from_delta,
     accumulate_from_pre,
     accumulate_squares,
     commit_consolidation,
@@ -127,6 +126,7 @@ class _Group:
         self.step_idx: Optional[list[int]] = None
         self.step_swap = False            # "sib": ω += (g_u − g)·Δθ, pre and θ swapped
         self.indep: Optional[list[Tensor]] = None  # "siu"/"sib": the independent gradient
+        self.pending_delta: Optional[list[Tensor]] = None  # "delta_params": g·Δθ of the step
         self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
         self.penalty: Optional[Tensor] = None              # ... computed when first read
 
@@ -707,7 +707,7 @@ class SynapticIntelligence:
         task gradient goes back into `.grad`, where the next backward pass adds to it."""
         if self._importance not in ("total", "task"):
             for g in self._groups:
-                g.step_grads = []
+                g.step_grads, g.pending_delta = [], None
             raise RuntimeError(
                 f"{self._who}: the optimizer did not step after this backward pass (gradient "
                 f"accumulation?), and importance={self._importance!r} measures each step from "
@@ -869,7 +869,10 @@ class SynapticIntelligence:
                 (slot.group, slot.group["lr"]) for slot in g.predictor.slots]
             if found_inf is not None:  # a step the scaler skips moves nothing
                 torch._foreach_mul_(delta, 1.0 - found_inf)
-            accumulate_from_delta(g.pick(g.running), grads, delta)
+            # g·Δθ, taken from ω after the step, so that a consolidation between here and the
+            # step leaves it to the next period (held until then: n numbers during the step)
+            torch._foreach_mul_(delta, grads)
+            g.pending_delta = delta
         elif self._importance == "sos":  # v ← β v + (1 − β) g², g without the penalty
             accumulate_squares(g.pick(g.running), grads,
                                weight=None if found_inf is None else 1.0 - found_inf)
@@ -930,6 +933,9 @@ class SynapticIntelligence:
             self._check_predicted_lrs()
         self._steps_since += 1
         for g in self._groups:
+            if g.pending_delta is not None:  # ω −= g·Δθ, Δθ as predicted
+                torch._foreach_sub_(g.pick(g.running), g.pending_delta)
+                g.pending_delta = None
             if g.step_grads:
                 # ω += g·(θ_pre − θ); with "task" g is the task gradient, with "siu" the
                 # independent one; "sib": (g_u − g)·(θ − θ_pre), the same call, swapped
@@ -989,9 +995,8 @@ class SynapticIntelligence:
     def consolidate_now(self) -> None:
         r"""Consolidate now, every group at once: `Ω += max(0, ω / ((θ - θ*)² + ξ))`,
         `θ* ← θ`, `ω ← 0`. The `consolidate` policy calls it (after each task by default);
-        call it yourself to consolidate at a point of your choosing: between `before_step()` and the
-        step, the step counts towards the next period (with `importance="delta_params"`, which
-        measures it in `before_step()`, towards this one); with no step since the last
+        call it yourself to consolidate at a point of your choosing: between `before_step()`
+        and the step, the step counts towards the next period; with no step since the last
         consolidation it does nothing (the count, and so a list of strengths, does not move).
 
         Raises:
