@@ -59,7 +59,7 @@ def first_task(benchmark: str, *, root: str, seed: int):
 
 
 def run(benchmark: str, *, hidden: list[int], epochs: int, batch_size: int, seed: int,
-        root: str, log=print) -> dict:
+        root: str, eps: tuple[float, ...] = (0.1, 1e-3), log=print) -> dict:
     from avalanche_si import SynapticIntelligence
 
     x, y, outputs = first_task(benchmark, root=root, seed=seed)
@@ -71,7 +71,7 @@ def run(benchmark: str, *, hidden: list[int], epochs: int, batch_size: int, seed
     model = torch.nn.Sequential(*layers[:-1])
     # Benzing's learning rate: 0.001 at batch 256, scaled with the batch size
     opt = torch.optim.Adam(model.parameters(), lr=0.001 * batch_size / 256)
-    engines = {m: SynapticIntelligence(model, opt, si_lambda=0.0, eps=1e-3, importance=imp)
+    engines = {m: SynapticIntelligence(model, opt, si_lambda=0.0, eps=eps[0], importance=imp)
                for m, imp in METHODS.items()}
     ce = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -94,24 +94,48 @@ def run(benchmark: str, *, hidden: list[int], epochs: int, batch_size: int, seed
                 si.after_step()
             steps += 1
         log(f"  epoch {epoch + 1}/{epochs}: {steps} steps, {time.process_time() - start:.0f} s CPU")
+    # Ω of the path-integral estimators at each damping ξ (the run is the same: ω and the path
+    # length Δ = θ − θ* do not depend on ξ), as the consolidation computes it
+    omegas = {xi: {} for xi in eps}
+    for m, si in engines.items():
+        state = si.state_dict()
+        index = state["groups"][None]["index"]
+        buffers = state["buffers"]
+        for xi in eps:
+            omegas[xi][m] = {}
+            for name, i in index.items():
+                run_ = buffers[f"si_running_omega_weights_{i}"]
+                if m == "SOS":
+                    omegas[xi][m][name] = run_.clamp_min(0).sqrt()
+                else:
+                    delta = dict(model.named_parameters())[name].detach() - \
+                        buffers[f"si_prev_theta_weights_{i}"]
+                    omegas[xi][m][name] = (run_ / (delta ** 2 + xi)).clamp_min(0)
     for si in engines.values():
         si.end_task()
-    omega = {m: si.importances() for m, si in engines.items()}
-    layers = sorted({n.rsplit(".", 1)[0] for n in omega["SI"]}, key=lambda s: int(s))
+    for m in ("SI", "SOS"):  # the engines' own consolidation (at ξ = eps[0]) agrees
+        for n, o in engines[m].importances().items():
+            torch.testing.assert_close(o, omegas[eps[0]][m][n])
+    layers = sorted({n.rsplit(".", 1)[0] for n in omegas[eps[0]]["SI"]}, key=lambda s: int(s))
     correlations = {}
-    for a, b in PAIRS:
-        for layer in layers:
-            va = torch.cat([omega[a][n].flatten() for n in omega[a] if n.startswith(layer + ".")])
-            vb = torch.cat([omega[b][n].flatten() for n in omega[b] if n.startswith(layer + ".")])
-            correlations[f"{a}-{b}/{layer}"] = {"pearson": pearson(va, vb),
-                                                "spearman": spearman(va, vb)}
+    for xi in eps:
+        omega = omegas[xi]
+        for a, b in PAIRS:
+            for layer in layers:
+                va = torch.cat([omega[a][n].flatten() for n in omega[a]
+                                if n.startswith(layer + ".")])
+                vb = torch.cat([omega[b][n].flatten() for n in omega[b]
+                                if n.startswith(layer + ".")])
+                correlations[f"xi={xi:g}/{a}-{b}/{layer}"] = {"pearson": pearson(va, vb),
+                                                              "spearman": spearman(va, vb)}
+    omega = omegas[eps[0]]
     # a sample of (SI, SOS) pairs of the first layer for the scatter plot
     first = [n for n in omega["SI"] if n.startswith(layers[0] + ".")]
     si_all = torch.cat([omega["SI"][n].flatten() for n in first])
     sos_all = torch.cat([omega["SOS"][n].flatten() for n in first])
     pick = torch.randperm(len(si_all), generator=g)[:5000]
     return {"benchmark": benchmark, "seed": seed, "hidden": hidden, "epochs": epochs,
-            "batch_size": batch_size, "steps": steps, "layers": layers,
+            "batch_size": batch_size, "steps": steps, "layers": layers, "eps": list(eps),
             "correlations": correlations,
             "scatter": {"SI": si_all[pick].tolist(), "SOS": sos_all[pick].tolist()},
             "cpu_seconds": time.process_time() - start, "torch": torch.__version__}
@@ -123,17 +147,18 @@ def summary(results: list[dict]) -> str:
     lines = [f"{r0['benchmark']}, first task, {'-'.join(map(str, r0['hidden']))} hidden units, "
              f"Adam, batch {r0['batch_size']}, {r0['epochs']} epochs ({r0['steps']} steps), "
              f"{len(results)} seed(s); Pearson / Spearman of Ω per layer (weights and biases "
-             f"together), mean over seeds:\n",
-             "| pair | " + " | ".join(f"layer {k + 1}" for k in range(len(r0["layers"]))) + " |",
-             "|---|" + "---|" * len(r0["layers"])]
-    for a, b in PAIRS:
-        cells = []
-        for layer in r0["layers"]:
-            key = f"{a}-{b}/{layer}"
-            p = sum(r["correlations"][key]["pearson"] for r in results) / len(results)
-            s = sum(r["correlations"][key]["spearman"] for r in results) / len(results)
-            cells.append(f"{p:.3f} / {s:.3f}")
-        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+             f"together), mean over seeds, for SI's damping ξ (SOS uses none):\n",
+             "| ξ | pair | " + " | ".join(f"layer {k + 1}" for k in range(len(r0["layers"])))
+             + " |", "|---|---|" + "---|" * len(r0["layers"])]
+    for xi in r0["eps"]:
+        for a, b in PAIRS:
+            cells = []
+            for layer in r0["layers"]:
+                key = f"xi={xi:g}/{a}-{b}/{layer}"
+                p = sum(r["correlations"][key]["pearson"] for r in results) / len(results)
+                s = sum(r["correlations"][key]["spearman"] for r in results) / len(results)
+                cells.append(f"{p:.3f} / {s:.3f}")
+            lines.append(f"| {xi:g} | {a} vs {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +176,7 @@ def scatter_plot(results: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("SOS: √(running average of g²)")
-    ax.set_ylabel("SI: Ω (task-loss gradient × step)")
+    ax.set_ylabel(f"SI: Ω (task-loss gradient × step), ξ = {r['eps'][0]:g}")
     ax.set_title(f"{r['benchmark']}, first layer, seed {r['seed']}\n"
                  f"(5,000 weights; {int((~keep).sum())} with Ω = 0 left out)", fontsize=9)
     fig.tight_layout()
@@ -182,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 1e-3],
+                    help="SI's dampings ξ to correlate at (one run serves them all; default "
+                         "0.1, Benzing's for MNIST, and 1e-3, his for CIFAR and this package's)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", required=True, help="folder for the JSON files, summary and plot")
     args = ap.parse_args(argv)
@@ -198,7 +226,7 @@ def main(argv=None) -> int:
             continue
         print(f"seed {seed}: {args.benchmark}, first task", flush=True)
         r = run(args.benchmark, hidden=args.hidden, epochs=args.epochs,
-                batch_size=args.batch_size, seed=seed,
+                batch_size=args.batch_size, seed=seed, eps=tuple(args.eps),
                 root=args.data_root or default_data_root(),
                 log=lambda m: print(m, flush=True))
         r["command"] = "python -m experiments.estimators " + shown
