@@ -272,3 +272,29 @@ def test_task_free_consolidation_every_k_steps(importance):
     assert si.consolidations == 3 * 12 // 5
     for n, o in si.importances().items():
         torch.testing.assert_close(o, ref[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("importance", FAMILY)
+def test_16_bit_weights_keep_float32_state(importance):
+    # bfloat16 weights: the state (Ω, θ*, ω or v, θ_pre) in float32, as for SI
+    tasks = make_tasks(2, dtype=torch.bfloat16)
+    model = mlp(dtype=torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, si_lambda=C, eps=XI, importance=importance)
+    ce = torch.nn.CrossEntropyLoss()
+    for x, y, _ in tasks:
+        si.start_task()
+        for i in range(0, len(x), 8):
+            opt.zero_grad()
+            if importance != "sos":
+                si.record_independent_gradient(ce(model(x.flip(0)[i:i + 8]).float(),
+                                                  y.flip(0)[i:i + 8]))
+            ce(model(x[i:i + 8]).float(), y[i:i + 8]).backward()
+            si.before_step()
+            opt.step()
+            si.after_step()
+        si.end_task()
+    assert {b.dtype for b in si._state.store.buffers()} == {torch.float32}
+    omega = si.importances()
+    assert all(torch.isfinite(o).all() for o in omega.values())
+    assert sum(float(o.abs().sum()) for o in omega.values()) > 0

@@ -744,3 +744,25 @@ def _no_training(runs):
         assert not missing, f"{out}: no saved run for {missing[:3]}"
         return runs(out, configs, log)
     return only_saved
+
+
+def test_cli_runs_benzings_estimators_on_held_out_data(tmp_path):
+    from experiments.cli import main
+
+    out = tmp_path / "res"
+    code = main(["run", "--out", str(out), "--method", "si", "--scenario", "task",
+                 "--si-importance", "siu", "sos", "--seeds", "0", "--iterations", "5",
+                 "--hidden", "8", "--validation", "0.25", "--no-report"])
+    assert code == 0
+    for method in ("si-siu", "si-sos"):
+        r = json.loads((out / "split-digits" / "task" / method / "seed0.json").read_text())
+        assert r["config"]["validation"] == 0.25
+        assert r["config"]["si_importance"] == method[3:]
+    # held out: each task's evaluation set is a quarter of its training data, not the test set
+    from experiments.streams import make_stream
+
+    full = make_stream("split-digits", "task", root="", seed=0)
+    held = make_stream("split-digits", "task", root="", seed=0, validation=0.25)
+    for a, b in zip(full.tasks, held.tasks):
+        assert len(b.x_train) + len(b.x_test) == len(a.x_train)
+        assert abs(len(b.x_test) - 0.25 * len(a.x_train)) <= 1
