@@ -24,6 +24,10 @@ from pathlib import Path
 METHODS = {"SI": "task", "SIU": "siu", "SIB": "sib", "SOS": "sos"}
 
 
+#: the command recorded in each run's file (where this machine keeps the data is left out)
+COMMAND = "python -m experiments.family"
+
+
 def _runs(out: Path, configs, log) -> list[dict]:
     from .run import result_path, run, save_result
 
@@ -33,7 +37,10 @@ def _runs(out: Path, configs, log) -> list[dict]:
         if not path.exists():
             log(f"  {cfg.run_id()}  c={cfg.si_lambda:g} batch {cfg.batch_size}"
                 + (" (validation)" if cfg.validation else ""))
-            save_result(out, run(cfg, log=lambda m: None))
+            result = run(cfg, log=lambda m: None)
+            result["command"] = COMMAND
+            result["config"]["data_root"] = ""
+            save_result(out, result)
         results.append(json.loads(path.read_text()))
     return results
 
@@ -57,6 +64,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    global COMMAND
+    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--data-root" in shown:
+        i = shown.index("--data-root")
+        del shown[i:i + 2]
+    COMMAND = "python -m experiments.family " + " ".join(map(shlex.quote, shown))
     out = Path(args.out)
     # (the digits need no data folder: none is recorded in their results)
     root = "" if args.benchmark == "split-digits" else args.data_root or default_data_root()
@@ -97,10 +110,6 @@ def main(argv=None) -> int:
             for m in ["SIU", "SIB", "SOS"]:
                 diffs = [a - b for a, b in zip(acc[m], acc["SI"])]
                 paired.append(f"| {batch} | {scenario} | {m} − SI | {_pm(*mean_sem(diffs))} |")
-    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if "--data-root" in shown:
-        i = shown.index("--data-root")
-        del shown[i:i + 2]
     text = "\n".join([
         f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam, "
         f"{args.epochs} epochs per task, ξ = 1e-3. Mean accuracy over all tasks after the last "
