@@ -461,6 +461,23 @@ def end_to_end(iterations: int, repeats: int, data_root: str, hidden: int = 400,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _time_in_turn(strategies: dict, experience, *, chunk: int, repeats: int,
+                  device) -> dict:
+    """Train each strategy on `experience` in turn, `repeats` times (who goes first rotates,
+    so all share the machine's load); per-iteration (median, min, max) ms per strategy, for
+    `chunk` iterations per `train` call."""
+    times = {k: [] for k in strategies}
+    names = list(strategies)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            _sync(device)
+            t0 = time.perf_counter()
+            strategies[k].train(experience, eval_streams=[], num_workers=0)
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+
+
 def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str, device="cpu",
                 baseline=None) -> dict:
     """Target 1 as worded: SIPlugin's per-iteration overhead over *the same Avalanche
@@ -493,16 +510,7 @@ def in_strategy(hidden: int, *, chunk: int, repeats: int, data_root: str, device
     if baseline is not None:
         strategies["Avalanche Naive + SIPlugin (baseline)"] = strategy(
             baseline.SIPlugin(500.0, eps=0.1))
-    times = {k: [] for k in strategies}
-    names = list(strategies)
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            _sync(device)
-            t0 = time.perf_counter()
-            strategies[k].train(exps[1], eval_streams=[], num_workers=0)
-            _sync(device)
-            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
-    out = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    out = _time_in_turn(strategies, exps[1], chunk=chunk, repeats=repeats, device=device)
     params = list(strategies["Avalanche Naive, no SI"].model.parameters())
     out["n"] = sum(p.numel() for p in params)
     out["passes alone"] = passes_alone([p.shape for p in params], repeats=max(repeats, 15),
@@ -541,16 +549,7 @@ def resnet_in_strategy(case: ResNetCase, *, chunk: int, repeats: int, device="cp
     strategies = {"no SI": strategy(None), "SIPlugin": strategy(SIPlugin(1.0, eps=0.1)),
                   "Avalanche's SI plugin": strategy(
                       SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1))}
-    times = {k: [] for k in strategies}
-    names = list(strategies)
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            t0 = time.perf_counter()
-            strategies[k].train(exps[1], eval_streams=[], num_workers=0)
-            _sync(device)
-            times[k].append((time.perf_counter() - t0) / chunk * 1e3)
-    return {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    return _time_in_turn(strategies, exps[1], chunk=chunk, repeats=repeats, device=device)
 
 
 def online_overhead(hidden: int, *, chunk: int, repeats: int, data_root: str,
