@@ -77,6 +77,31 @@ def assert_same(a, b):
         assert torch.equal(a[n], b[n]), n
 
 
+class AccumulateEverySecond:
+    """A template mixin that steps the optimizer (through `optimizer_step()`, so an AMP
+    template's scaler steps) every second mini-batch, each loss halved, with every hook run on
+    every mini-batch, as a user adds gradient accumulation to a template."""
+
+    def training_epoch(self, **kwargs):
+        for k, self.mbatch in enumerate(self.dataloader):
+            self._before_training_iteration(**kwargs)
+            if k % 2 == 0:
+                self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self._before_forward(**kwargs)
+            self.mb_output = self.forward()
+            self._after_forward(**kwargs)
+            self.loss += self.criterion() / 2  # the mean over both mini-batches
+            self._before_backward(**kwargs)
+            self.backward()
+            self._after_backward(**kwargs)
+            self._before_update(**kwargs)
+            if k % 2 == 1:
+                self.optimizer_step()
+            self._after_update(**kwargs)
+            self._after_training_iteration(**kwargs)
+
+
 class Every(SupervisedPlugin):
     """Calls ``fn(strategy)`` in ``hook`` at the given (experience, iteration) pairs."""
 

@@ -8,8 +8,8 @@ from avalanche.training import Naive
 
 from avalanche_si import NonFiniteImportanceError, SIPlugin
 from avalanche_si import functional as F
-from conftest import (DEVICES, Every, IMPORTANCES, assert_same, make_stream, make_tasks, mlp,
-                      omegas, strategy, train_stream, weights)
+from conftest import (DEVICES, IMPORTANCES, AccumulateEverySecond, Every, assert_same,
+                      make_stream, make_tasks, mlp, omegas, strategy, train_stream, weights)
 
 
 # --------------------------------------------------------------------- mixed precision
@@ -71,25 +71,8 @@ def _zero_loss(strategy):
     strategy.loss = strategy.loss * 0.0
 
 
-class AccumulatingAMPNaive(AMPNaive):
-    """AMP with gradient accumulation: the scaler steps every second mini-batch (each loss
-    halved); the hooks run on every mini-batch, as a user's template writes it."""
-
-    def training_epoch(self, **kwargs):
-        for k, self.mbatch in enumerate(self.dataloader):
-            self._before_training_iteration(**kwargs)
-            if k % 2 == 0:
-                self.optimizer.zero_grad()
-            self.loss = self._make_empty_loss()
-            self.mb_output = self.forward()
-            self.loss += self.criterion() / 2
-            self._before_backward(**kwargs)
-            self.backward()
-            self._after_backward(**kwargs)
-            if k % 2 == 1:
-                self.optimizer_step()
-            self._after_update(**kwargs)
-            self._after_training_iteration(**kwargs)
+class AccumulatingAMPNaive(AccumulateEverySecond, AMPNaive):
+    """AMP with gradient accumulation: the scaler steps every second mini-batch."""
 
 
 class PoisonLoss(SupervisedPlugin):

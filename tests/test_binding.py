@@ -10,8 +10,8 @@ from avalanche.training import GDumb, MER, Naive
 
 from avalanche_si import SIPlugin, SynapticIntelligence
 from avalanche_si import functional as F
-from conftest import (Every, assert_same, make_stream, make_tasks, mlp, omegas, reference_si,
-                      strategy, train_loop, train_stream, weights)
+from conftest import (AccumulateEverySecond, Every, assert_same, make_stream, make_tasks, mlp,
+                      omegas, reference_si, strategy, train_loop, train_stream, weights)
 
 
 def _sgd(model, lr=0.1):
@@ -366,28 +366,8 @@ def test_functional_api_refuses_parameters_that_do_not_fit_its_state():
 # ------------------------------------------------------------------ accumulation in a template
 
 
-class AccumulatingNaive(Naive):
-    """Steps the optimizer every second mini-batch (each loss halved), as a user adds
-    gradient accumulation."""
-
-    def training_epoch(self, **kwargs):
-        for k, self.mbatch in enumerate(self.dataloader):
-            self._before_training_iteration(**kwargs)
-            if k % 2 == 0:
-                self.optimizer.zero_grad()
-            self.loss = self._make_empty_loss()
-            self._before_forward(**kwargs)
-            self.mb_output = self.forward()
-            self._after_forward(**kwargs)
-            self.loss += self.criterion() / 2  # the mean over both mini-batches
-            self._before_backward(**kwargs)
-            self.backward()
-            self._after_backward(**kwargs)
-            self._before_update(**kwargs)
-            if k % 2 == 1:
-                self.optimizer.step()
-            self._after_update(**kwargs)
-            self._after_training_iteration(**kwargs)
+class AccumulatingNaive(AccumulateEverySecond, Naive):
+    """Naive with gradient accumulation, as a user adds it."""
 
 
 @pytest.mark.parametrize("importance", ["total", "task"])
