@@ -1,20 +1,33 @@
 """Run in a spawned process by test_distributed.py: one DDP rank training with SIPlugin."""
 
+import contextlib
 import os
 import warnings
 
+# Avalanche imports qpsolvers, which warns once per process; each rank is a new process
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 
-def train_rank(rank, world_size, port, out_dir, consolidate=None):
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
-    import torch
+
+@contextlib.contextmanager
+def _process_group(rank, world_size, port):
+    """This rank in a gloo group on this machine, destroyed on the way out."""
     import torch.distributed as dist
-
-    from conftest import make_stream, make_tasks, mlp, strategy, train_stream
-    from avalanche_si import SIPlugin
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def train_rank(rank, world_size, port, out_dir, consolidate=None):
+    import torch
+
+    from conftest import make_stream, make_tasks, mlp, strategy, train_stream
+    from avalanche_si import SIPlugin
+
+    with _process_group(rank, world_size, port):
         model = torch.nn.parallel.DistributedDataParallel(mlp())
         si = SIPlugin(2.0, groups={"body": ["0", "2"], "head": ["4"]}, importance="task",
                       consolidate=consolidate)
@@ -24,22 +37,16 @@ def train_rank(rank, world_size, port, out_dir, consolidate=None):
                     "consolidations": si.state_dict()["consolidations"],
                     "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def train_rank_loop(rank, world_size, port, out_dir):
     """The same with SynapticIntelligence in a plain loop (each rank takes every other sample)."""
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     import torch
-    import torch.distributed as dist
 
     from conftest import make_tasks, mlp, train_loop
     from avalanche_si import SynapticIntelligence
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _process_group(rank, world_size, port):
         model = torch.nn.parallel.DistributedDataParallel(mlp())
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
         si = SynapticIntelligence(model, opt, si_lambda=2.0, importance="delta_params",
@@ -50,24 +57,18 @@ def train_rank_loop(rank, world_size, port, out_dir):
                     "consolidations": si.consolidations,
                     "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def train_rank_family(rank, world_size, port, out_dir, importance):
     """Benzing's variants in a plain loop: each rank takes every other sample of the step's
     mini-batch and of the independent one (whose loss goes through the unwrapped module)."""
-    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     import torch
-    import torch.distributed as dist
 
     from conftest import make_tasks, mlp
     from avalanche_si import SynapticIntelligence
     from test_estimators import C, XI, _draws
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _process_group(rank, world_size, port):
         model = torch.nn.parallel.DistributedDataParallel(mlp())
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
         si = SynapticIntelligence(model, opt, si_lambda=C, eps=XI, importance=importance)
@@ -92,5 +93,3 @@ def train_rank_family(rank, world_size, port, out_dir, importance):
         torch.save({"omega": si.importances(),
                     "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
