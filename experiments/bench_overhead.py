@@ -715,20 +715,15 @@ def main(argv=None) -> int:
     import io
     import json
     import os
-    import shlex
     import sys
 
+    from .options import rerun_command
     from .run import CODE_COMMIT
 
-    shown, skip = [], False  # the command, without where the data lie or where output goes
-    for a in (argv if argv is not None else sys.argv[1:]):
-        if skip:
-            skip = False
-        elif a in ("--data-root", "--save"):
-            skip = True
-        elif not a.startswith(("--data-root=", "--save=")):
-            shown.append(a)
-    command = "python -m experiments.bench_overhead " + " ".join(map(shlex.quote, shown))
+    # the command, without where the data lie or where output goes
+    command = rerun_command("experiments.bench_overhead",
+                            argv if argv is not None else sys.argv[1:],
+                            drop=("--data-root", "--save"))
     buffer = io.StringIO()
 
     class Tee(io.TextIOBase):

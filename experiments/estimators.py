@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -184,21 +183,8 @@ def scatter_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _without_data_root(argv: list[str]) -> list[str]:
-    """The command as others rerun it: where this machine keeps the data is not part of it."""
-    shown, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--data-root":
-            skip = True
-        elif not a.startswith("--data-root="):
-            shown.append(a)
-    return shown
-
-
 def main(argv=None) -> int:
-    from .options import BENCHMARKS, default_data_root
+    from .options import BENCHMARKS, default_data_root, rerun_command
 
     ap = argparse.ArgumentParser(prog="python -m experiments.estimators",
                                  description=__doc__.split("\n\n")[0])
@@ -215,8 +201,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shown = " ".join(shlex.quote(a) for a in _without_data_root(
-        argv if argv is not None else sys.argv[1:]))
+    command = rerun_command("experiments.estimators", argv if argv is not None else sys.argv[1:])
     results = []
     for seed in args.seeds:
         path = out / f"importances-seed{seed}.json"
@@ -229,7 +214,7 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size, seed=seed, eps=tuple(args.eps),
                 root=args.data_root or default_data_root(),
                 log=lambda m: print(m, flush=True))
-        r["command"] = "python -m experiments.estimators " + shown
+        r["command"] = command
         path.write_text(json.dumps(r))
         results.append(r)
     results.sort(key=lambda r: r["seed"])

@@ -17,18 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
 from pathlib import Path
 
 METHODS = {"SI": "task", "SIU": "siu", "SIB": "sib", "SOS": "sos"}
 
 
-#: the command recorded in each run's file (where this machine keeps the data is left out)
-COMMAND = "python -m experiments.family"
-
-
-def _runs(out: Path, configs, log) -> list[dict]:
+def _runs(out: Path, configs, log, command: str) -> list[dict]:
+    """Each config's saved result, training the missing ones; their files record `command`
+    (the study's, without where this machine keeps the data) and no data folder."""
     from .run import result_path, run, save_result
 
     results = []
@@ -38,7 +35,7 @@ def _runs(out: Path, configs, log) -> list[dict]:
             log(f"  {cfg.run_id()}  c={cfg.si_lambda:g} batch {cfg.batch_size}"
                 + (" (validation)" if cfg.validation else ""))
             result = run(cfg, log=lambda m: None)
-            result["command"] = COMMAND
+            result["command"] = command
             result["config"]["data_root"] = ""
             save_result(out, result)
         results.append(json.loads(path.read_text()))
@@ -46,7 +43,7 @@ def _runs(out: Path, configs, log) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from .options import default_data_root
+    from .options import default_data_root, rerun_command, without_options
     from .report import _pm, mean_sem
     from .run import RunConfig
 
@@ -64,12 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    global COMMAND
-    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if "--data-root" in shown:
-        i = shown.index("--data-root")
-        del shown[i:i + 2]
-    COMMAND = "python -m experiments.family " + " ".join(map(shlex.quote, shown))
+    shown = without_options(argv if argv is not None else sys.argv[1:])
+    command = rerun_command("experiments.family", shown)
     out = Path(args.out)
     # (the digits need no data folder: none is recorded in their results)
     root = "" if args.benchmark == "split-digits" else args.data_root or default_data_root()
@@ -88,7 +81,7 @@ def main(argv=None) -> int:
                     runs = _runs(out / "sweep" / f"batch{batch}" / f"c{c:g}", [
                         RunConfig(**common, method="si", si_importance=importance, si_lambda=c,
                                   seed=s, validation=args.validation)
-                        for s in args.sweep_seeds], log)
+                        for s in args.sweep_seeds], log, command)
                     scores[c] = sum(r["final_average_accuracy"] for r in runs) / len(runs)
                 best[name] = max(scores, key=scores.get)
                 chosen.append(f"| {batch} | {scenario} | {name} | "
@@ -96,11 +89,11 @@ def main(argv=None) -> int:
                               + f" | **{best[name]:g}** |")
             test = out / "test" / f"batch{batch}"
             finals = {"Naive": _runs(test, [RunConfig(**common, method="naive", seed=s)
-                                            for s in args.seeds], log)}
+                                            for s in args.seeds], log, command)}
             for name, importance in METHODS.items():
                 finals[name] = _runs(test, [
                     RunConfig(**common, method="si", si_importance=importance,
-                              si_lambda=best[name], seed=s) for s in args.seeds], log)
+                              si_lambda=best[name], seed=s) for s in args.seeds], log, command)
             acc = {m: [100 * r["final_average_accuracy"] for r in rs] for m, rs in finals.items()}
             for m in acc:
                 curves.setdefault((scenario, m), []).append((batch, *mean_sem(acc[m])))
@@ -123,7 +116,7 @@ def main(argv=None) -> int:
         "Held-out accuracy (%) per c of the sweep, and the c chosen:\n",
         "| batch | scenario | method | " + " | ".join(f"c = {c:g}" for c in args.grid)
         + " | chosen |", "|---|---|---|" + "---|" * (len(args.grid) + 1), *chosen, "",
-        f"Rerun: `python -m experiments.family {' '.join(map(shlex.quote, shown))}`", ""])
+        f"Rerun: `{command}`", ""])
     (out / "summary.md").write_text(text)
     _plot(curves, args.scenario, out / "batch-size.png")
     (out / "family.json").write_text(json.dumps({"argv": shown,

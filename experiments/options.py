@@ -33,6 +33,28 @@ class DataError(RuntimeError):
     """A dataset is missing or unreadable; the message says where it looked."""
 
 
+def without_options(argv: list[str], drop: tuple[str, ...] = ("--data-root",)) -> list[str]:
+    """`argv` without the options in `drop` and their values, in either spelling
+    (`--data-root X`, `--data-root=X`): what is this machine's, not the result's (where the
+    data lie, where output goes)."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in drop:
+            skip = True
+        elif not a.startswith(tuple(f"{d}=" for d in drop)):
+            shown.append(a)
+    return shown
+
+
+def rerun_command(module: str, argv: list[str], drop: tuple[str, ...] = ("--data-root",)) -> str:
+    """The command others rerun a result with: `python -m <module>` and `argv` less `drop`."""
+    import shlex
+
+    return " ".join(["python -m", module, *map(shlex.quote, without_options(argv, drop))])
+
+
 def default_data_root() -> str:
     """``$AVALANCHE_SI_DATA`` if set, else ``./data``."""
     return os.environ.get(DATA_ENV, "data")

@@ -737,12 +737,12 @@ def test_the_estimator_studies_summaries_are_what_their_runs_give(tmp_path, monk
 
 
 def _no_training(runs):
-    def only_saved(out, configs, log):
+    def only_saved(out, configs, *rest):
         from experiments.run import result_path
 
         missing = [c.run_id() for c in configs if not result_path(out, c).exists()]
         assert not missing, f"{out}: no saved run for {missing[:3]}"
-        return runs(out, configs, log)
+        return runs(out, configs, *rest)
     return only_saved
 
 

@@ -31,7 +31,6 @@ CLAMP_MODES = ("task", "total", "none")
 Strength = Union[float, Sequence[float], Callable[[int], float]]
 
 
-
 class OptionTypeError(TypeError, ValueError):
     """An option or argument of the wrong type. A `TypeError`; also a `ValueError`, which
     avalanche_si 0.2 raised for these, so code written against it keeps catching them."""
