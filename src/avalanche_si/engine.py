@@ -878,8 +878,6 @@ class SynapticIntelligence:
                                weight=None if found_inf is None else 1.0 - found_inf)
         elif self._importance in ("siu", "sib"):
             measure = g.pick(g.indep)
-            for u in measure:  # an overflow of the independent pass must not reach ω
-                torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
             if self._importance == "sib":  # g_u − g, before the penalty joins g
                 torch._foreach_sub_(measure, grads)
                 g.step_swap = True  # ω += (g_u − g)·(θ − θ_pre)
@@ -973,6 +971,8 @@ class SynapticIntelligence:
             for gr in grads:
                 torch.distributed.all_reduce(gr)
             torch._foreach_div_(grads, float(world))
+        for gr in grads:  # an overflow of the independent pass must not reach ω
+            torch.nan_to_num_(gr, nan=0.0, posinf=0.0, neginf=0.0)
         k = 0
         for g in self._groups:
             g.indep, k = grads[k:k + len(g.params)], k + len(g.params)
