@@ -84,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="initialisation of the linear layers: torch (PyTorch's default, weights "
                         "and biases uniform in ±1/sqrt(fan_in)) or glorot (Keras's Dense "
                         "default, which Zenke et al.'s code used: Glorot-uniform weights, zero "
-                        "biases); default: the preset's (glorot for zenke-permuted-mnist), else "
-                        "torch; results of glorot go to e.g. si-init_glorot/")
+                        "biases) or benzing (Glorot-uniform weights, biases 0.1, as Benzing's "
+                        "code); default: the preset's (glorot for zenke-permuted-mnist, benzing "
+                        "for benzing-permuted-mnist), else torch; results go to e.g. "
+                        "si-init_glorot/")
     r.add_argument("--loss", choices=LOSSES, default="torch",
                    help="training loss: torch (nn.CrossEntropyLoss) or keras (Keras 2's "
                         "categorical cross-entropy, which Zenke et al.'s code used: softmax "

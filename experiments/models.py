@@ -17,17 +17,18 @@ def init_linear_(module: nn.Module, init: str) -> nn.Module:
 
     ``"torch"`` keeps PyTorch's default (weights and biases uniform in ±1/√fan_in).
     ``"glorot"`` is Keras's ``Dense`` default, which Zenke et al.'s code used: weights uniform
-    in ±√(6 / (fan_in + fan_out)) (Glorot & Bengio 2010), biases 0.
+    in ±√(6 / (fan_in + fan_out)) (Glorot & Bengio 2010), biases 0. ``"benzing"`` is the
+    start of Benzing's (2022) permuted-MNIST code: the same weights, biases 0.1.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}.")
-    if init == "glorot":
+    if init in ("glorot", "benzing"):
         with torch.no_grad():
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
                     if m.bias is not None:
-                        m.bias.zero_()
+                        m.bias.fill_(0.1 if init == "benzing" else 0.0)
     return module
 
 

@@ -15,7 +15,8 @@ METHODS = ("naive", "si", "avalanche-si", "avalanche-si-fixed", "ewc", "joint")
 #: the methods of online and task-free presets (experiments/online.py): SI by consolidation policy
 ONLINE_METHODS = ("naive", "si-experience", "si-k", "si-plateau", "si-boundary")
 TASK_HEADS = ("separate", "shared")  # Task-IL output: a head per task, or one masked layer
-INITS = ("torch", "glorot")          # linear layers: PyTorch's default, or Keras's Dense
+INITS = ("torch", "glorot", "benzing")  # linear layers: PyTorch's default, Keras's Dense, or
+#                                        Glorot weights with biases 0.1 (Benzing's code)
 LOSSES = ("torch", "keras")          # cross-entropy: PyTorch's, or Keras 2's clipped one
 DATA_ENV = "AVALANCHE_SI_DATA"
 

@@ -36,7 +36,8 @@ class RunConfig:
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
-    init: str = "torch"             # linear layers: PyTorch's default, or glorot (Keras's Dense)
+    init: str = "torch"             # linear layers: PyTorch's default, glorot (Keras's Dense), benzing
+    reset_optimizer: bool = False     # clear Adam's moments at each task's start (Benzing's code)
     loss: str = "torch"             # cross-entropy: PyTorch's, or keras (Keras 2's, clipped)
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
@@ -201,6 +202,8 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         acc, task_seconds = online.pop("accuracy_matrix"), [online["train_seconds"]]
     for exp in (stream.benchmark.train_stream if cfg.stream == "tasks" else ()):
         t0 = time.perf_counter()
+        if cfg.reset_optimizer:  # Avalanche keeps the optimizer's state from task to task
+            optimizer.state.clear()
         strategy.train(exp, eval_streams=[], num_workers=0)
         task_seconds.append(time.perf_counter() - t0)
         row = [accuracy(model, t.x_test, t.y_test, t.task_label) for t in stream.tasks]
