@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--validation", type=float, default=0.2)
     ap.add_argument("--hidden", type=int, nargs="+", default=[100, 100])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--eps", type=float, default=1e-3, help="SI's damping ξ (SIU, SIB; SOS "
+                    "divides by 1, Benzing's damping for it)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    ap.add_argument("--scale-lr", action="store_true",
+                    help="multiply --lr by batch/256 at each batch size, as Benzing's code does")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -67,13 +72,14 @@ def main(argv=None) -> int:
     # (the digits need no data folder: none is recorded in their results)
     root = "" if args.benchmark == "split-digits" else args.data_root or default_data_root()
     base = dict(benchmark=args.benchmark, hidden=tuple(args.hidden), iterations=None,
-                epochs=args.epochs, si_eps=1e-3, data_root=root)
+                epochs=args.epochs, si_eps=args.eps, lr=args.lr, data_root=root)
+    lr_of = (lambda b: args.lr * b / 256) if args.scale_lr else (lambda b: args.lr)
     log = lambda m: print(m, flush=True)  # noqa: E731
     rows, paired, chosen = [], [], []
     curves = {}  # (scenario, method) -> [(batch, mean, sem)]
     for batch in args.batch_sizes:
         for scenario in args.scenario:
-            common = dict(base, scenario=scenario, batch_size=batch)
+            common = dict(base, scenario=scenario, batch_size=batch, lr=lr_of(batch))
             best = {}
             for name, importance in METHODS.items():
                 scores = {}
@@ -104,9 +110,10 @@ def main(argv=None) -> int:
                 diffs = [a - b for a, b in zip(acc[m], acc["SI"])]
                 paired.append(f"| {batch} | {scenario} | {m} − SI | {_pm(*mean_sem(diffs))} |")
     text = "\n".join([
-        f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam, "
-        f"{args.epochs} epochs per task, ξ = 1e-3. Mean accuracy over all tasks after the last "
-        f"(%), mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
+        f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam (lr "
+        + (f"{args.lr:g} × batch/256" if args.scale_lr else f"{args.lr:g}")
+        + f"), {args.epochs} epochs per task, ξ = {args.eps:g} (SOS: 1). Mean accuracy over "
+        f"all tasks after the last (%), mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
         f"method at the c it scored best with on held-out training data "
         f"({args.validation:g} of each task, seeds {', '.join(map(str, args.sweep_seeds))}):\n",
         "| batch | scenario | Naive | SI | SIU | SIB | SOS |", "|---|---|---|---|---|---|---|",
