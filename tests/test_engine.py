@@ -335,3 +335,50 @@ def test_the_penalty_value_is_the_definition_also_with_negative_importances(impo
                              ).sum() for n in omega)  # signs matter here
     torch.testing.assert_close(values[-1].double(), want, rtol=1e-5 if dtype == torch.float32
                                else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # _foreach path, fused path
+def test_task_importance_reuses_the_last_steps_gradient_tensors(tasks, set_to_none, dtype):
+    # importance="task" gives the optimizer other tensors than the task gradient's (which ω
+    # needs after the step): from the second step on, the ones the last backward pass made,
+    # free once ω has them, instead of a new copy per step; and still SI by the definition
+    import functools
+
+    _, ref_o = _reference(tasks, "task")
+    model = mlp(dtype=dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    opt.zero_grad = functools.partial(torch.optim.Adam.zero_grad, opt, set_to_none=set_to_none)
+    si = _si(model, opt, "task")
+    backward, stepped = [], []
+    opt.register_step_pre_hook(lambda *_: stepped.append([p.grad for p in model.parameters()]))
+    train_loop(model, opt, [(x.to(dtype), y, t) for x, y, t in tasks], si,
+               on_backward=lambda m, step: backward.append([p.grad for p in m.parameters()]))
+    assert len(stepped) == len(backward) > 10
+    assert all(a is not b for a, b in zip(stepped[0], backward[0]))
+    for k in range(1, len(stepped)):
+        assert all(a is b for a, b in zip(stepped[k], backward[k - 1])), k
+    _close(_omegas(si), {n: o.to(dtype) for n, o in ref_o.items()},
+           **({} if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-5)))
+
+
+def test_task_importance_does_not_write_into_gradients_that_share_memory(tasks):
+    # DDP's gradient_as_bucket_view hands out gradients that are views of one bucket, the same
+    # memory every step: the last step's gradient tensors are then no place for this step's
+    def into_one_bucket(model, step):
+        params = list(model.parameters())
+        bucket = bucket_of.setdefault(0, torch.empty(sum(p.numel() for p in params),
+                                                     dtype=params[0].dtype))
+        at = 0
+        for p in params:
+            view = bucket[at:at + p.numel()].view_as(p)
+            view.copy_(p.grad)
+            p.grad, at = view, at + p.numel()
+
+    _, ref_o = _reference(tasks, "task")
+    bucket_of = {}
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, "task")
+    train_loop(model, opt, tasks, si, on_backward=into_one_bucket)
+    _close(_omegas(si), ref_o)

@@ -51,14 +51,20 @@ shapes = st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=3), min_size
 @needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(shapes=shapes, c=st.floats(0.0, 1e3), in_place=st.booleans(), with_pre=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
-def test_penalty_step_bits_equal_foreach_and_match_float64(shapes, c, in_place, with_pre, seed):
+       into=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_penalty_step_bits_equal_foreach_and_match_float64(shapes, c, in_place, with_pre, into,
+                                                          seed):
     grads, omega, params, prev = rand_lists(shapes, seed)
+    into = into and not in_place  # out= (importance="task"'s reused tensors)
 
     def run():
         g, pre = clone(grads), ([torch.full_like(p, float("nan")) for p in params]
                                 if with_pre else None)
-        out, value = F.penalty_step(g, omega, params, prev, strength=c, in_place=in_place, pre=pre)
+        given_out = [torch.full_like(t, float("nan")) for t in grads] if into else None
+        out, value = F.penalty_step(g, omega, params, prev, strength=c, in_place=in_place, pre=pre,
+                                    out=given_out)
+        if into:
+            assert all(a is b for a, b in zip(out, given_out))  # written there, not allocated
         return g, out, pre, value()
 
     (g1, out1, pre1, v1), (g2, out2, pre2, v2) = both_paths(run)
@@ -68,6 +74,9 @@ def test_penalty_step_bits_equal_foreach_and_match_float64(shapes, c, in_place, 
         assert all(a is b for a, b in zip(out1, g1))
     else:
         assert all(torch.equal(a, b) for a, b in zip(g1, grads))
+        if into:  # the same bits as into new tensors
+            new, _ = F.penalty_step(clone(grads), omega, params, prev, strength=c, in_place=False)
+            assert all(torch.equal(a, b) for a, b in zip(out1, new))
     if with_pre:
         assert all(torch.equal(a, p) for a, p in zip(pre1, params))
     ref_value = 0.0

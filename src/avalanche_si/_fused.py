@@ -228,9 +228,10 @@ def _pointers(lists: Sequence[Sequence[Tensor]]) -> Optional[list[int]]:
 
 def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
             prev: Sequence[Tensor], pre: Optional[Sequence[Tensor]], *, two_c: float,
-            in_place: bool) -> Optional[tuple[list[Tensor], Tensor]]:
+            in_place: bool, out: Optional[Sequence[Tensor]] = None
+            ) -> Optional[tuple[list[Tensor], Tensor]]:
     r"""One pass: `g' = grads + two_c·Ω·(θ − θ*)` (into `grads` if `in_place`, else
-    into new tensors) and `pre = θ` if given.
+    into `out`, or new tensors) and `pre = θ` if given.
 
     Returns:
         `(g', sums)`, `sums` the float64 per-tensor sums of
@@ -239,10 +240,13 @@ def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[T
     """
     lists = [grads, omega, params, prev] + ([pre] if pre is not None else [])
     table = _pointers(lists)
-    if table is None:
+    if table is None or (out is not None and not in_place and _pointers([out]) is None):
         return None
     k = len(grads)
-    out = list(grads) if in_place else [torch.empty_like(g) for g in grads]
+    if in_place:
+        out = list(grads)
+    else:
+        out = list(out) if out is not None else [torch.empty_like(g) for g in grads]
     table[k:k] = table[:k] if in_place else [t.data_ptr() for t in out]  # the out list
     tab = array("q", table)
     sums = torch.empty(k, dtype=torch.float64)

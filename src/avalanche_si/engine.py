@@ -102,6 +102,22 @@ def _count_steps() -> None:
         _counting = True
 
 
+def _spare_for(g: "_Group", grads: list[Tensor]) -> Optional[list[Tensor]]:
+    """The group's spare tensors if they can take this step's gradients (the same shapes,
+    dtypes and devices, and no memory shared with any gradient: DDP, for one, hands out
+    gradients that are views of one bucket), else None (they are dropped)."""
+    spare, g.spare = g.spare, None
+    if spare is None or len(spare) != len(grads):
+        return None
+    for s, gr in zip(spare, grads):
+        if s.shape != gr.shape or s.dtype != gr.dtype or s.device != gr.device:
+            return None
+    used = {gr.untyped_storage().data_ptr() for gr in grads}
+    if any(s.untyped_storage().data_ptr() in used for s in spare):
+        return None
+    return spare
+
+
 class _Group:
     """One group's configuration and its per-step lists."""
 
@@ -127,6 +143,10 @@ class _Group:
         self.step_swap = False            # "sib": ω += (g_u − g)·Δθ, pre and θ swapped
         self.indep: Optional[list[Tensor]] = None  # "siu"/"sib": the independent gradient
         self.pending_delta: Optional[list[Tensor]] = None  # "delta_params": g·Δθ of the step
+        # "task": the tensors the next step's gradient for the optimizer is written into (the
+        # task gradient tensors of the last step, free once ω has them), so that no step
+        # allocates them
+        self.spare: Optional[list[Tensor]] = None
         self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
         self.penalty: Optional[Tensor] = None              # ... computed when first read
 
@@ -284,8 +304,10 @@ class SynapticIntelligence:
     `penalty` (computed when read, for logging; it is not part of your loss).
 
     Memory: Ω, `θ*`, ω and the weights before the step,
-    `4n` numbers for `n` regularized weights (`3n` with `importance="delta_params"`), on
-    each parameter's device, in the weights' dtype (float32 for 16-bit weights; see
+    `4n` numbers for `n` regularized weights (`3n` with `importance="delta_params"` or
+    `"sos"`; `"task"` keeps `n` more: the optimizer steps on a second gradient tensor, the
+    penalty's added, while ω keeps the task's; the last step's task gradient tensors are
+    reused for it rather than allocated at every step), on each parameter's device, in the weights' dtype (float32 for 16-bit weights; see
     `state_dtype`). The state lives here, not in the model: `model.state_dict()` is unchanged.
 
     Args:
@@ -716,7 +738,10 @@ class SynapticIntelligence:
         self._accumulating = True
         if self._importance == "task":
             for g in self._groups:
-                for p, gr in zip(g.pick(g.params), g.step_grads):
+                params = g.pick(g.params)
+                if g.step_grads:
+                    g.spare = [p.grad for p in params]  # the step's, now free
+                for p, gr in zip(params, g.step_grads):
                     p.grad = gr
 
     def _check_predicted_lrs(self) -> None:
@@ -882,11 +907,12 @@ class SynapticIntelligence:
                 torch._foreach_sub_(measure, grads)
                 g.step_swap = True  # ω += (g_u − g)·(θ − θ_pre)
         task = self._importance == "task"
+        # "task": the optimizer gets other gradient tensors (the spare ones, reused from step
+        # to step), with the penalty added; the task gradients stay in g.step_grads for ω
+        spare = _spare_for(g, grads) if task else None
         if self._state.consolidated[g.key] and g.c != 0.0:
-            # "task": the optimizer gets new gradient tensors with the penalty added; the
-            # task gradients stay in g.step_grads for ω.
             total, g.value = penalty_step(grads, g.pick(g.omega), params, g.pick(g.prev),
-                                          strength=g.c, pre=pre, in_place=not task)
+                                          strength=g.c, pre=pre, in_place=not task, out=spare)
             if task:
                 for p, t in zip(params, total):
                     p.grad = t
@@ -894,8 +920,12 @@ class SynapticIntelligence:
             if pre is not None:
                 torch._foreach_copy_(pre, params)  # no_grad: no detach needed
             if task:  # as above, so that ω never sees what is done to .grad later
-                for p, gr in zip(params, grads):
-                    p.grad = gr.clone()
+                if spare is None:
+                    spare = [gr.clone() for gr in grads]
+                else:
+                    torch._foreach_copy_(spare, grads)
+                for p, t in zip(params, spare):
+                    p.grad = t
         if pre is not None:
             g.step_grads = measure
 
@@ -940,6 +970,8 @@ class SynapticIntelligence:
                 pre, now = g.pick(g.pre), g.pick(g.params)
                 accumulate_from_pre(g.pick(g.running), g.step_grads,
                                     *((now, pre) if g.step_swap else (pre, now)))
+                if self._importance == "task":  # free now: the next step writes into them
+                    g.spare = g.step_grads
                 g.step_grads = []
         return self._policy.at_step(loss)
 

@@ -228,7 +228,7 @@ def penalty_grad(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
 @torch.no_grad()
 def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[Tensor],
                  prev: Sequence[Tensor], *, strength: float, in_place: bool = True,
-                 pre: Optional[Sequence[Tensor]] = None
+                 pre: Optional[Sequence[Tensor]] = None, out: Optional[Sequence[Tensor]] = None
                  ) -> tuple[list[Tensor], Callable[[], Tensor]]:
     r"""One step's penalty gradient, and optionally the checkpoint of the weights before the step.
 
@@ -248,6 +248,8 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         in_place: add to `grads` (True) or leave them as they are and return new
             tensors (False: the task gradient survives the step, for `importance="task"`).
         pre: where to copy θ, or None.
+        out: with `in_place=False`, tensors shaped and typed as `grads` (none of them one
+            of `grads`) to write `g'` into instead of allocating new ones.
 
     Returns:
         `(g', value)`: the gradients to step with (`grads` itself when `in_place`),
@@ -260,7 +262,7 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         before `pre` is written again).
     """
     fused = _fused.penalty(grads, omega, params, prev, pre, two_c=2.0 * strength,
-                           in_place=in_place) if grads else None
+                           in_place=in_place, out=out) if grads else None
     if fused is not None:
         out, sums = fused
         value = partial(_summed_value, sums, strength, params[0].dtype)
@@ -268,6 +270,10 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         return out, value
     if in_place:
         out, d = list(grads), penalty_grad_(grads, omega, params, prev, strength=strength)
+    elif out is not None:  # g' written into given tensors: the same bits as penalty_grad()'s
+        out = list(out)
+        torch._foreach_copy_(out, grads)
+        d = penalty_grad_(out, omega, params, prev, strength=strength)
     else:
         out, d = penalty_grad(grads, omega, params, prev, strength=strength)
     if pre:

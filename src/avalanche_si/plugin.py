@@ -73,9 +73,10 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     Memory: Ω, `θ*`, ω and the weights before the
     step, `4n` numbers for `n` regularized weights (`3n` with
-    `importance="delta_params"`), on each parameter's device, in the weights' dtype
-    (float32 for 16-bit weights; see `state_dtype`). The state lives in the plugin, not
-    in the model: `model.state_dict()` is unchanged.
+    `importance="delta_params"` or `"sos"`; `"task"` keeps `n` more, the gradient the
+    optimizer steps with, reused from step to step), on each parameter's device, in the
+    weights' dtype (float32 for 16-bit weights; see `state_dtype`). The state lives in the
+    plugin, not in the model: `model.state_dict()` is unchanged.
 
     The plugin is a thin adapter: the work is done by its `engine`, a
     `SynapticIntelligence`, which a plain PyTorch loop or the Lightning
