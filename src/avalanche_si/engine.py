@@ -103,18 +103,21 @@ def _count_steps() -> None:
 
 
 def _spare_for(g: "_Group", grads: list[Tensor]) -> Optional[list[Tensor]]:
-    """The group's spare tensors if they can take this step's gradients (the same shapes,
-    dtypes and devices, and no memory shared with any gradient: DDP, for one, hands out
-    gradients that are views of one bucket), else None (they are dropped)."""
+    """The group's spare tensors if they can take this step's gradients, else None (they are
+    dropped). They are the gradients of the last step's parameters (`g.spare_idx`), so they
+    fit those of a step over the same ones; they must share no memory with a gradient: DDP,
+    for one, hands out gradients that are views of one bucket, the same memory every step."""
     spare, g.spare = g.spare, None
-    if spare is None or len(spare) != len(grads):
+    if spare is None or g.spare_idx != g.step_idx or len(spare) != len(grads):
         return None
-    for s, gr in zip(spare, grads):
-        if s.shape != gr.shape or s.dtype != gr.dtype or s.device != gr.device:
+    if any(t._base is not None for t in spare) or any(t._base is not None for t in grads):
+        used = {t.untyped_storage().data_ptr() for t in grads}
+        if any(t.untyped_storage().data_ptr() in used for t in spare):
             return None
-    used = {gr.untyped_storage().data_ptr() for gr in grads}
-    if any(s.untyped_storage().data_ptr() in used for s in spare):
-        return None
+    else:  # tensors that are no views share memory only by being the same tensor
+        used = {id(t) for t in grads}
+        if any(id(t) in used for t in spare):
+            return None
     return spare
 
 
@@ -147,6 +150,7 @@ class _Group:
         # task gradient tensors of the last step, free once ω has them), so that no step
         # allocates them
         self.spare: Optional[list[Tensor]] = None
+        self.spare_idx: Optional[list[int]] = None  # the step_idx of the step they served
         self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
         self.penalty: Optional[Tensor] = None              # ... computed when first read
 
@@ -739,8 +743,8 @@ class SynapticIntelligence:
         if self._importance == "task":
             for g in self._groups:
                 params = g.pick(g.params)
-                if g.step_grads:
-                    g.spare = [p.grad for p in params]  # the step's, now free
+                if g.step_grads:  # the step's, now free
+                    g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
                 for p, gr in zip(params, g.step_grads):
                     p.grad = gr
 
@@ -971,7 +975,7 @@ class SynapticIntelligence:
                 accumulate_from_pre(g.pick(g.running), g.step_grads,
                                     *((now, pre) if g.step_swap else (pre, now)))
                 if self._importance == "task":  # free now: the next step writes into them
-                    g.spare = g.step_grads
+                    g.spare, g.spare_idx = g.step_grads, g.step_idx
                 g.step_grads = []
         return self._policy.at_step(loss)
 
