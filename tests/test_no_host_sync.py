@@ -94,6 +94,82 @@ def test_the_guard_catches_a_sync():
             bool(torch.ones(()))
 
 
+@pytest.mark.parametrize("path", ["fused", "foreach"])
+@pytest.mark.parametrize("importance", ["siu", "sib", "sos"])
+def test_benzings_estimators_never_sync(importance, path):
+    # the engine's per-step calls, with the independent gradient recorded as a loop hands it
+    if path == "fused" and not _fused.available():
+        pytest.skip(f"fused kernels unavailable: {_fused.why_not}")
+    with (_fused.disabled() if path == "foreach" else contextlib.nullcontext()):
+        _engine_steps_never_sync(importance)
+
+
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params", "siu", "sib", "sos"])
+def test_steps_with_a_grad_scaler_never_sync(importance):
+    # the scaler's own found_inf bookkeeping is the scaler's; SI's reads of it must not sync
+    _engine_steps_never_sync(importance, scaler=True)
+
+
+@contextlib.contextmanager
+def cuda_sync_errors(allowed_ids=frozenset()):
+    """CUDA's own detector: any synchronising CUDA call raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _engine_steps_never_sync(importance, scaler=False, device="cpu", guard=no_host_sync):
+    """SI's per-step calls (and nothing else: the scaler's step and update read found_inf
+    on the host by design) inside `guard`."""
+    from avalanche_si import SynapticIntelligence
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    amp_scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 8) if scaler else None
+    si = SynapticIntelligence(model, opt, si_lambda=1.0, importance=importance,
+                              scaler=amp_scaler)
+    x, y = torch.randn(16, 5, device=device), torch.randint(0, 3, (16,), device=device)
+    xu, yu = torch.randn(16, 5, device=device), torch.randint(0, 3, (16,), device=device)
+    ce = torch.nn.functional.cross_entropy
+    checked = 0
+    for task in range(3):
+        si.start_task()
+        for _ in range(4):
+            host_scalars = {id(st["step"]) for st in opt.state.values() if "step" in st}
+            if importance in ("siu", "sib"):
+                loss_u = ce(model(xu), yu)
+                with guard(host_scalars):
+                    si.record_independent_gradient(loss_u)
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            (amp_scaler.scale(loss) if scaler else loss).backward()
+            with guard(host_scalars):
+                si.before_step()
+            if scaler:
+                amp_scaler.step(opt)
+                amp_scaler.update()
+            else:
+                opt.step()
+            with guard(host_scalars):
+                si.after_step(loss.detach())
+            checked += 1
+        si.end_task()
+    assert checked == 12 and float(sum(o.sum() for o in si.importances().values())) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("scaler", [False, True])
+@pytest.mark.parametrize("importance", ["total", "task", "delta_params", "siu", "sib", "sos"])
+def test_cuda_engine_steps_report_no_sync(importance, scaler):
+    # CUDA's own detector around the engine's per-step calls, every importance mode, with and
+    # without a GradScaler
+    _engine_steps_never_sync(importance, scaler=scaler, device="cuda", guard=cuda_sync_errors)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_sync_debug_mode_reports_nothing():
     model = torch.nn.Linear(5, 3).cuda()
