@@ -485,6 +485,38 @@ def test_zenke_preset_runs_the_si_variant_of_zenkes_code():
         ("si", "total", "task", "torch", "permuted-mnist/domain/si/seed0")]
 
 
+def test_benzing_preset_runs_the_si_of_his_code_with_adam_reset_per_task(monkeypatch):
+    """benzing-permuted-mnist: his network, ω from the task gradient clamped per task, biases
+    0.1, c = 0.2, and Adam's moments started afresh at every task (Avalanche keeps them)."""
+    import experiments.run as run_module
+    from experiments.cli import _configs, _parser
+    from experiments.run import RunConfig, run
+
+    args = _parser().parse_args(["run", "--preset", "benzing-permuted-mnist", "--scenario",
+                                 "domain", "--method", "si", "--seeds", "10"])
+    (cfg,) = _configs(args)
+    assert (cfg.hidden, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.n_tasks, cfg.pad) == (
+        (2000, 2000), 256, 20, None, 10, 0)
+    assert (cfg.si_importance, cfg.si_clamp, cfg.si_eps, cfg.si_lambda, cfg.init,
+            cfg.reset_optimizer) == ("task", "task", 0.1, 0.2, "benzing", True)
+    assert cfg.run_id() == "permuted-mnist/domain/si-task-init_benzing/seed10"
+
+    fresh = []  # per optimizer step: did Adam start with no moments?
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            fresh.append(not any(self.state.values()))
+            return super().step(closure)
+
+    monkeypatch.setattr(run_module.torch.optim, "Adam", Recording)
+    for reset in (True, False):
+        fresh.clear()
+        run(RunConfig(benchmark="split-digits", scenario="task", method="si", hidden=(16,),
+                      iterations=4, n_tasks=5, reset_optimizer=reset), log=lambda m: None)
+        assert len(fresh) == 20 and sum(fresh) == (5 if reset else 1)
+        assert all(fresh[k] == (k % 4 == 0) for k in range(20)) if reset else fresh[0]
+
+
 @pytest.mark.parametrize("scenario,task_head", [("task", "separate"), ("task", "shared"),
                                                 ("domain", "separate"), ("class", "separate")])
 def test_glorot_init_covers_every_linear_layer_and_heads_added_later(scenario, task_head):
@@ -511,6 +543,14 @@ def test_glorot_init_covers_every_linear_layer_and_heads_added_later(scenario, t
         w = m.weight.detach()
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # spans the Glorot range
         assert torch.count_nonzero(m.bias) == 0
+    torch.manual_seed(0)  # --init benzing: the same weights, biases 0.1 (Benzing's code)
+    benzing = build_model(scenario, stream.input_dim, [300, 200], stream.classes_per_task,
+                          stream.n_outputs, task_head=task_head, n_tasks=stream.n_tasks,
+                          init="benzing")
+    for exp in stream.benchmark.train_stream[:3]:
+        avalanche_model_adaptation(benzing, exp)
+    for m, b in zip(linears, [m for m in benzing.modules() if isinstance(m, torch.nn.Linear)]):
+        assert torch.equal(m.weight, b.weight) and bool((b.bias == 0.1).all())
     torch.manual_seed(0)
     default = build_model(scenario, stream.input_dim, [300, 200], stream.classes_per_task,
                           stream.n_outputs, task_head=task_head, n_tasks=stream.n_tasks)
