@@ -311,8 +311,9 @@ class SynapticIntelligence:
     `4n` numbers for `n` regularized weights (`3n` with `importance="delta_params"` or
     `"sos"`; `"task"` keeps `n` more: the optimizer steps on a second gradient tensor, the
     penalty's added, while ω keeps the task's; the last step's task gradient tensors are
-    reused for it rather than allocated at every step), on each parameter's device, in the weights' dtype (float32 for 16-bit weights; see
-    `state_dtype`). The state lives here, not in the model: `model.state_dict()` is unchanged.
+    reused for it rather than allocated at every step), on each parameter's device, in the
+    weights' dtype (float32 for 16-bit weights; see `state_dtype`). The state lives here,
+    not in the model: `model.state_dict()` is unchanged.
 
     Args:
         model: the model to regularize (or later, with `bind()`). Wrappers of
