@@ -214,8 +214,11 @@ class Bench:
         p = self.plugins[0] if self.plugins else None
         if p is None:
             return 0
-        if hasattr(p, "engine"):  # SIPlugin
-            return sum(b.numel() * b.element_size() for b in p.engine._state.store.buffers())
+        if hasattr(p, "engine"):  # SIPlugin: its state, and what importance="task" keeps
+            # between steps for the next step's gradient (the spare tensors)
+            spare = [t for g in p.engine._groups for t in (getattr(g, "spare", None) or ())]
+            return sum(b.numel() * b.element_size()
+                       for b in [*p.engine._state.store.buffers(), *spare])
         if hasattr(p, "_state"):  # SIPlugin 0.2 (--baseline)
             return sum(b.numel() * b.element_size() for b in p._state.store.buffers())
         if hasattr(p, "_store"):  # SIPlugin of an older version (--baseline)
