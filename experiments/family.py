@@ -113,8 +113,8 @@ def main(argv=None) -> int:
         f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam (lr "
         + (f"{args.lr:g} × batch/256" if args.scale_lr else f"{args.lr:g}")
         + f"), {args.epochs} epoch{'s' if args.epochs != 1 else ''} per task, "
-        f"ξ = {args.eps:g} (SOS: 1). Mean accuracy over "
-        f"all tasks after the last (%), mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
+        f"ξ = {args.eps:g} (SOS: 1). Mean accuracy over all tasks after the last (%), "
+        f"mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
         f"method at the c it scored best with on held-out training data "
         f"({args.validation:g} of each task, seeds {', '.join(map(str, args.sweep_seeds))}):\n",
         "| batch | scenario | Naive | SI | SIU | SIB | SOS |", "|---|---|---|---|---|---|---|",

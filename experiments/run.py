@@ -37,7 +37,7 @@ class RunConfig:
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
-    init: str = "torch"             # linear layers: PyTorch's default, glorot (Keras's Dense), benzing
+    init: str = "torch"             # linear layers: torch's default, glorot (Keras's), benzing
     reset_optimizer: bool = False     # clear Adam's moments at each task's start (Benzing's code)
     loss: str = "torch"             # cross-entropy: PyTorch's, or keras (Keras 2's, clipped)
     ewc_lambda: float = 5000.0
