@@ -121,12 +121,14 @@ def train_stream(strat, bench, **kwargs):
 
 
 def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2, clamp="task",
-                 rewrite_grads=None, on_step=None):
+                 rewrite_grads=None, on_step=None, reinit=None):
     """SI by the definition: a plain per-parameter loop with the penalty through autograd.
 
     ``groups``: list of (list of parameter names, strength c, damping xi).
     ``rewrite_grads``: what another plugin does to the gradients before the step (in place).
     ``on_step``: called after every optimizer step (an LR scheduler's step, say).
+    ``reinit``: called with the model at the start of every task after the first (Benzing's
+    re-initialisation); the task's path length is then measured from the new weights.
     Returns ({name: Omega}, the trained model).
     """
     device = next(model.parameters()).device
@@ -135,7 +137,10 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
              for names, _, _ in groups for n, p in named.items() if n in names}
     consolidated = False
     ce = torch.nn.CrossEntropyLoss()
-    for x_all, y_all, _ in tasks:
+    for t, (x_all, y_all, _) in enumerate(tasks):
+        if reinit is not None and t > 0:
+            reinit(model)
+        start = {n: named[n].detach().clone() for n in state}
         running = {n: torch.zeros_like(named[n]) for n in state}
         for _ in range(epochs):
             for i in range(0, len(x_all), mb):
@@ -170,7 +175,7 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
         for names, _, xi in groups:
             for n in names:
                 s = state[n]
-                contribution = running[n] / ((named[n].detach() - s["prev"]) ** 2 + xi)
+                contribution = running[n] / ((named[n].detach() - start[n]) ** 2 + xi)
                 if clamp == "task":
                     s["omega"] = s["omega"] + torch.clamp(contribution, min=0)
                 elif clamp == "total":
@@ -183,15 +188,18 @@ def reference_si(model, optimizer, tasks, groups, *, importance, mb=8, epochs=2,
 
 
 def train_loop(model, optimizer, tasks, si, *, mb=8, epochs=2, accumulate=1, scaler=None,
-               autocast=None, clip=None, on_step=None, on_backward=None):
+               autocast=None, clip=None, on_step=None, on_backward=None, on_task_start=None):
     """SI in a plain PyTorch loop, as the docs' recipe writes it: ``accumulate`` backward passes
-    (each on mb / accumulate samples, loss divided by accumulate) per optimizer step."""
+    (each on mb / accumulate samples, loss divided by accumulate) per optimizer step.
+    ``on_task_start(model, si, t)`` runs after ``si.start_task()`` of task t."""
     device = next(model.parameters()).device
     ce = torch.nn.CrossEntropyLoss()
     micro = mb // accumulate
     step = 0
-    for x_all, y_all, _ in tasks:
+    for t, (x_all, y_all, _) in enumerate(tasks):
         si.start_task()
+        if on_task_start is not None:
+            on_task_start(model, si, t)
         for _ in range(epochs):
             for i in range(0, len(x_all), mb):
                 optimizer.zero_grad()

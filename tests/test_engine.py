@@ -382,3 +382,155 @@ def test_task_importance_does_not_write_into_gradients_that_share_memory(tasks):
     si = _si(model, opt, "task")
     train_loop(model, opt, tasks, si, on_backward=into_one_bucket)
     _close(_omegas(si), ref_o)
+
+
+# ------------------------------------------- restart_path: weights re-initialised per task
+
+
+def _reinit(model):
+    """New weights at a task's start, the same draw in every run (Benzing's re-initialisation)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _restart(model, si, t):
+    if t > 0:
+        _reinit(model)
+        si.restart_path()
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_restart_path_measures_the_task_from_the_new_weights(tasks, importance):
+    ref_w, ref_o = _reference(tasks, importance, reinit=_reinit)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si, on_task_start=_restart)
+    _close(weights(model), ref_w)
+    _close(_omegas(si), ref_o)
+    # without restart_path the jump to the new weights counts as path: another Ω
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    plain = _si(model, opt, importance)
+    train_loop(model, opt, tasks, plain, on_task_start=lambda m, s, t: t and _reinit(m))
+    assert not all(torch.allclose(a, b) for a, b in zip(_omegas(plain).values(),
+                                                         ref_o.values()))
+    assert not any(si._state.path_start.values())  # kept only until the consolidation
+
+
+def test_restart_path_once_training_began_is_refused_and_changes_nothing(tasks):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, si_lambda=1.0)
+    train_loop(model, opt, tasks[:1], si)
+    x, y, _ = tasks[1]
+    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    si.before_step()
+    with pytest.raises(RuntimeError, match="before the first step"):
+        si.restart_path()
+    opt.step()
+    si.after_step()
+    with pytest.raises(RuntimeError, match="before the first step"):
+        si.restart_path()
+    assert not any(si._state.path_start.values())
+    with pytest.raises(RuntimeError, match="bind"):
+        SynapticIntelligence().restart_path()
+
+
+def test_restart_path_is_saved_with_the_state_and_resumes_exactly(tasks):
+    full = mlp()
+    opt = torch.optim.SGD(full.parameters(), lr=0.1)
+    full_si = SynapticIntelligence(full, opt, si_lambda=5.0, eps=0.1)
+    train_loop(full, opt, tasks, full_si, on_task_start=_restart)
+
+    first = mlp()
+    opt = torch.optim.SGD(first.parameters(), lr=0.1)
+    si = SynapticIntelligence(first, opt, si_lambda=5.0, eps=0.1)
+    train_loop(first, opt, tasks[:1], si)
+    si.start_task()
+    _restart(first, si, 1)  # saved between the restart and the task's first step
+    state = si.state_dict()
+    assert set(state["path_start"]) == {f"si_path_start_weights_{i}" for i in range(6)}
+    resumed = SynapticIntelligence(si_lambda=5.0, eps=0.1)
+    resumed.load_state_dict(state)
+    resumed.bind(first, opt)
+    train_loop(first, opt, tasks[1:], resumed,
+               on_task_start=lambda m, s, t: _restart(m, s, t + 1) if t else None)
+    assert_same(weights(first), weights(full))
+    assert_same(resumed.importances(), full_si.importances())
+    assert "path_start" not in resumed.state_dict()
+
+    broken = dict(state, path_start={**state["path_start"], "si_path_start_weights_9": 0})
+    with pytest.raises(ValueError, match="belong to no parameter"):
+        SynapticIntelligence().load_state_dict(broken)
+    broken = dict(state, path_start={"si_path_start_weights_0": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape"):
+        SynapticIntelligence().load_state_dict(broken)
+
+
+def test_restart_path_keeps_nothing_for_sos(tasks):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, importance="sos")
+    train_loop(model, opt, tasks[:1], si)
+    si.start_task()
+    si.restart_path()
+    assert not any(si._state.path_start.values())
+
+
+def test_restart_path_in_avalanche_is_the_plain_loop_bit_for_bit(tasks):
+    from avalanche.core import SupervisedPlugin
+
+    from avalanche_si import SIPlugin
+
+    class Reinit(SupervisedPlugin):  # after SIPlugin in the list: SI has bound the model
+        def __init__(self, si):
+            super().__init__()
+            self.si = si
+
+        def before_training_exp(self, strategy, **kwargs):
+            if strategy.clock.train_exp_counter > 0:
+                _reinit(strategy.model)
+                self.si.restart_path()
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, "task")
+    train_loop(model, opt, tasks, si, on_task_start=_restart)
+    plugin_model = mlp()
+    plugin = SIPlugin(123.0, eps=5.0, importance="task", groups={
+        n: ParamGroup(params=names, si_lambda=c, eps=xi) for n, (names, c, xi) in GROUPS.items()})
+    train_stream(strategy(plugin_model, torch.optim.Adam(plugin_model.parameters(), lr=0.05),
+                          [plugin, Reinit(plugin)]), make_stream(tasks))
+    assert_same(weights(model), weights(plugin_model))
+    assert_same(_omegas(si), {f"{g}/{n}": o for g in plugin.group_names
+                              for n, o in plugin.importances(g).items()})
+
+
+def test_a_diverged_task_drops_its_path_start_and_may_restart_again(tasks):
+    from avalanche_si import NonFiniteImportanceError
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, si_lambda=1.0)
+    train_loop(model, opt, tasks[:1], si)
+    saved = weights(model)
+    si.start_task()
+    _restart(model, si, 1)
+    x, y, _ = tasks[1]
+    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    model[0].weight.grad.fill_(float("nan"))
+    si.before_step()
+    opt.step()
+    si.after_step()
+    with pytest.raises(NonFiniteImportanceError):
+        si.end_task()
+    # ω was reset and the weights are restored: the pending start no longer belongs to a path
+    assert not any(si._state.path_start.values())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    si.restart_path()  # a new attempt may re-initialise again
+    assert any(si._state.path_start.values())

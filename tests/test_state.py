@@ -131,3 +131,20 @@ def test_load_state_dict_rejects_bad_values_and_unknown_names():
     train_stream(strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), [lenient]),
                  make_stream(tasks[1:]))
     assert "encoder.0.weight" in lenient.state_dict()["groups"][None]["index"]  # kept, unused
+
+
+def test_a_path_start_grows_with_its_parameter_and_moves_with_it():
+    from avalanche_si.state import SIState
+
+    state = SIState([None], ("omega", "prev_theta", "running_omega"), None)
+    head = torch.arange(6.0).reshape(3, 2)
+    i = state.track(None, "head.weight", head)
+    state.mark_path_start(None, i, head)
+    grown = torch.cat([head + 100, -torch.ones(2, 2)])  # trained rows, and two new units
+    state.track(None, "head.weight", grown)
+    start = state.path_start[None][i]
+    # the old rows' path began at the marked weights; the new rows' path begins now
+    assert torch.equal(start, torch.cat([head, -torch.ones(2, 2)]))
+    assert state.starts(None, ["head.weight"], [state.get(None, "prev_theta", i)])[0] is start
+    state.track(None, "head.weight", grown.double())
+    assert state.path_start[None][i].dtype == torch.float64

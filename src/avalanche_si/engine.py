@@ -1055,11 +1055,15 @@ class SynapticIntelligence:
         try:
             new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
                                       clamp=self._clamp, sos=self._importance == "sos",
-                                      names=[f"{n!r} (SI group {g.label})" for n in g.names])
+                                      names=[f"{n!r} (SI group {g.label})" for n in g.names],
+                                      start=self._state.starts(g.key, g.names, g.prev))
                    for g in self._groups]
         except NonFiniteImportanceError as exc:
             for key in self._state.index:
                 self._state.reset_running(key)
+            # the task starts again from weights the user restores: a new, empty path
+            self._state.clear_path_starts()
+            self._steps_since = 0
             for g in self._groups:
                 g.step_grads, g.value, g.penalty = [], None, None
             raise NonFiniteImportanceError(
@@ -1072,10 +1076,44 @@ class SynapticIntelligence:
             # a step between before_step() and after_step() stays pending: it belongs to the
             # next period, whose θ* is the weights before it
             g.value, g.penalty = None, None
+        self._state.clear_path_starts()
         self._steps_since = 0
         self._consolidations += 1
         self._policy.consolidated()
         self._resolve_strengths()
+
+    @torch.no_grad()
+    def restart_path(self) -> None:
+        r"""The weights were moved since the last consolidation, outside training
+        (re-initialised at a task's start, as Benzing's code does): measure this period's
+        path from where they are now. The next consolidation then divides ω by
+        `(θ − θ_start)² + ξ`, θ_start being the weights at this call, instead of
+        `(θ − θ*)² + ξ`; θ*, the penalty's anchor, stays where the last period ended. Keeps
+        n numbers until that consolidation (saved with `state_dict()`). With
+        `importance="sos"` nothing is kept: SOS does not divide by the path length.
+
+        Raises:
+            RuntimeError: SI is not bound to a model, or the period has begun (an optimizer
+                step, or a backward pass waiting for one, since the last consolidation): its ω
+                belongs to a path from θ*. Call it between the consolidation and the first
+                step; nothing was changed.
+        """
+        self._require_model("restart_path")
+        if self._in_step or self._accumulating or self._steps_since or \
+                any(g.step_grads for g in self._groups):
+            raise RuntimeError(
+                f"{self._who}.restart_path() after this period's training began: ω already "
+                "holds steps of a path that started at θ*. Call it after the consolidation "
+                "and before the first step (at a task's start); nothing was changed.")
+        b = self._binding
+        if not b.current or b.changed():
+            self._sync()
+        if self._importance == "sos":
+            return
+        for g in self._groups:
+            index = self._state.index[g.key]
+            for name, p in zip(g.names, g.params):
+                self._state.mark_path_start(g.key, index[name], p)
 
     #: how messages name this object and its adapter ("SIPlugin", "the plugin" when an
     #: Avalanche plugin drives it)

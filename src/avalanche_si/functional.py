@@ -328,8 +328,12 @@ def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
 @torch.no_grad()
 def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                        params: Sequence[Tensor], *, eps: float, clamp: str = "task",
-                       names: Optional[Sequence[str]] = None, sos: bool = False) -> list[Tensor]:
+                       names: Optional[Sequence[str]] = None, sos: bool = False,
+                       start: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
     r"""The Ω that `consolidate()` would store, checked, without storing anything.
+
+    `start` is where the path began, θ_start, when the weights were moved after the last
+    consolidation (re-initialised, as in Benzing's code): Δ = θ − θ_start. Default: `prev`.
 
     With `sos=True`, `running` is SOS's running average v of squared gradients and the
     contribution is `√v`, not divided by the path length (Benzing 2022's SOS, whose damping
@@ -344,10 +348,11 @@ def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running:
     if not omega:
         return []
     params = [p.detach() for p in params]
+    start = prev if start is None else start
     if sos:
         contribution = torch._foreach_sqrt(torch._foreach_clamp_min(running, 0.0))
     else:
-        denom = torch._foreach_sub(params, prev)
+        denom = torch._foreach_sub(params, start)
         torch._foreach_mul_(denom, denom)
         torch._foreach_add_(denom, eps)
         contribution = torch._foreach_div(running, denom)
@@ -363,7 +368,7 @@ def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running:
         name = names[bad] if names is not None else f"#{bad}"
         raise NonFiniteImportanceError(
             f"SI importance Ω of parameter {name} is not finite: "
-            f"{_why_not_finite(running[bad], params[bad], prev[bad], eps)}")
+            f"{_why_not_finite(running[bad], params[bad], start[bad], eps)}")
     return new_omega
 
 
@@ -401,7 +406,8 @@ def commit_consolidation(omega: Sequence[Tensor], prev: Sequence[Tensor],
 @torch.no_grad()
 def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                 params: Sequence[Tensor], *, eps: float,
-                names: Optional[Sequence[str]] = None, clamp: str = "task") -> None:
+                names: Optional[Sequence[str]] = None, clamp: str = "task",
+                start: Optional[Sequence[Tensor]] = None) -> None:
     r"""End of a task: Ω ← Ω + max(0, ω / ((θ − θ_prev)² + ξ)); θ_prev ← θ; ω ← 0.
 
     `clamp` says where the max(0, ·) goes, following the conventions of the existing
@@ -420,8 +426,12 @@ def consolidate(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequen
         params: θ.
         eps: the damping `ξ > 0`.
         names: how the error message names each parameter (default: `#<position>`).
+        start: where this task's path began when the weights were moved since the last
+            consolidation (re-initialised): Δ = θ − start instead of θ − θ_prev. θ_prev,
+            the penalty's anchor, still becomes θ.
     """
-    new = consolidated_omega(omega, prev, running, params, eps=eps, clamp=clamp, names=names)
+    new = consolidated_omega(omega, prev, running, params, eps=eps, clamp=clamp, names=names,
+                             start=start)
     commit_consolidation(omega, prev, running, params, new)
 
 

@@ -275,6 +275,12 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         sees every consolidation."""
         self._engine.consolidate_now()
 
+    def restart_path(self) -> None:
+        r"""The weights were moved (re-initialised) since the last consolidation: measure this
+        task's path length from here, not from θ*; the engine's `restart_path()`. Call it from
+        a plugin's `before_training_exp`, placed after this one in the plugin list."""
+        self._engine.restart_path()
+
     # -------------------------------------------------------------------- the hooks
 
     def _bind(self, strategy) -> None:

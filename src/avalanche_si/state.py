@@ -76,6 +76,9 @@ class SIState:
         self.store = torch.nn.Module()  # buffers named like the functional API's
         self.index: dict[Optional[str], dict[str, int]] = {k: {} for k in keys}
         self.consolidated: dict[Optional[str], bool] = {k: False for k in self.index}
+        #: θ_start of parameter i of each group, kept only after a `restart_path()` and until
+        #: the next consolidation: where this period's path began, when that is not θ*
+        self.path_start: dict[Optional[str], dict[int, Tensor]] = {k: {} for k in self.index}
         #: names a loaded state holds, to be checked against the first model it meets
         self.unchecked: Optional[dict[Optional[str], set[str]]] = None
 
@@ -83,6 +86,26 @@ class SIState:
 
     def name(self, key: Optional[str], kind: str, i: int) -> str:
         return si_buffer_names(i, key)[KINDS.index(kind)]
+
+    @staticmethod
+    def path_start_name(key: Optional[str], i: int) -> str:
+        return "si_path_start" + si_buffer_names(i, key)[0][len("si_omega"):]
+
+    def mark_path_start(self, key: Optional[str], i: int, param: Tensor) -> None:
+        """θ_start ← θ for parameter `i` of group `key` (in the state's dtype)."""
+        self.path_start[key][i] = param.detach().to(self.get(key, "prev_theta", i).dtype,
+                                                    copy=True)
+
+    def starts(self, key: Optional[str], names: list[str], prev: list[Tensor]) -> Optional[list]:
+        """The path starts of `names` (θ* where none was marked), or None if none was."""
+        marked = self.path_start[key]
+        if not marked:
+            return None
+        return [marked.get(self.index[key][n], t) for n, t in zip(names, prev)]
+
+    def clear_path_starts(self) -> None:
+        for marked in self.path_start.values():
+            marked.clear()
 
     def get(self, key: Optional[str], kind: str, i: int) -> Tensor:
         return self.store._buffers[self.name(key, kind, i)]
@@ -122,6 +145,12 @@ class SIState:
                 self._set(key, kind, i, new)
             elif old.device != p.device or old.dtype != dtype:
                 self._set(key, kind, i, old.to(device=p.device, dtype=dtype))
+        start = self.path_start[key].get(i)
+        if start is not None and (start.shape != p.shape or start.device != p.device
+                                  or start.dtype != dtype):
+            new = p.to(dtype, copy=True)  # grown rows start their path where they are
+            new[: start.shape[0]] = start.to(new)
+            self.path_start[key][i] = new
         return i
 
     def check_shape(self, key: Optional[str], name: str, param: Tensor) -> None:
@@ -144,6 +173,11 @@ class SIState:
                        for k, ix in self.index.items()},
             "buffers": {self.name(k, kind, i): self.get(k, kind, i).detach().clone()
                         for k, ix in self.index.items() for i in ix.values() for kind in _SAVED},
+            # only while a restart_path() waits for its consolidation
+            **({"path_start": {self.path_start_name(k, i): t.detach().clone()
+                               for k, marked in self.path_start.items()
+                               for i, t in marked.items()}}
+               if any(self.path_start.values()) else {}),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, clamp: str, labels) -> None:
@@ -203,11 +237,40 @@ class SIState:
                     new_buffers[self.name(key, "pre_step_theta", i)] = torch.empty_like(
                         new_buffers[self.name(key, "omega", i)])
             new_index[key] = index
+        new_starts = self._loaded_path_starts(state_dict.get("path_start", {}), new_index,
+                                              new_buffers)
         self.store._buffers.clear()
         self.store._buffers.update(new_buffers)
         self.index = new_index
+        self.path_start = new_starts
         self.consolidated = {k: bool(groups[k].get("consolidated", False)) for k in self.index}
         self.unchecked = {k: set(ix) for k, ix in new_index.items()}
+
+    def _loaded_path_starts(self, saved, index, buffers) -> dict:
+        """The checked path starts of a saved state (a `restart_path()` not yet consolidated)."""
+        if not isinstance(saved, Mapping):
+            raise ValueError("SIPlugin state: its 'path_start' entry is not a dict.")
+        starts: dict[Optional[str], dict[int, Tensor]] = {k: {} for k in index}
+        unknown = set(saved)
+        for key, ix in index.items():
+            for name, i in ix.items():
+                bname = self.path_start_name(key, i)
+                t = saved.get(bname)
+                if t is None:
+                    continue
+                unknown.discard(bname)
+                omega = buffers[self.name(key, "omega", i)]
+                if not isinstance(t, Tensor) or t.shape != omega.shape:
+                    raise ValueError(f"SIPlugin state: path start {bname!r} of parameter "
+                                     f"{name!r} is not a tensor of shape {tuple(omega.shape)}.")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"SIPlugin state: path start {bname!r} of parameter "
+                                     f"{name!r} holds non-finite values.")
+                starts[key][i] = t.detach().to(omega.dtype, copy=True)
+        if unknown:
+            raise ValueError(f"SIPlugin state: path starts {sorted(unknown)} belong to no "
+                             "parameter of the state.")
+        return starts
 
     def check_loaded_names(self, model_names: set[str], *, strict: bool) -> None:
         """After a load: every saved name must be a parameter of the model it first meets
