@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
                         "code); default: the preset's (glorot for zenke-permuted-mnist, benzing "
                         "for benzing-permuted-mnist), else torch; results go to e.g. "
                         "si-init_glorot/")
+    r.add_argument("--reinit", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-initialise the network's linear layers (with --init) at the start of "
+                        "every task after the first, as Benzing's code does; SI measures that "
+                        "task's path length from the new start (restart_path) while its penalty "
+                        "still pulls towards the last task's end. Default: the preset's (on for "
+                        "benzing-permuted-mnist), else off; results go to e.g. "
+                        "si-init_benzing-reinit/")
     r.add_argument("--loss", choices=LOSSES, default="torch",
                    help="training loss: torch (nn.CrossEntropyLoss) or keras (Keras 2's "
                         "categorical cross-entropy, which Zenke et al.'s code used: softmax "
@@ -238,6 +245,17 @@ def _configs(args) -> list:
     init = args.init or preset.get("init", "torch")  # Zenke's preset: their Keras init
     base = {k: v for k, v in preset.items()
             if k not in ("si_lambda", "si_importance", "si_clamp", "init", "task_head")}
+    if args.reinit is not None:
+        base["reinit"] = args.reinit
+    if base.get("reinit"):
+        if base.get("stream", "tasks") != "tasks":
+            raise UsageError("--reinit applies to streams of whole tasks, not to online or "
+                             "task-free presets.")
+        plugin = [m for m in args.method if m.startswith("avalanche-si")]
+        if plugin:
+            raise UsageError(f"--reinit: {plugin[0]} (Avalanche's SI plugin) would count the jump "
+                             "to the new weights as part of the task's path; leave it out of "
+                             "--method, or add --no-reinit.")
     if args.plateau is not None:
         w, m, v = args.plateau
         if w != int(w) or w < 1 or m <= 0 or v <= 0:

@@ -66,6 +66,8 @@ def rerun_flags(cfg: dict, folder: str) -> list[str]:
         flags.append(f"--init {cfg['init']}")
     if cfg.get("loss", "torch") != "torch":
         flags.append(f"--loss {cfg['loss']}")
+    if bool(cfg.get("reinit")) != bool(preset.get("reinit", False)):
+        flags.append("--reinit" if cfg.get("reinit") else "--no-reinit")
     for key, opt in (("iterations", "--iterations"), ("epochs", "--epochs"),
                      ("batch_size", "--batch-size"), ("lr", "--lr"), ("si_eps", "--eps"),
                      ("n_tasks", "--n-tasks")):
@@ -200,6 +202,7 @@ DESCRIPTIONS_TITLES = {
     "vandeven-split-mnist": "Split MNIST (van de Ven & Tolias 2019)",
     "vandeven-permuted-mnist": "Permuted MNIST (van de Ven & Tolias 2019)",
     "zenke-permuted-mnist": "Permuted MNIST (Zenke, Poole & Ganguli 2017)",
+    "benzing-permuted-mnist": "Permuted MNIST, 2000-2000 (Benzing 2022)",
     "vandeven-split-fmnist": "Split Fashion-MNIST",
     "vandeven-permuted-fmnist": "Permuted Fashion-MNIST",
     "rerun-1thread": "Naive reruns at one thread",

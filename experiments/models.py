@@ -12,10 +12,11 @@ from torch import nn
 from .options import INITS, LOSSES, TASK_HEADS
 
 
-def init_linear_(module: nn.Module, init: str) -> nn.Module:
+def init_linear_(module: nn.Module, init: str, *, fresh: bool = False) -> nn.Module:
     """Re-initialise every ``nn.Linear`` in ``module`` in place; return ``module``.
 
-    ``"torch"`` keeps PyTorch's default (weights and biases uniform in ±1/√fan_in).
+    ``"torch"`` keeps PyTorch's default (weights and biases uniform in ±1/√fan_in), drawn
+    anew with ``fresh`` (a network re-initialised between tasks).
     ``"glorot"`` is Keras's ``Dense`` default, which Zenke et al.'s code used: weights uniform
     in ±√(6 / (fan_in + fan_out)) (Glorot & Bengio 2010), biases 0. ``"benzing"`` is the
     start of Benzing's (2022) permuted-MNIST code: the same weights, biases 0.1.
@@ -29,6 +30,10 @@ def init_linear_(module: nn.Module, init: str) -> nn.Module:
                     nn.init.xavier_uniform_(m.weight)
                     if m.bias is not None:
                         m.bias.fill_(0.1 if init == "benzing" else 0.0)
+    elif fresh:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
     return module
 
 

@@ -24,10 +24,11 @@ DATA_ENV = "AVALANCHE_SI_DATA"
 # compared with the Naive (or SI) run that has the same suffix (report.paired).
 CLASS_ORDER_SUFFIX = {"vandeven": "-vdv_order"}
 DATA_SUFFIXES = tuple(CLASS_ORDER_SUFFIX.values())
-# Run-id suffixes of --init and --loss (run.RunConfig.run_id writes "-init_<name>" and
-# "-loss_<name>"): the network start and loss of a protocol. report.paired compares such a run
-# with Naive (and SI) of the same suffixes, and with the same method minus one of them.
-PROTOCOL_SUFFIX = re.compile(r"-(?:init|loss)_[a-z]+")
+# Run-id suffixes of --init, --loss and --reinit (run.RunConfig.run_id writes "-init_<name>",
+# "-loss_<name>" and "-reinit"): the network start and loss of a protocol. report.paired
+# compares such a run with Naive (and SI) of the same suffixes, and with the same method minus
+# one of them.
+PROTOCOL_SUFFIX = re.compile(r"-(?:init|loss)_[a-z]+|-reinit(?![a-z_])")
 
 
 class DataError(RuntimeError):

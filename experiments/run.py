@@ -19,7 +19,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
 
 from avalanche_si import SIPlugin
-from .models import ActiveUnits, accuracy, build_model, make_criterion
+from .models import ActiveUnits, accuracy, build_model, init_linear_, make_criterion
 from .options import CLASS_ORDER_SUFFIX, METHODS
 from .streams import FastTensorLoader, Stream, make_stream
 
@@ -39,6 +39,8 @@ class RunConfig:
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
     init: str = "torch"             # linear layers: torch's default, glorot (Keras's), benzing
     reset_optimizer: bool = False     # clear Adam's moments at each task's start (Benzing's code)
+    reinit: bool = False              # re-initialise the network at each later task's start (his
+    #                                   code's default), SI's path measured from there
     loss: str = "torch"             # cross-entropy: PyTorch's, or keras (Keras 2's, clipped)
     ewc_lambda: float = 5000.0
     hidden: tuple[int, ...] = (400, 400)
@@ -73,6 +75,8 @@ class RunConfig:
             method += f"-init_{self.init}"
         if self.loss != "torch":
             method += f"-loss_{self.loss}"
+        if self.reinit:
+            method += "-reinit"
         if self.class_order != "seeded":
             method += CLASS_ORDER_SUFFIX[self.class_order]
         return f"{self.benchmark}/{self.scenario}/{method}/seed{self.seed}"
@@ -210,6 +214,12 @@ def run(cfg: RunConfig, *, stream: Optional[Stream] = None, log: Callable[[str],
         t0 = time.perf_counter()
         if cfg.reset_optimizer:  # Avalanche keeps the optimizer's state from task to task
             optimizer.state.clear()
+        if cfg.reinit and exp.current_experience > 0:
+            # Benzing's code: every task starts from fresh weights, which the penalty pulls
+            # back towards θ*; SI measures the task's path from this new start
+            init_linear_(model, cfg.init, fresh=True)
+            if si is not None:
+                si.engine.restart_path()
         strategy.train(exp, eval_streams=[], num_workers=0)
         task_seconds.append(time.perf_counter() - t0)
         row = [accuracy(model, t.x_test, t.y_test, t.task_label) for t in stream.tasks]

@@ -36,6 +36,30 @@ def test_generated_pages_are_what_the_results_give(tmp_path):
             assert (ROOT / "docs" / rel).parent.joinpath(image).exists(), image
 
 
+def test_each_pages_rerun_command_makes_the_runs_it_stands_for():
+    # the command a page prints for a result, parsed by the CLI as a reader would run it,
+    # must give that result's run id: a preset default changed later (as --reinit was for
+    # benzing-permuted-mnist) must show up as a flag in the older runs' commands
+    from experiments.cli import _configs, _parser
+    from experiments.docs import rerun_flags
+    from experiments.report import load_results
+
+    checked = 0
+    for folder in sorted(p for p in (ROOT / "results").iterdir() if p.is_dir()):
+        if folder.name in ("bench_overhead", "estimators", "family"):  # their own commands
+            continue
+        for r in load_results(folder):
+            cfg = r["config"]
+            method = cfg["method"] if cfg.get("stream", "tasks") == "tasks" else \
+                r["run_id"].split("/")[2]
+            argv = ["run", *" ".join(rerun_flags(cfg, folder.name)).split(), "--scenario",
+                    cfg["scenario"], "--method", method, "--seeds", str(cfg["seed"])]
+            assert [c.run_id() for c in _configs(_parser().parse_args(argv))] == [r["run_id"]], \
+                (folder.name, argv)
+            checked += 1
+    assert checked > 100
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     pytest.importorskip("mkdocs")

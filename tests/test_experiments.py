@@ -212,10 +212,12 @@ def test_run_id_protocol_suffixes_are_what_report_reads():
     assert PROTOCOL_SUFFIX.findall(RunConfig(method="si", si_importance="task").run_id()) == []
     for init in INITS:
         for loss in LOSSES:
-            run_id = RunConfig(init=init, loss=loss, class_order="vandeven").run_id()
-            expected = ([f"-init_{init}"] if init != "torch" else []) + (
-                [f"-loss_{loss}"] if loss != "torch" else [])
-            assert PROTOCOL_SUFFIX.findall(run_id) == expected, run_id
+            for reinit in (False, True):
+                run_id = RunConfig(init=init, loss=loss, reinit=reinit,
+                                   class_order="vandeven").run_id()
+                expected = ([f"-init_{init}"] if init != "torch" else []) + (
+                    [f"-loss_{loss}"] if loss != "torch" else []) + (["-reinit"] if reinit else [])
+                assert PROTOCOL_SUFFIX.findall(run_id) == expected, run_id
 
 
 def test_paired_loss_variant_changes_one_thing_at_a_time():
@@ -297,6 +299,8 @@ def test_mean_sem():
     (["run", "--hidden", "100", "0"], "--hidden sizes must be positive integers, got 100 0"),
     (["run", "--n-tasks", "7"], "split-digits has 10 classes, which --n-tasks 7 cannot split"),
     (["run", "--benchmark", "split-cifar100", "--n-tasks", "3"], "a divisor of 100"),
+    (["run", "--reinit"], "avalanche-si (Avalanche's SI plugin) would count the jump"),
+    (["run", "--preset", "vandeven-taskfree-split-mnist", "--reinit"], "not to online or"),
     # a mistyped --out: the folder looked in, in full, and the folders that have results
     (["report", "--out", "no/such/folder"], "no/such/folder; run `python -m experiments run "
                                             "--out no/such/folder` first; folders with results: "
@@ -498,8 +502,13 @@ def test_benzing_preset_runs_the_si_of_his_code_with_adam_reset_per_task(monkeyp
     assert (cfg.hidden, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.n_tasks, cfg.pad) == (
         (2000, 2000), 256, 20, None, 10, 0)
     assert (cfg.si_importance, cfg.si_clamp, cfg.si_eps, cfg.si_lambda, cfg.init,
-            cfg.reset_optimizer) == ("task", "task", 0.1, 0.2, "benzing", True)
-    assert cfg.run_id() == "permuted-mnist/domain/si-task-init_benzing/seed10"
+            cfg.reset_optimizer, cfg.reinit) == ("task", "task", 0.1, 0.2, "benzing", True, True)
+    assert cfg.run_id() == "permuted-mnist/domain/si-task-init_benzing-reinit/seed10"
+    (plain,) = _configs(_parser().parse_args(["run", "--preset", "benzing-permuted-mnist",
+                                              "--scenario", "domain", "--method", "si",
+                                              "--seeds", "10", "--no-reinit"]))
+    assert not plain.reinit
+    assert plain.run_id() == "permuted-mnist/domain/si-task-init_benzing/seed10"
 
     fresh = []  # per optimizer step: did Adam start with no moments?
 
@@ -515,6 +524,29 @@ def test_benzing_preset_runs_the_si_of_his_code_with_adam_reset_per_task(monkeyp
                       iterations=4, n_tasks=5, reset_optimizer=reset), log=lambda m: None)
         assert len(fresh) == 20 and sum(fresh) == (5 if reset else 1)
         assert all(fresh[k] == (k % 4 == 0) for k in range(20)) if reset else fresh[0]
+
+
+def test_reinit_starts_each_later_task_from_fresh_weights_and_restarts_sis_path(monkeypatch):
+    from avalanche_si import SynapticIntelligence
+    from experiments.run import RunConfig, run
+
+    seen = []  # at each restart_path(): the first layer's biases, steps since consolidating
+    original = SynapticIntelligence.restart_path
+
+    def recording(self):
+        seen.append((self.model.body[0].bias.detach().clone(), self._steps_since))
+        original(self)
+
+    monkeypatch.setattr(SynapticIntelligence, "restart_path", recording)
+    for method in ("si", "naive"):
+        seen.clear()
+        result = run(RunConfig(benchmark="split-digits", scenario="domain", method=method,
+                               hidden=(16,), iterations=3, n_tasks=5, init="benzing",
+                               reinit=True), log=lambda m: None)
+        assert len(result["accuracy_matrix"]) == 5
+        assert len(seen) == (4 if method == "si" else 0)
+        for bias, steps in seen:  # Benzing's start, before the task's first step
+            assert torch.equal(bias, torch.full_like(bias, 0.1)) and steps == 0
 
 
 @pytest.mark.parametrize("scenario,task_head", [("task", "separate"), ("task", "shared"),
