@@ -155,7 +155,7 @@ measured from the new start (`restart_path()`). The row without `-reinit` keeps 
 θ\*, as SI's paper does (`--no-reinit`). His code gives SI about 97.2–97.3 here; the
 "published" column is the middle of that range. One difference remains: his training set is
 TensorFlow's 55,000 images (5,000 held out) with 234 batches to an epoch, these runs use all
-60,000. Each run takes about 95 minutes on one CPU thread; the other estimators, Naive and
+60,000. Each run takes 80 to 95 minutes on one CPU thread; the other estimators, Naive and
 batch 2048 in this setting were not run.
 """,
     "vandeven-split-fmnist": """
