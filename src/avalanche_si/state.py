@@ -87,6 +87,11 @@ class SIState:
     def name(self, key: Optional[str], kind: str, i: int) -> str:
         return si_buffer_names(i, key)[KINDS.index(kind)]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # pickled before restart_path() existed (avalanche_si 0.2)
+        self.__dict__.setdefault("path_start", {k: {} for k in self.index})
+
     @staticmethod
     def path_start_name(key: Optional[str], i: int) -> str:
         return "si_path_start" + si_buffer_names(i, key)[0][len("si_omega"):]
