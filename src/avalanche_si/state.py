@@ -60,6 +60,18 @@ def _check_fits(name: str, old: torch.Size, new: torch.Size) -> None:
             "was saved from, or start a new SIPlugin for this one.")
 
 
+def _fitted(old: Tensor, p: Tensor, dtype: torch.dtype, *, from_param: bool) -> Tensor:
+    """`old` on `p`'s device in `dtype`, grown to `p`'s shape (checked by `_check_fits`): the
+    new rows are `p`'s values (`from_param`: θ*, a path start) or 0. `old` itself if it fits."""
+    if old.shape != p.shape:
+        new = p.to(dtype, copy=True) if from_param else torch.zeros_like(p, dtype=dtype)
+        new[: old.shape[0]] = old.to(new)
+        return new
+    if old.device != p.device or old.dtype != dtype:
+        return old.to(device=p.device, dtype=dtype)
+    return old
+
+
 class SIState:
     """The buffers of every group and the name index (name → i) of each group.
 
@@ -144,18 +156,10 @@ class SIState:
                 continue
             if old.shape != p.shape:
                 _check_fits(name, old.shape, p.shape)
-                new = p.to(dtype, copy=True) if kind == "prev_theta" else \
-                    torch.zeros_like(p, dtype=dtype)
-                new[: old.shape[0]] = old.to(new)
-                self._set(key, kind, i, new)
-            elif old.device != p.device or old.dtype != dtype:
-                self._set(key, kind, i, old.to(device=p.device, dtype=dtype))
+            self._set(key, kind, i, _fitted(old, p, dtype, from_param=kind == "prev_theta"))
         start = self.path_start[key].get(i)
-        if start is not None and (start.shape != p.shape or start.device != p.device
-                                  or start.dtype != dtype):
-            new = p.to(dtype, copy=True)  # grown rows start their path where they are
-            new[: start.shape[0]] = start.to(new)
-            self.path_start[key][i] = new
+        if start is not None:  # grown rows start their path where they are, as θ* does
+            self.path_start[key][i] = _fitted(start, p, dtype, from_param=True)
         return i
 
     def check_shape(self, key: Optional[str], name: str, param: Tensor) -> None:
