@@ -21,6 +21,28 @@ def _si(model, opt, importance, **kwargs):
                                         for n, (names, c, xi) in GROUPS.items()}, **kwargs)
 
 
+def _trained(tasks, importance, *, device="cpu", **loop):
+    """The grouped engine on an MLP under Adam (lr 0.05), trained by the plain loop."""
+    model = mlp(device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = _si(model, opt, importance)
+    train_loop(model, opt, tasks, si, **loop)
+    return model, si
+
+
+def _plugin_trained(tasks, importance, *, after=lambda plugin: []):
+    """The same through SIPlugin in Avalanche; `after(plugin)`: plugins listed after it."""
+    from avalanche_si import SIPlugin
+
+    model = mlp()
+    plugin = SIPlugin(123.0, eps=5.0, importance=importance, groups={
+        n: ParamGroup(params=names, si_lambda=c, eps=xi) for n, (names, c, xi) in GROUPS.items()})
+    train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05),
+                          [plugin, *after(plugin)]), make_stream(tasks))
+    return model, {f"{g}/{n}": o for g in plugin.group_names
+                   for n, o in plugin.importances(g).items()}
+
+
 def _omegas(si):
     return {f"{g}/{n}": o for g in si.group_names for n, o in si.importances(g).items()}
 
@@ -44,10 +66,7 @@ def _reference(tasks, importance, *, device="cpu", opt=lambda p: torch.optim.Ada
 @pytest.mark.parametrize("importance", IMPORTANCES)
 def test_plain_loop_matches_the_definition(tasks, importance, device):
     ref_w, ref_o = _reference(tasks, importance, device=device)
-    model = mlp(device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    si = _si(model, opt, importance)
-    train_loop(model, opt, tasks, si)
+    model, si = _trained(tasks, importance, device=device)
     _close(weights(model), ref_w)
     _close(_omegas(si), ref_o)
     assert si.consolidations == 3 and all(o.abs().max() > 0 for o in ref_o.values())
@@ -55,20 +74,10 @@ def test_plain_loop_matches_the_definition(tasks, importance, device):
 
 @pytest.mark.parametrize("importance", IMPORTANCES)
 def test_plain_loop_is_the_plugin_bit_for_bit(tasks, importance):
-    from avalanche_si import SIPlugin
-
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    si = _si(model, opt, importance)
-    train_loop(model, opt, tasks, si)
-    plugin_model = mlp()
-    plugin = SIPlugin(123.0, eps=5.0, importance=importance, groups={
-        n: ParamGroup(params=names, si_lambda=c, eps=xi) for n, (names, c, xi) in GROUPS.items()})
-    train_stream(strategy(plugin_model, torch.optim.Adam(plugin_model.parameters(), lr=0.05),
-                          [plugin]), make_stream(tasks))
+    model, si = _trained(tasks, importance)
+    plugin_model, plugin_omegas = _plugin_trained(tasks, importance)
     assert_same(weights(model), weights(plugin_model))
-    assert_same(_omegas(si), {f"{g}/{n}": o for g in plugin.group_names
-                              for n, o in plugin.importances(g).items()})
+    assert_same(_omegas(si), plugin_omegas)
 
 
 @pytest.mark.parametrize("accumulate", [2, 4])
@@ -77,10 +86,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tasks, importance, accumu
     # k backward passes on mb/k samples (loss / k), one optimizer step: the penalty acts once
     # per step and ω counts each step once, as one step on the whole mini-batch does
     ref_w, ref_o = _reference(tasks, importance)
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    si = _si(model, opt, importance)
-    train_loop(model, opt, tasks, si, accumulate=accumulate)
+    model, si = _trained(tasks, importance, accumulate=accumulate)
     _close(weights(model), ref_w)
     _close(_omegas(si), ref_o)
 
@@ -404,17 +410,11 @@ def _restart(model, si, t):
 @pytest.mark.parametrize("importance", IMPORTANCES)
 def test_restart_path_measures_the_task_from_the_new_weights(tasks, importance):
     ref_w, ref_o = _reference(tasks, importance, reinit=_reinit)
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    si = _si(model, opt, importance)
-    train_loop(model, opt, tasks, si, on_task_start=_restart)
+    model, si = _trained(tasks, importance, on_task_start=_restart)
     _close(weights(model), ref_w)
     _close(_omegas(si), ref_o)
     # without restart_path the jump to the new weights counts as path: another Ω
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    plain = _si(model, opt, importance)
-    train_loop(model, opt, tasks, plain, on_task_start=lambda m, s, t: t and _reinit(m))
+    _, plain = _trained(tasks, importance, on_task_start=lambda m, s, t: t and _reinit(m))
     assert not all(torch.allclose(a, b) for a, b in zip(_omegas(plain).values(),
                                                          ref_o.values()))
     assert not any(si._state.path_start.values())  # kept only until the consolidation
@@ -483,8 +483,6 @@ def test_restart_path_keeps_nothing_for_sos(tasks):
 def test_restart_path_in_avalanche_is_the_plain_loop_bit_for_bit(tasks):
     from avalanche.core import SupervisedPlugin
 
-    from avalanche_si import SIPlugin
-
     class Reinit(SupervisedPlugin):  # after SIPlugin in the list: SI has bound the model
         def __init__(self, si):
             super().__init__()
@@ -495,18 +493,11 @@ def test_restart_path_in_avalanche_is_the_plain_loop_bit_for_bit(tasks):
                 _reinit(strategy.model)
                 self.si.restart_path()
 
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    si = _si(model, opt, "task")
-    train_loop(model, opt, tasks, si, on_task_start=_restart)
-    plugin_model = mlp()
-    plugin = SIPlugin(123.0, eps=5.0, importance="task", groups={
-        n: ParamGroup(params=names, si_lambda=c, eps=xi) for n, (names, c, xi) in GROUPS.items()})
-    train_stream(strategy(plugin_model, torch.optim.Adam(plugin_model.parameters(), lr=0.05),
-                          [plugin, Reinit(plugin)]), make_stream(tasks))
+    model, si = _trained(tasks, "task", on_task_start=_restart)
+    plugin_model, plugin_omegas = _plugin_trained(tasks, "task",
+                                                  after=lambda plugin: [Reinit(plugin)])
     assert_same(weights(model), weights(plugin_model))
-    assert_same(_omegas(si), {f"{g}/{n}": o for g in plugin.group_names
-                              for n, o in plugin.importances(g).items()})
+    assert_same(_omegas(si), plugin_omegas)
 
 
 def test_a_diverged_task_drops_its_path_start_and_may_restart_again(tasks):
