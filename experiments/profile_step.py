@@ -4,7 +4,8 @@
 
 For each model, SIPlugin's two step hooks are driven as Avalanche's training loop drives them
 (``after_backward`` between the backward pass and the step, ``after_update`` after it), with the
-penalty active (one consolidation done), in every importance mode:
+penalty active (one consolidation done), in each importance mode that needs no second
+mini-batch (``IMPORTANCES``):
 
 - **host µs**: wall time for Python to issue the hook's work (no synchronisation inside);
 - **launches**: kernel launches the hook makes, from ``torch.profiler``'s runtime events;
@@ -72,6 +73,12 @@ def _launches(prof) -> dict[str, int]:
         if evt.name.startswith("[") and evt.name.endswith("]"):
             out[evt.name] = out.get(evt.name, 0) + max(count(evt), kernels(evt))
     return out
+
+
+#: the modes profiled: SI's three, and SOS (one buffer, no extra pass); SIU and SIB draw a
+#: second mini-batch from the experience, which this loop without a stream does not have
+#: (their extra forward and backward is timed by ``bench_overhead``)
+IMPORTANCES = ("total", "task", "delta_params", "sos")
 
 
 def profile(name: str, device: str, importance: Optional[str], steps: int) -> dict[str, float]:
@@ -174,7 +181,7 @@ def report(device: str, models, steps: int) -> None:
         for phase in ("forward+backward", "optimizer.step"):
             print(f"| no SI | {phase} | {plain[phase + ' host']:.0f} | "
                   f"{plain[phase + ' launches']:.0f} | {plain[phase + ' gpu']:.0f} |")
-        for importance in ("total", "task", "delta_params"):
+        for importance in IMPORTANCES:
             r = profile(name, device, importance, steps)
             for phase in ("SI after_backward", "SI after_update"):
                 print(f"| SIPlugin {importance} | {phase} | {r[phase + ' host']:.0f} | "
@@ -182,6 +189,19 @@ def report(device: str, models, steps: int) -> None:
         floor = copy_floor_us(11 * n, device)
         print(f"\nA copy moving the bytes of SI's two passes (11 floats per weight, "
               f"{11 * n * 4 / 1e6:.1f} MB): {floor:.0f} GPU µs.\n")
+
+
+class _Tee(io.StringIO):
+    """Keeps what is written and passes it on at once."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._stream.flush()
+        return super().write(text)
 
 
 def main(argv=None) -> int:
@@ -194,13 +214,12 @@ def main(argv=None) -> int:
                     help="also write the output to results/bench_overhead/NAME.txt (the "
                          "performance page shows every file there)")
     args = ap.parse_args(argv)
-    buffer = io.StringIO()
+    buffer = _Tee(sys.stdout)  # printed as it comes: a run cut short still shows its rows
     with redirect_stdout(buffer):
         print("$ python -m experiments.profile_step " + shlex.join(
             a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--save")
             and a != args.save))
         report(args.device, args.models, args.steps)
-    print(buffer.getvalue(), end="")
     if args.save:
         out = Path(__file__).resolve().parents[1] / "results" / "bench_overhead"
         (out / f"{args.save}.txt").write_text(buffer.getvalue())

@@ -838,3 +838,35 @@ def test_cli_runs_benzings_estimators_on_held_out_data(tmp_path):
     for a, b in zip(full.tasks, held.tasks):
         assert len(b.x_train) + len(b.x_test) == len(a.x_train)
         assert abs(len(b.x_test) - 0.25 * len(a.x_train)) <= 1
+
+
+
+def test_profile_step_prints_each_hook_of_each_mode_as_it_goes(monkeypatch):
+    # the GPU profile's script, run on the CPU as CI can: every mode's two hooks get a row,
+    # and the rows reach stdout while the run goes (a run cut short keeps what it printed)
+    from experiments import profile_step
+
+    written, seen_before = [], []
+
+    class Watch:
+        def write(self, text):
+            written.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def profile(*args, original=profile_step.profile):
+        seen_before.append(len("".join(written)))
+        return original(*args)
+
+    monkeypatch.setattr(sys, "stdout", Watch())
+    monkeypatch.setattr(profile_step, "profile", profile)
+    assert profile_step.main(["--steps", "1", "--models", "MLP 784-1000-1000"]) == 0
+    out = "".join(written)
+    assert "sos" in profile_step.IMPORTANCES
+    for mode in profile_step.IMPORTANCES:
+        for phase in ("SI after_backward", "SI after_update"):
+            assert f"| SIPlugin {mode} | {phase} | " in out
+    # each mode's rows were out before the next mode was profiled
+    assert seen_before == sorted(seen_before) and len(set(seen_before[1:])) == len(seen_before) - 1
