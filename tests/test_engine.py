@@ -468,6 +468,10 @@ def test_restart_path_is_saved_with_the_state_and_resumes_exactly(tasks):
     broken = dict(state, path_start={"si_path_start_weights_0": torch.zeros(3)})
     with pytest.raises(ValueError, match="shape"):
         SynapticIntelligence().load_state_dict(broken)
+    nan = state["path_start"]["si_path_start_weights_0"] * float("nan")
+    broken = dict(state, path_start={**state["path_start"], "si_path_start_weights_0": nan})
+    with pytest.raises(ValueError, match="path start 'si_path_start_weights_0'.*non-finite"):
+        SynapticIntelligence().load_state_dict(broken)
 
 
 def test_restart_path_keeps_nothing_for_sos(tasks):

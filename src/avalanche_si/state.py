@@ -72,6 +72,20 @@ def _fitted(old: Tensor, p: Tensor, dtype: torch.dtype, *, from_param: bool) -> 
     return old
 
 
+def _saved_tensor(t, what: str, name: str, shape: Optional[torch.Size]) -> Tensor:
+    """`t` if it is a finite tensor (of `shape`, unless None), else the error of a load."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"SIPlugin state: {what} of parameter {name!r} is missing or not a "
+                         "tensor.")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"SIPlugin state: {what} of parameter {name!r} has shape "
+                         f"{tuple(t.shape)}, expected {tuple(shape)}.")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"SIPlugin state: {what} of parameter {name!r} holds non-finite "
+                         "values; it was saved from a run that diverged.")
+    return t
+
+
 class SIState:
     """The buffers of every group and the name index (name → i) of each group.
 
@@ -224,18 +238,8 @@ class SIState:
                 shape = None
                 for kind in _SAVED:
                     bname = self.name(key, kind, i)
-                    t = buffers.get(bname)
-                    if not isinstance(t, Tensor):
-                        raise ValueError(f"SIPlugin state: buffer {bname!r} of parameter "
-                                         f"{name!r} is missing.")
-                    if shape is not None and t.shape != shape:
-                        raise ValueError(f"SIPlugin state: buffer {bname!r} has shape "
-                                         f"{tuple(t.shape)}, expected {tuple(shape)}.")
+                    t = _saved_tensor(buffers.get(bname), f"buffer {bname!r}", name, shape)
                     shape = t.shape
-                    if not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"SIPlugin state: buffer {bname!r} of parameter "
-                                         f"{name!r} holds non-finite values; it was saved from "
-                                         "a run that diverged.")
                     if kind == "omega" and clamp != "none" and bool((t < 0).any()):
                         raise ValueError(f"SIPlugin state: importance {bname!r} of parameter "
                                          f"{name!r} has negative entries, which clamp={clamp!r} "
@@ -269,12 +273,7 @@ class SIState:
                     continue
                 unknown.discard(bname)
                 omega = buffers[self.name(key, "omega", i)]
-                if not isinstance(t, Tensor) or t.shape != omega.shape:
-                    raise ValueError(f"SIPlugin state: path start {bname!r} of parameter "
-                                     f"{name!r} is not a tensor of shape {tuple(omega.shape)}.")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"SIPlugin state: path start {bname!r} of parameter "
-                                     f"{name!r} holds non-finite values.")
+                _saved_tensor(t, f"path start {bname!r}", name, omega.shape)
                 starts[key][i] = t.detach().to(omega.dtype, copy=True)
         if unknown:
             raise ValueError(f"SIPlugin state: path starts {sorted(unknown)} belong to no "
