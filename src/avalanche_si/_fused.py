@@ -238,16 +238,20 @@ def penalty(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Sequence[T
         `Ω(θ - θ*)²`; or None, having done nothing, when the
         tensors are not `eligible()`.
     """
-    lists = [grads, omega, params, prev] + ([pre] if pre is not None else [])
-    table = _pointers(lists)
-    if table is None or (out is not None and not in_place and _pointers([out]) is None):
+    rest = [omega, params, prev] + ([pre] if pre is not None else [])
+    given = out is not None and not in_place
+    table = _pointers([grads, out, *rest] if given else [grads, *rest])  # one check pass
+    if table is None:
         return None
     k = len(grads)
     if in_place:
         out = list(grads)
+        table[k:k] = table[:k]  # the out list: the gradients themselves
+    elif given:
+        out = list(out)
     else:
-        out = list(out) if out is not None else [torch.empty_like(g) for g in grads]
-    table[k:k] = table[:k] if in_place else [t.data_ptr() for t in out]  # the out list
+        out = [torch.empty_like(g) for g in grads]
+        table[k:k] = [t.data_ptr() for t in out]
     tab = array("q", table)
     sums = torch.empty(k, dtype=torch.float64)
     _lib.si_penalty(k, tab.buffer_info()[0], int(pre is not None), two_c, sums.data_ptr(),
