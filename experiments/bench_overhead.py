@@ -715,27 +715,19 @@ def main(argv=None) -> int:
     if args.save is None:
         return _main(args)
     import contextlib
-    import io
     import json
     import os
     import sys
 
-    from .options import rerun_command
+    from .options import Tee, rerun_command
     from .run import CODE_COMMIT
 
     # the command, without where the data lie or where output goes
     command = rerun_command("experiments.bench_overhead",
                             argv if argv is not None else sys.argv[1:],
                             drop=("--data-root", "--save"))
-    buffer = io.StringIO()
-
-    class Tee(io.TextIOBase):
-        def write(self, text):
-            sys.__stdout__.write(text)
-            buffer.write(text)
-            return len(text)
-
-    with contextlib.redirect_stdout(Tee()):
+    buffer = Tee(sys.__stdout__)
+    with contextlib.redirect_stdout(buffer):
         print(f"$ {command}")
         code = _main(args)
     out = Path("results") / "bench_overhead"

@@ -1,9 +1,10 @@
-"""The names the command line accepts, the data error it reports, and the run-id suffixes
-that ``report`` needs: no imports beyond the standard library, so that ``python -m
+"""The names the command line accepts, the data error it reports, the run-id suffixes
+that ``report`` needs, and how a command's rerun line and saved output are made: no imports beyond the standard library, so that ``python -m
 experiments report`` (and ``--help``) start without loading torch or Avalanche."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
@@ -55,6 +56,20 @@ def rerun_command(module: str, argv: list[str], drop: tuple[str, ...] = ("--data
     import shlex
 
     return " ".join(["python -m", module, *map(shlex.quote, without_options(argv, drop))])
+
+
+class Tee(io.StringIO):
+    """Keeps what is written (``getvalue()``, for a saved copy) and passes it on to `stream`
+    at once, so that a run cut short still shows what it printed."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._stream.flush()
+        return super().write(text)
 
 
 def default_data_root() -> str:

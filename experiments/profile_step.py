@@ -19,7 +19,6 @@ memory traffic. Medians over the timed steps. On a CPU only the host column mean
 from __future__ import annotations
 
 import argparse
-import io
 import shlex
 import statistics
 import sys
@@ -191,19 +190,6 @@ def report(device: str, models, steps: int) -> None:
               f"{11 * n * 4 / 1e6:.1f} MB): {floor:.0f} GPU µs.\n")
 
 
-class _Tee(io.StringIO):
-    """Keeps what is written and passes it on at once."""
-
-    def __init__(self, stream):
-        super().__init__()
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        self._stream.write(text)
-        self._stream.flush()
-        return super().write(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.profile_step", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,7 +200,9 @@ def main(argv=None) -> int:
                     help="also write the output to results/bench_overhead/NAME.txt (the "
                          "performance page shows every file there)")
     args = ap.parse_args(argv)
-    buffer = _Tee(sys.stdout)  # printed as it comes: a run cut short still shows its rows
+    from .options import Tee
+
+    buffer = Tee(sys.stdout)  # printed as it comes: a run cut short still shows its rows
     with redirect_stdout(buffer):
         print("$ python -m experiments.profile_step " + shlex.join(
             a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--save")

@@ -840,7 +840,6 @@ def test_cli_runs_benzings_estimators_on_held_out_data(tmp_path):
         assert abs(len(b.x_test) - 0.25 * len(a.x_train)) <= 1
 
 
-
 def test_profile_step_prints_each_hook_of_each_mode_as_it_goes(monkeypatch):
     # the GPU profile's script, run on the CPU as CI can: every mode's two hooks get a row,
     # and the rows reach stdout while the run goes (a run cut short keeps what it printed)
