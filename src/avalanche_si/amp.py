@@ -39,7 +39,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from .options import OptionTypeError
 
-__all__ = ["unscale_", "find_scaler", "check_scaler", "stepped", "rescale_"]
+__all__ = ["unscale_", "zero_nonfinite_", "find_scaler", "check_scaler", "stepped", "rescale_"]
 
 
 def check_scaler(value: Any) -> Optional[GradScaler]:
@@ -109,10 +109,15 @@ def unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer,
     device = scaler._scale.device if scaler._scale is not None else None
     found_inf = sum(t.to(device, non_blocking=True) for t in per_device) if per_device else \
         torch.zeros((), device=device)
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    zero_nonfinite_([p.grad for p in params if p.grad is not None])
     return found_inf
+
+
+def zero_nonfinite_(grads: Sequence[Tensor]) -> None:
+    """Zero the inf and NaN entries of `grads` in place (what `unscale_()` does to the
+    gradients SI reads; SI's CUDA graphs do it inside their replay instead)."""
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:

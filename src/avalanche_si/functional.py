@@ -75,6 +75,7 @@ __all__ = [
     "penalty_grad",
     "penalty_grad_",
     "penalty_value",
+    "deferred_penalty_value",
     "accumulate_squares",
     "SOS_DECAY",
     "consolidate",
@@ -278,14 +279,22 @@ def penalty_step(grads: Sequence[Tensor], omega: Sequence[Tensor], params: Seque
         out, d = penalty_grad(grads, omega, params, prev, strength=strength)
     if pre:
         torch._foreach_copy_(pre, params)
-        value = partial(_value_from_pre, omega, pre, prev, strength)  # d is not kept
-        value.held = []
-        return out, value
+        return out, deferred_penalty_value(omega, pre, prev, strength=strength)  # d not kept
     # no copy of θ to read the value from later: summed now, in d's memory, which is then freed
     sums = _omega_d2_sums(omega, d)
     value = partial(_summed_value, sums, strength, params[0].dtype)
     value.held = [sums]
     return out, value
+
+
+def deferred_penalty_value(omega: Sequence[Tensor], pre: Sequence[Tensor],
+                           prev: Sequence[Tensor], *, strength: float) -> Callable[[], Tensor]:
+    r"""The penalty `c Σ Ω (θ_pre - θ*)²` of the step whose weights `pre` holds, as a
+    function computing it when called (what `penalty_step()` returns when given `pre`;
+    `value.held` is empty: it keeps nothing alive). Call it before `pre` is written again."""
+    value = partial(_value_from_pre, omega, pre, prev, strength)
+    value.held = []
+    return value
 
 
 def _value_from_pre(omega, pre, prev, strength: float) -> Tensor:
