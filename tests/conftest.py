@@ -250,3 +250,33 @@ def predict_with_real_optimizer(optimizer, named, grads):
 @pytest.fixture
 def tasks():
     return make_tasks()
+
+
+class ReplayedOnTheCPU:
+    """A stand-in for a CUDA graph where there is no GPU: the capture keeps the callable with
+    the scalars it was built with, and a replay runs it on the tensors passed, which
+    ``graphs.CHECK`` makes sure are the captured ones (addresses, shapes, strides). So a
+    step replayed on what the key let through computes what a CUDA graph would."""
+
+    def __init__(self, fn, lists, pool):
+        self.fn = fn
+
+    def replay(self, lists):
+        self.fn(*lists)
+
+    @staticmethod
+    def pool(device):
+        return None
+
+
+@pytest.fixture
+def graphs_everywhere(monkeypatch):
+    """``cuda_graphs=True`` takes effect on every device (the CPU through
+    ``ReplayedOnTheCPU``), and every replay checks what it replays on."""
+    from avalanche_si import graphs
+
+    real = graphs.backend_for
+    monkeypatch.setattr(graphs, "backend_for",
+                        lambda device: ReplayedOnTheCPU if device.type == "cpu" else real(device))
+    monkeypatch.setattr(graphs, "CHECK", True)
+    return graphs

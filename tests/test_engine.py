@@ -294,7 +294,7 @@ def test_importing_the_engine_and_the_core_loads_no_framework():
 
 #: the package's layers, bottom up (docs/guide/architecture.md draws them)
 LAYERS = {"core": ["options", "_fused", "_compat", "functional", "groups", "state", "optim_step",
-                   "amp", "consolidation"],
+                   "amp", "consolidation", "graphs"],
           "engine": ["engine"], "adapter": ["plugin", "lightning"], "logger": ["wandb_logger"]}
 
 

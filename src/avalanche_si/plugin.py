@@ -120,6 +120,10 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             documents for gradient clipping: plugins after it see unscaled gradients and
             must not unscale again), so the penalty acts at the right scale, ω uses
             unscaled gradients and steps the scaler skips add nothing to ω.
+        cuda_graphs: on a GPU, replay each step hook's work as a CUDA graph (one launch
+            per hook and group; bit-identical results; n more numbers kept), for
+            `importance="total"` and `"task"`. Default False (new; not yet measured on a
+            GPU). See `avalanche_si.graphs`.
 
     `si_lambda`, `eps`, `clamp` and `scaler` may be assigned during training
     (checked like here; the strength applies from the next step, the damping and clamp at
@@ -151,7 +155,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                  regularize_norm_layers: bool = False,
                  state_dtype: Optional[torch.dtype] = None,
                  consolidate: Union[None, str, int, ConsolidationPolicy] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None):
+                 scaler: Optional[torch.amp.GradScaler] = None,
+                 cuda_graphs: bool = False):
         super().__init__()
         self._strategy: Optional[Callable[[], Any]] = None  # the strategy this plugin serves
         self._first_iteration = self._look_for_scaler = False
@@ -159,7 +164,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             si_lambda=si_lambda, eps=eps, excluded_parameters=excluded_parameters,
             groups=groups, importance=importance, clamp=clamp,
             regularize_norm_layers=regularize_norm_layers, state_dtype=state_dtype,
-            consolidate=consolidate, scaler=scaler))
+            consolidate=consolidate, scaler=scaler, cuda_graphs=cuda_graphs))
 
     @property
     def engine(self) -> SynapticIntelligence:
@@ -238,6 +243,11 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def state_dtype(self) -> Optional[torch.dtype]:
         """The dtype option of the state."""
         return self._engine.state_dtype
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the per-step work is replayed as CUDA graphs where it can be."""
+        return self._engine.cuda_graphs
 
     @property
     def penalty(self) -> Optional[Tensor]:
