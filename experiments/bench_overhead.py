@@ -217,8 +217,10 @@ class Bench:
         if hasattr(p, "engine"):  # SIPlugin: its state, and what importance="task" keeps
             # between steps for the next step's gradient (the spare tensors)
             spare = [t for g in p.engine._groups for t in (getattr(g, "spare", None) or ())]
-            return sum(b.numel() * b.element_size()
-                       for b in [*p.engine._state.store.buffers(), *spare])
+            pools = sum(g.graphs.pool_bytes() for g in p.engine._groups  # cuda_graphs' pool
+                        if getattr(g, "graphs", None) is not None)
+            return pools + sum(b.numel() * b.element_size()
+                               for b in [*p.engine._state.store.buffers(), *spare])
         if hasattr(p, "_state"):  # SIPlugin 0.2 (--baseline)
             return sum(b.numel() * b.element_size() for b in p._state.store.buffers())
         if hasattr(p, "_store"):  # SIPlugin of an older version (--baseline)
@@ -322,6 +324,11 @@ VARIANTS = {
     "SIPlugin total": lambda: SIPlugin(1.0, eps=0.1, importance="total"),
     "SIPlugin total, _foreach only": lambda: ForeachSIPlugin(1.0, eps=0.1, importance="total"),
     "SIPlugin task": lambda: SIPlugin(1.0, eps=0.1, importance="task"),
+    # the step work replayed as CUDA graphs (on a CPU the option changes nothing)
+    "SIPlugin total, CUDA graphs": lambda: SIPlugin(1.0, eps=0.1, importance="total",
+                                                    cuda_graphs=True),
+    "SIPlugin task, CUDA graphs": lambda: SIPlugin(1.0, eps=0.1, importance="task",
+                                                   cuda_graphs=True),
     "SIPlugin delta_params": lambda: SIPlugin(1.0, eps=0.1, importance="delta_params"),
     # Benzing's variants; siu and sib draw and differentiate a second mini-batch each step
     "SIPlugin siu": lambda: SIPlugin(1.0, eps=0.1, importance="siu"),
@@ -345,6 +352,21 @@ class Row:
     persistent: int
     peak_extra: int
     faults: float
+    graphs: str = ""  # cuda_graphs: how many hook calls replayed a graph
+
+
+def graph_use(plugins) -> str:
+    """'replays/calls' of the CUDA graphs of an SIPlugin with cuda_graphs=True, else ''."""
+    engines = [p.engine for p in plugins if getattr(p, "cuda_graphs", False)]
+    if not engines:
+        return ""
+    graphs = [g.graphs for e in engines for g in e._groups if g.graphs is not None]
+    if not graphs:
+        return "not used on this device"
+    replays = sum(g.replays for g in graphs)
+    captures = sum(g.captures for g in graphs)
+    off = next((g.off for g in graphs if g.off), None)
+    return f"{replays} replays, {captures} captures" + (f" (stopped: {off})" if off else "")
 
 
 def _sync(device) -> None:
@@ -385,7 +407,7 @@ def bench_model(name, widths, *, repeats, steps, device="cpu", amp=False,
         med = statistics.median(times[v])
         rows.append(Row(name, n, k, v, med, min(times[v]), max(times[v]), med / base - 1,
                         b.persistent_bytes(), max(0, peak_step_bytes(b) - base_peak),
-                        faults[v] / (repeats * steps)))
+                        faults[v] / (repeats * steps), graph_use(b.plugins)))
     return rows
 
 
@@ -550,9 +572,12 @@ def resnet_in_strategy(case: ResNetCase, *, chunk: int, repeats: int, device="cp
         return strat
 
     strategies = {"no SI": strategy(None), "SIPlugin": strategy(SIPlugin(1.0, eps=0.1)),
+                  "SIPlugin, CUDA graphs": strategy(SIPlugin(1.0, eps=0.1, cuda_graphs=True)),
                   "Avalanche's SI plugin": strategy(
                       SynapticIntelligencePlugin(si_lambda=2.0, eps=0.1))}
-    return _time_in_turn(strategies, exps[1], chunk=chunk, repeats=repeats, device=device)
+    out = _time_in_turn(strategies, exps[1], chunk=chunk, repeats=repeats, device=device)
+    out["graphs"] = graph_use(strategies["SIPlugin, CUDA graphs"].plugins)
+    return out
 
 
 def online_overhead(hidden: int, *, chunk: int, repeats: int, data_root: str,
@@ -674,6 +699,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-strategy", action="store_true",
                     help="skip the overhead inside an Avalanche strategy (target 1 as worded)")
     ap.add_argument("--strategy-hidden", type=int, nargs="+", default=[400, 1000])
+    ap.add_argument("--no-mnist", action="store_true",
+                    help="skip what reads MNIST (the split-MNIST strategy table, the online "
+                         "table, the end-to-end run), for a machine without the data; "
+                         "--resnet's tables use random images")
     ap.add_argument("--no-online", action="store_true",
                     help="skip the online-stream table (SI per consolidation policy)")
     ap.add_argument("--device", default="cpu",
@@ -743,7 +772,7 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     from .options import default_data_root
 
-    if args.amp and not args.no_e2e:
+    if args.amp and not args.no_e2e and not args.no_mnist:
         print("# --amp applies to the per-step table only; the end-to-end table runs in float32")
     variants = {k: v for k, v in VARIANTS.items()
                 if args.variants is None or k == "no SI" or k in args.variants}
@@ -767,6 +796,7 @@ def _main(args) -> int:
     repeats = args.repeats or (5 if args.quick else 15)
     if args.no_steps:
         models = []
+    graph_notes: list[str] = []
     threads = torch.get_num_threads()
     print(f"# torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''}, "
           f"device {args.device}"
@@ -788,7 +818,11 @@ def _main(args) -> int:
                   f"({r.min_ms:.2f}-{r.max_ms:.2f}) | {100 * r.overhead:+.1f}% | "
                   f"{_mib(r.persistent)} ({mult:.2f}n) | {_mib(r.peak_extra)} | {r.faults:.0f} |",
                   flush=True)
-    if not args.no_strategy:
+            if r.graphs:
+                graph_notes.append(f"{r.model}, {r.variant}: {r.graphs}")
+    if graph_notes:  # whether the graphs were replayed, or the eager path was timed
+        print("\nCUDA graphs, per variant (warm-up included): " + "; ".join(graph_notes) + ".")
+    if not args.no_strategy and not args.no_mnist:
         chunk, reps = (50, 5) if args.quick else (200, 15)
         reps = args.repeats or reps
         print(f"\n# SI overhead inside an Avalanche strategy: Naive on split MNIST (Domain-IL, "
@@ -824,19 +858,19 @@ def _main(args) -> int:
         print(f"\n# ResNet-18 inside Avalanche's Naive (random images as host tensors, "
               f"Avalanche's loader, Adam, penalty active); median (min-max) of {reps} "
               f"alternating chunks of {chunk} iterations")
-        print("| case | no SI, ms/iter | + SIPlugin, ms/iter | overhead | + Avalanche's SI "
-              "plugin, ms/iter | overhead |")
-        print("|---|---|---|---|---|---|")
+        keys = ("no SI", "SIPlugin", "SIPlugin, CUDA graphs", "Avalanche's SI plugin")
+        print("| case | no SI, ms/iter | " + " | ".join(f"+ {k}, ms/iter | overhead"
+                                                      for k in keys[1:]) + " | CUDA graphs |")
+        print("|---|---|" + "---|---|" * (len(keys) - 1) + "---|")
         for case in _resnet_cases(args):
             t = resnet_in_strategy(case, chunk=chunk, repeats=reps, device=args.device)
-            theirs_key = "Avalanche's SI plugin"
-            b, ours, theirs = (t[k][0] for k in ("no SI", "SIPlugin", theirs_key))
-            cell = lambda k: f"{t[k][0]:.2f} ({t[k][1]:.2f}-{t[k][2]:.2f})"  # noqa: E731
-            print(f"| {case.size}x{case.size}, batch {case.batch} | {cell('no SI')} | "
-                  f"{cell('SIPlugin')} | {100 * (ours / b - 1):+.1f}% | "
-                  f"{cell(theirs_key)} | "
-                  f"{100 * (theirs / b - 1):+.1f}% |", flush=True)
-    if not args.no_online:
+            b = t["no SI"][0]
+            cells = [f"{t[k][0]:.2f} ({t[k][1]:.2f}-{t[k][2]:.2f}) | "
+                     f"{100 * (t[k][0] / b - 1):+.1f}%" for k in keys[1:]]
+            print(f"| {case.size}x{case.size}, batch {case.batch} | "
+                  f"{t['no SI'][0]:.2f} ({t['no SI'][1]:.2f}-{t['no SI'][2]:.2f}) | "
+                  + " | ".join(cells) + f" | {t['graphs']} |", flush=True)
+    if not args.no_online and not args.no_mnist:
         chunk, reps = (100, 3) if args.quick else (300, 9)
         reps = args.repeats or reps
         t = online_overhead(400, chunk=chunk, repeats=reps,
@@ -856,7 +890,7 @@ def _main(args) -> int:
                   f"{t['consolidations'].get(k, '')} |", flush=True)
         print(f"\nOne consolidation (`consolidate_now`, every group, checked): "
               f"{t['consolidate_now ms']:.2f} ms on these {t['n'] / 1e6:.2f}M weights.")
-    if not args.no_e2e:
+    if not args.no_e2e and not args.no_mnist:
         iterations = 200 if args.quick else args.e2e_iterations
         reps = 1 if args.quick else 3
         for hidden in ([400] if args.quick else args.e2e_hidden):

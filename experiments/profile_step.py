@@ -5,7 +5,7 @@
 For each model, SIPlugin's two step hooks are driven as Avalanche's training loop drives them
 (``after_backward`` between the backward pass and the step, ``after_update`` after it), with the
 penalty active (one consolidation done), in each importance mode that needs no second
-mini-batch (``IMPORTANCES``):
+mini-batch, with and without CUDA graphs (``VARIANTS``):
 
 - **host µs**: wall time for Python to issue the hook's work (no synchronisation inside);
 - **launches**: kernel launches the hook makes, from ``torch.profiler``'s runtime events;
@@ -14,6 +14,8 @@ mini-batch (``IMPORTANCES``):
 Beside them the plain step's forward+backward and ``optimizer.step()``, and a copy of the bytes
 SI's two passes move (11 numbers per weight) to compare SI's GPU time with: the floor of its
 memory traffic. Medians over the timed steps. On a CPU only the host column means anything.
+The ``CUDA graphs`` variants replay each hook's work as a CUDA graph (``cuda_graphs=True``);
+on a CPU they run the eager path.
 """
 
 from __future__ import annotations
@@ -77,17 +79,25 @@ def _launches(prof) -> dict[str, int]:
 #: the modes profiled: SI's three, and SOS (one buffer, no extra pass); SIU and SIB draw a
 #: second mini-batch from the experience, which this loop without a stream does not have
 #: (their extra forward and backward is timed by ``bench_overhead``)
-IMPORTANCES = ("total", "task", "delta_params", "sos")
+#: the profiled variants: a label and SIPlugin's options
+VARIANTS = {
+    "total": dict(importance="total"),
+    "total, CUDA graphs": dict(importance="total", cuda_graphs=True),
+    "task": dict(importance="task"),
+    "task, CUDA graphs": dict(importance="task", cuda_graphs=True),
+    "delta_params": dict(importance="delta_params"),
+    "sos": dict(importance="sos"),
+}
 
 
-def profile(name: str, device: str, importance: Optional[str], steps: int) -> dict[str, float]:
+def profile(name: str, device: str, options: Optional[dict], steps: int) -> dict[str, float]:
     """Median host µs / GPU µs per step of each phase, and launches per step."""
     from avalanche_si import SIPlugin
 
     model, x, y = build(name, device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cuda = device.startswith("cuda")
-    si = None if importance is None else SIPlugin(1.0, importance=importance)
+    si = None if options is None else SIPlugin(1.0, **options)
     s = SimpleNamespace(model=model, optimizer=opt, loss=None, experience=None,
                         clock=SimpleNamespace(train_exp_counter=0))
 
@@ -147,6 +157,9 @@ def profile(name: str, device: str, importance: Optional[str], steps: int) -> di
         out[f"{label} launches"] = launches.get(f"[{label}]", 0) / 3
     out["n"] = sum(p.numel() for p in model.parameters())
     out["tensors"] = len(list(model.parameters()))
+    graphs = [g.graphs for g in si.engine._groups if g.graphs is not None] if si else []
+    out["graphs"] = f"{sum(g.replays for g in graphs)} replays, " \
+        f"{sum(g.captures for g in graphs)} captures" if graphs else ""
     return out
 
 
@@ -180,11 +193,16 @@ def report(device: str, models, steps: int) -> None:
         for phase in ("forward+backward", "optimizer.step"):
             print(f"| no SI | {phase} | {plain[phase + ' host']:.0f} | "
                   f"{plain[phase + ' launches']:.0f} | {plain[phase + ' gpu']:.0f} |")
-        for importance in IMPORTANCES:
-            r = profile(name, device, importance, steps)
+        notes = []
+        for label, options in VARIANTS.items():
+            r = profile(name, device, options, steps)
             for phase in ("SI after_backward", "SI after_update"):
-                print(f"| SIPlugin {importance} | {phase} | {r[phase + ' host']:.0f} | "
-                      f"{r[phase + ' launches']:.0f} | {r[phase + ' gpu']:.0f} |")
+                print(f"| SIPlugin {label} | {phase} | {r[phase + ' host']:.0f} | "
+                      f"{r[phase + ' launches']:.0f} | {r[phase + ' gpu']:.0f} |", flush=True)
+            if options.get("cuda_graphs"):
+                notes.append(f"{label}: {r['graphs'] or 'not used on this device'}")
+        if notes:
+            print(f"\nCUDA graphs (warm-up and profiled steps included): {'; '.join(notes)}.")
         floor = copy_floor_us(11 * n, device)
         print(f"\nA copy moving the bytes of SI's two passes (11 floats per weight, "
               f"{11 * n * 4 / 1e6:.1f} MB): {floor:.0f} GPU µs.\n")

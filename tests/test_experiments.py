@@ -863,9 +863,24 @@ def test_profile_step_prints_each_hook_of_each_mode_as_it_goes(monkeypatch):
     monkeypatch.setattr(profile_step, "profile", profile)
     assert profile_step.main(["--steps", "1", "--models", "MLP 784-1000-1000"]) == 0
     out = "".join(written)
-    assert "sos" in profile_step.IMPORTANCES
-    for mode in profile_step.IMPORTANCES:
+    assert "sos" in profile_step.VARIANTS and "total, CUDA graphs" in profile_step.VARIANTS
+    for mode in profile_step.VARIANTS:
         for phase in ("SI after_backward", "SI after_update"):
             assert f"| SIPlugin {mode} | {phase} | " in out
+    assert "CUDA graphs (warm-up and profiled steps included): total, CUDA graphs: not used " \
+        "on this device" in out  # on a CPU: said, not hidden
     # each mode's rows were out before the next mode was profiled
     assert seen_before == sorted(seen_before) and len(set(seen_before[1:])) == len(seen_before) - 1
+
+
+def test_bench_overhead_without_mnist_times_the_graph_variants_and_says_where_they_ran(
+        capsys, monkeypatch, tmp_path):
+    from experiments import bench_overhead
+
+    monkeypatch.setenv("AVALANCHE_SI_DATA", str(tmp_path / "no-data-here"))
+    assert bench_overhead.main(["--quick", "--no-mnist", "--repeats", "1", "--variants",
+                                "SIPlugin total, CUDA graphs"]) == 0
+    out = capsys.readouterr().out
+    assert "| MLP H=400 | 0.48M | 6 | SIPlugin total, CUDA graphs |" in out
+    assert "MLP H=400, SIPlugin total, CUDA graphs: not used on this device" in out
+    assert "split MNIST" not in out and "online" not in out and "End to end" not in out
