@@ -30,11 +30,19 @@ def test_plugin_matches_reference_with_two_groups(tasks, importance, opt, device
     train_stream(strategy(model, OPTIMIZERS[opt](model.parameters()), [plugin]), make_stream(tasks))
 
     for name, (names, _, _) in GROUPS.items():
-        got = plugin.importances(name)
-        assert sorted(got) == sorted(names)
-        for n in names:
-            torch.testing.assert_close(got[n], ref_omega[n], rtol=1e-9, atol=1e-12)
-            assert got[n].abs().max() > 0
+        assert_importances_match(plugin.importances(name), ref_omega, names)
+    assert_weights_match(model, ref_model)
+
+
+def assert_importances_match(got, ref_omega, names):
+    """Ω of `names`, each nonzero, equals the float64 reference's."""
+    assert sorted(got) == sorted(names)
+    for n in names:
+        torch.testing.assert_close(got[n], ref_omega[n], rtol=1e-9, atol=1e-12)
+        assert got[n].abs().max() > 0
+
+
+def assert_weights_match(model, ref_model):
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
 
@@ -54,13 +62,8 @@ def test_plugin_with_cuda_graphs_matches_reference(graphs_everywhere, tasks, imp
         # memory back to a gradient set to None and allocated again)
         opt.zero_grad = lambda set_to_none=True: type(opt).zero_grad(opt, set_to_none=False)
     train_stream(strategy(model, opt, [plugin]), make_stream(tasks))
-    got = plugin.importances()
-    assert sorted(got) == sorted(names)
-    for n in names:
-        torch.testing.assert_close(got[n], ref_omega[n], rtol=1e-9, atol=1e-12)
-        assert got[n].abs().max() > 0
-    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+    assert_importances_match(plugin.importances(), ref_omega, names)
+    assert_weights_match(model, ref_model)
     graphs = plugin.engine._groups[0].graphs
     assert graphs.replays > 0  # on a GPU: the allocator gives the same blocks back
     if device == "cpu":  # kept from experience to experience: without the penalty and with it

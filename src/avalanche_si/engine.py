@@ -780,8 +780,9 @@ class SynapticIntelligence:
             if not (self._cuda_graphs and self._importance in ("total", "task") and
                     _graphs.supported(g.params)):
                 continue
-            same = graphs is not None and len(tensors) == len(g.tensors()) and \
-                all(a is b for a, b in zip(tensors, g.tensors()))
+            now = g.tensors()
+            same = graphs is not None and len(tensors) == len(now) and \
+                all(a is b for a, b in zip(tensors, now))
             g.graphs = graphs if same else _graphs.StepGraphs(g.params[0].device)
         b.signature = b.signature_now()
         b.current = b.built = True
@@ -985,7 +986,8 @@ class SynapticIntelligence:
             if spare is None:
                 spare = [torch.empty_like(gr) for gr in grads]
         penalize = self._state.consolidated[g.key] and g.c != 0.0
-        lists = (grads, g.pick(g.omega), params, g.pick(g.prev), pre, spare)
+        omega, prev = g.pick(g.omega), g.pick(g.prev)
+        lists = (grads, omega, params, prev, pre, spare)
         work = _StepWork(g.c, penalize, zero)
         if g.graphs is not None and pre is not None:
             # what a graph bakes in and may change between steps (SI's own tensors change
@@ -994,7 +996,7 @@ class SynapticIntelligence:
             g.step_key = (_graphs.addresses(params), _graphs.addresses(grads))
             g.graphs.run((penalize, g.c, zero, *g.step_key, spare and _graphs.addresses(spare)),
                          work, *lists)
-            g.value = deferred_penalty_value(lists[1], pre, lists[3], strength=g.c) \
+            g.value = deferred_penalty_value(omega, pre, prev, strength=g.c) \
                 if penalize else None
         else:
             g.step_key = None
