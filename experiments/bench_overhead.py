@@ -215,8 +215,10 @@ class Bench:
         if p is None:
             return 0
         if hasattr(p, "engine"):  # SIPlugin: its state, and what importance="task" keeps
-            # between steps for the next step's gradient (the spare tensors)
-            spare = [t for g in p.engine._groups for t in (getattr(g, "spare", None) or ())]
+            # between steps for the task gradient (the spare tensors; with cuda_graphs the
+            # tensors it is copied into)
+            spare = [t for g in p.engine._groups
+                     for t in (getattr(g, "spare", None) or getattr(g, "task_grads", None) or ())]
             pools = sum(g.graphs.pool_bytes() for g in p.engine._groups  # cuda_graphs' pool
                         if getattr(g, "graphs", None) is not None)
             return pools + sum(b.numel() * b.element_size()

@@ -258,7 +258,9 @@ def test_task_gradients_in_fixed_buffers_get_a_new_spare_each_step(graphs_everyw
                 si.after_step()
                 given.append([p.grad for p in model.parameters()])
             si.end_task()
-        assert all(p.grad is not b for p, b in zip(model.parameters(), buffers))
+        # eagerly the optimizer gets other tensors; graphed, .grad keeps the given ones (the
+        # task gradient is copied into SI's own tensors)
+        assert all((p.grad is b) == graphs for p, b in zip(model.parameters(), buffers))
         return [p.detach().clone() for p in model.parameters()], si.state_dict()["buffers"]
 
     (w0, s0), (w1, s1) = train(False), train(True)
@@ -266,14 +268,16 @@ def test_task_gradients_in_fixed_buffers_get_a_new_spare_each_step(graphs_everyw
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
-def test_graphs_outlive_a_new_optimizer_but_not_a_loaded_state(graphs_everywhere):
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_graphs_outlive_a_new_optimizer_but_not_a_loaded_state(graphs_everywhere, importance):
     def train(graphs):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        si = SynapticIntelligence(model, opt, si_lambda=2.0, cuda_graphs=graphs)
+        si = SynapticIntelligence(model, opt, si_lambda=2.0, importance=importance,
+                                  cuda_graphs=graphs)
         x, y = torch.randn(4, 16, 6), torch.randint(0, 3, (4, 16))
-        seen = []
+        seen, task_grads = [], []
         for t in range(4):
             if t == 1:  # a new optimizer: the lists are rebuilt on the same tensors, and the
                 opt = torch.optim.Adam(model.parameters(), lr=0.05)  # graphs stay valid
@@ -288,11 +292,15 @@ def test_graphs_outlive_a_new_optimizer_but_not_a_loaded_state(graphs_everywhere
                 opt.step()
                 si.after_step()
             seen.append(si._groups[0].graphs)
+            task_grads.append(si._groups[0].task_grads)  # "task": captured on them too
             si.end_task()
-        return [p.detach().clone() for p in model.parameters()], si.state_dict()["buffers"], seen
+        return ([p.detach().clone() for p in model.parameters()], si.state_dict()["buffers"],
+                seen, task_grads)
 
-    (w0, s0, _), (w1, s1, seen) = train(False), train(True)
+    (w0, s0, _, _), (w1, s1, seen, task_grads) = train(False), train(True)
     assert all(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert seen[0] is seen[1] and seen[1] is not seen[2] and seen[2] is seen[3]
     assert all(g.replays > 0 for g in seen)
+    if importance == "task":
+        assert task_grads[0] is task_grads[1] and task_grads[1] is not task_grads[2]

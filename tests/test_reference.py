@@ -66,9 +66,10 @@ def test_plugin_with_cuda_graphs_matches_reference(graphs_everywhere, tasks, imp
     assert_weights_match(model, ref_model)
     graphs = plugin.engine._groups[0].graphs
     assert graphs.replays > 0  # on a GPU: the allocator gives the same blocks back
-    if device == "cpu":  # kept from experience to experience: without the penalty and with it
-        # (and with "task", twice each: the gradient tensors alternate)
-        assert graphs.captures == (3 if importance == "total" else 6)
+    if device == "cpu":  # kept from experience to experience: before the step without the
+        # penalty and with it, and after it ("task" too: the task gradient is copied into
+        # tensors that stay, so no address alternates)
+        assert graphs.captures == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -130,14 +130,17 @@ class _StepWork:
     `zero`, the gradients' non-finite entries are zeroed (a scaler's step; see
     `amp.unscale_()`). Returns the penalty's value function (None with the penalty off)."""
 
-    __slots__ = ("c", "penalize", "zero")
+    __slots__ = ("c", "penalize", "zero", "keep")
 
-    def __init__(self, c: float, penalize: bool, zero: bool):
-        self.c, self.penalize, self.zero = c, penalize, zero
+    def __init__(self, c: float, penalize: bool, zero: bool, keep: bool = False):
+        self.c, self.penalize, self.zero, self.keep = c, penalize, zero, keep
 
     def __call__(self, grads, omega, params, prev, pre, spare) -> Optional[Callable[[], Tensor]]:
         if self.zero:
             amp.zero_nonfinite_(grads)
+        if self.keep:  # graphed "task": the task gradient copied into SI's own tensors, the
+            torch._foreach_copy_(spare, grads)  # penalty added in .grad (the same bits as
+            spare = None                        # writing g' into spare tensors)
         if self.penalize:
             return penalty_step(grads, omega, params, prev, strength=self.c, pre=pre,
                                 in_place=spare is None, out=spare)[1]
@@ -153,6 +156,8 @@ class _Group:
 
     graphs: Optional[_graphs.StepGraphs] = None  # groups pickled by earlier versions lack them
     step_key: Optional[tuple] = None
+    task_grads: Optional[list[Tensor]] = None
+    step_kept = False
 
     def __init__(self, key: Optional[str], matcher, si_lambda: Optional[Strength],
                  eps: Optional[float]):
@@ -187,6 +192,11 @@ class _Group:
         # on), and the addresses of the step in flight (None: not graphed)
         self.graphs: Optional[_graphs.StepGraphs] = None
         self.step_key: Optional[tuple] = None
+        # graphed "task": SI's own tensors (one per parameter, allocated at the first step and
+        # kept with the graphs) that each step's task gradient is copied into, so that .grad
+        # keeps its tensors (the optimizer's gradient is g' in place, as with "total")
+        self.task_grads: Optional[list[Tensor]] = None
+        self.step_kept = False            # the step in flight used them
 
     def tensors(self) -> list[Tensor]:
         """Every tensor of the per-step lists: what the group's graphs were captured on."""
@@ -755,7 +765,7 @@ class SynapticIntelligence:
         self._follow_renamed(model_names, {(g.key, n) for g in self._groups for n in g.names})
         # graphs captured on tensors that the new lists hold again stay valid (an Avalanche
         # strategy makes new optimizer groups at every experience, on the same parameters)
-        kept_graphs = [(g.graphs, g.tensors()) for g in self._groups]
+        kept_graphs = [(g.graphs, g.tensors(), g.task_grads) for g in self._groups]
         for g in self._groups:
             g.clear_lists()
         if not selected and any(p.requires_grad for p in model.parameters()):
@@ -776,13 +786,19 @@ class SynapticIntelligence:
                                     "eps" if g.eps is None else f"groups[{g.key!r}].eps")
             if self._importance == "delta_params":
                 g.predictor = StepPredictor(self._need_optimizer(), g.params) if g.params else None
-        for g, (graphs, tensors) in zip(self._groups, kept_graphs):
+        for g, (graphs, tensors, task_grads) in zip(self._groups, kept_graphs):
             if not (self._cuda_graphs and self._importance in ("total", "task") and
                     _graphs.supported(g.params)):
                 continue
             now = g.tensors()
             same = graphs is not None and len(tensors) == len(now) and \
                 all(a is b for a, b in zip(tensors, now))
+            if same and task_grads is not None and all(  # a weight's data may have been swapped
+                    t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+                    for t, p in zip(task_grads, g.params)):
+                g.task_grads = task_grads  # the graphs were captured on them too
+            elif task_grads is not None:
+                same = False
             g.graphs = graphs if same else _graphs.StepGraphs(g.params[0].device)
         b.signature = b.signature_now()
         b.current = b.built = True
@@ -806,6 +822,10 @@ class SynapticIntelligence:
         if self._importance == "task":
             for g in self._groups:
                 params = g.pick(g.params)
+                if g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
+                    if g.step_grads:
+                        torch._foreach_copy_([p.grad for p in params], g.step_grads)
+                    continue
                 if g.step_grads:  # the step's, now free
                     g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
                 for p, gr in zip(params, g.step_grads):
@@ -948,7 +968,7 @@ class SynapticIntelligence:
                 amp.zero_nonfinite_(grads)
             return  # accumulating into the same .grad: the penalty is in it, θ has not moved
         g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
-        g.step_swap, g.step_key = False, None
+        g.step_swap, g.step_key, g.step_kept = False, None, False
         if not grads:
             return
         params = g.pick(g.params)
@@ -977,31 +997,38 @@ class SynapticIntelligence:
             if self._importance == "sib":  # g_u − g, before the penalty joins g
                 torch._foreach_sub_(measure, grads)
                 g.step_swap = True  # ω += (g_u − g)·(θ − θ_pre)
-        task = self._importance == "task"
-        # "task": the optimizer gets other gradient tensors (the spare ones, reused from step
-        # to step), with the penalty added; the task gradients stay in g.step_grads for ω
+        graphed = g.graphs is not None and pre is not None
+        # "task": the task gradient is kept for ω apart from the optimizer's g'. Eagerly the
+        # optimizer gets other gradient tensors (the spare ones, reused from step to step)
+        # with the penalty added, and the task gradients stay in g.step_grads; graphed, the
+        # task gradient is copied into SI's own tensors and .grad gets the penalty in place
+        # (no per-tensor swap of .grad on the host, and no addresses that change per step)
         spare = None
-        if task:
+        g.step_kept = keep = graphed and self._importance == "task"
+        if keep:
+            if g.task_grads is None:
+                g.task_grads = [torch.empty_like(p) for p in g.params]
+            spare = measure = g.pick(g.task_grads)
+        elif self._importance == "task":
             spare = _spare_for(g, grads)
             if spare is None:
                 spare = [torch.empty_like(gr) for gr in grads]
         penalize = self._state.consolidated[g.key] and g.c != 0.0
         omega, prev = g.pick(g.omega), g.pick(g.prev)
         lists = (grads, omega, params, prev, pre, spare)
-        work = _StepWork(g.c, penalize, zero)
-        if g.graphs is not None and pre is not None:
+        work = _StepWork(g.c, penalize, zero, keep)
+        if graphed:
             # what a graph bakes in and may change between steps (SI's own tensors change
             # only with the lists, which drops the graphs); the weights' addresses also say
             # which parameters take part
             g.step_key = (_graphs.addresses(params), _graphs.addresses(grads))
-            g.graphs.run((penalize, g.c, zero, *g.step_key, spare and _graphs.addresses(spare)),
-                         work, *lists)
+            g.graphs.run((penalize, g.c, zero, *g.step_key), work, *lists)
             g.value = deferred_penalty_value(omega, pre, prev, strength=g.c) \
                 if penalize else None
         else:
             g.step_key = None
             g.value = work(*lists)
-        if task:
+        if spare is not None and not keep:
             for p, t in zip(params, spare):
                 p.grad = t
         if pre is not None:
@@ -1052,8 +1079,8 @@ class SynapticIntelligence:
                     g.graphs.run(("after", *g.step_key), accumulate_from_pre, *lists)
                 else:
                     accumulate_from_pre(*lists)
-                if self._importance == "task":  # free now: the next step writes into them
-                    g.spare, g.spare_idx = g.step_grads, g.step_idx
+                if self._importance == "task" and not g.step_kept:  # free now: the next
+                    g.spare, g.spare_idx = g.step_grads, g.step_idx  # step writes into them
                 g.step_grads = []
         return self._policy.at_step(loss)
 

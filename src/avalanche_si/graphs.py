@@ -12,11 +12,12 @@ path.
 A graph bakes in the addresses of every tensor it reads and writes, and its scalars. What
 may change between steps is therefore part of a key that is compared before each replay:
 
-- the addresses of the weights θ and the gradients g (and, with `importance="task"`, of
-  the tensors the optimizer's gradient is written into);
+- the addresses of the weights θ and the gradients g;
 - the strength c, whether the penalty is on, which parameters have a gradient this step;
-- SI's own state (Ω, θ*, ω, θ_pre) is not in the key: its tensors change only when SI
-  rebuilds its per-step lists, which drops every graph of the group.
+- SI's own state (Ω, θ*, ω, θ_pre, and with `importance="task"` the tensors the task
+  gradient is copied into, since `.grad` gets the penalty in place) is not in the key: its
+  tensors change only when SI rebuilds its per-step lists, which drops every graph of the
+  group.
 
 A key seen for the first time runs eagerly; the second time it is captured (on a side
 stream, without a host synchronisation) and replayed; from then on it is replayed. Up to
