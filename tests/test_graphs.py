@@ -304,3 +304,27 @@ def test_graphs_outlive_a_new_optimizer_but_not_a_loaded_state(graphs_everywhere
     assert all(g.replays > 0 for g in seen)
     if importance == "task":
         assert task_grads[0] is task_grads[1] and task_grads[1] is not task_grads[2]
+
+
+def test_addresses_are_reused_only_while_every_tensor_stays_where_it_was():
+    graphs = G.StepGraphs(torch.device("cpu"))
+    a, b = [torch.zeros(3), torch.zeros(2, 2)], [torch.zeros(5)]
+    first = graphs.addresses(a, b)
+    assert graphs.addresses(a, b) is first  # the same tensors: the same key object
+    moved = [a[0], torch.zeros(2, 2)]
+    second = graphs.addresses(moved, b)
+    assert second is not first and second != first
+    assert graphs.addresses(a, b) == first and hash(graphs.addresses(a, b)) == hash(first)
+    assert graphs.addresses(a, b + [torch.zeros(1)]) != first  # a list grew
+    assert graphs.addresses(a) != first                         # a list fewer
+    a[1].data = torch.zeros(2, 2)  # what model.to() does: the same object, other memory
+    assert graphs.addresses(a, b) != first
+
+
+@pytest.mark.parametrize("check", [G._same_addresses, G._same_addresses_in_python])
+def test_the_address_check_compares_every_pointer(check):
+    ts = [torch.zeros(2), torch.zeros(3)]
+    ptrs = [t.data_ptr() for t in ts]
+    assert check(ts, ptrs, [0, 1])
+    assert not check(ts, [ptrs[0], ptrs[1] + 4], [0, 1])
+    assert not check(ts, [ptrs[0] + 4, ptrs[1]], [0, 1])

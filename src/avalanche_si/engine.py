@@ -40,8 +40,10 @@ mixed precision: `avalanche_si.amp`.
 from __future__ import annotations
 
 import difflib
+import operator
 import warnings
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -155,7 +157,7 @@ class _Group:
     """One group's configuration and its per-step lists."""
 
     graphs: Optional[_graphs.StepGraphs] = None  # groups pickled by earlier versions lack them
-    step_key: Optional[tuple] = None
+    step_key: Optional[_graphs.Addresses] = None
     task_grads: Optional[list[Tensor]] = None
     step_kept = False
 
@@ -191,7 +193,7 @@ class _Group:
         # cuda_graphs: the group's captured step work (dropped with the lists it was captured
         # on), and the addresses of the step in flight (None: not graphed)
         self.graphs: Optional[_graphs.StepGraphs] = None
-        self.step_key: Optional[tuple] = None
+        self.step_key: Optional[_graphs.Addresses] = None
         # graphed "task": SI's own tensors (one per parameter, allocated at the first step and
         # kept with the graphs) that each step's task gradient is copied into, so that .grad
         # keeps its tensors (the optimizer's gradient is g' in place, as with "total")
@@ -953,7 +955,7 @@ class SynapticIntelligence:
     def _before_step_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
         grads = [p.grad for p in g.params]
         idx = None
-        if any(gr is None for gr in grads):
+        if any(map(operator.is_, grads, repeat(None))):
             # Parameters without a gradient this step (another task's head) are skipped:
             # the optimizer does not move them, so neither their importance nor their
             # penalty changes, and giving them a zero gradient would let a stateful
@@ -1021,8 +1023,8 @@ class SynapticIntelligence:
             # what a graph bakes in and may change between steps (SI's own tensors change
             # only with the lists, which drops the graphs); the weights' addresses also say
             # which parameters take part
-            g.step_key = (_graphs.addresses(params), _graphs.addresses(grads))
-            g.graphs.run((penalize, g.c, zero, *g.step_key), work, *lists)
+            g.step_key = g.graphs.addresses(params, grads)
+            g.graphs.run((penalize, g.c, zero, g.step_key), work, *lists)
             g.value = deferred_penalty_value(omega, pre, prev, strength=g.c) \
                 if penalize else None
         else:
@@ -1076,7 +1078,7 @@ class SynapticIntelligence:
                 lists = (g.pick(g.running), g.step_grads,
                          *((now, pre) if g.step_swap else (pre, now)))
                 if g.step_key is not None:
-                    g.graphs.run(("after", *g.step_key), accumulate_from_pre, *lists)
+                    g.graphs.run(("after", g.step_key), accumulate_from_pre, *lists)
                 else:
                     accumulate_from_pre(*lists)
                 if self._importance == "task" and not g.step_kept:  # free now: the next

@@ -19,6 +19,10 @@ may change between steps is therefore part of a key that is compared before each
   tensors change only when SI rebuilds its per-step lists, which drops every graph of the
   group.
 
+On the host, a step whose tensors are where they were at the last step costs one C call
+per list to check that (no tuple of addresses built or hashed); the per-tensor work left
+is reading each `.grad`.
+
 A key seen for the first time runs eagerly; the second time it is captured (on a side
 stream, without a host synchronisation) and replayed; from then on it is replayed. Up to
 `KEEP` graphs are kept per group, the least recently replayed dropped first (gradients that
@@ -41,7 +45,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["StepGraphs", "supported", "addresses"]
+__all__ = ["StepGraphs", "Addresses", "supported", "addresses"]
 
 #: graphs kept per group (both hooks); the least recently replayed is dropped beyond it
 KEEP = 8
@@ -57,6 +61,37 @@ _data_ptr = Tensor.data_ptr
 def addresses(tensors: Sequence[Tensor]) -> tuple[int, ...]:
     """The tensors' data pointers, for a key (one C call per tensor, no device access)."""
     return tuple(map(_data_ptr, tensors))
+
+
+def _same_addresses_in_python(tensors, ptrs, indices) -> bool:
+    return list(map(_data_ptr, tensors)) == ptrs
+
+
+#: whether `tensors[i].data_ptr() == ptrs[i]` for every i of `indices`, in one C call (what
+#: torch's own CUDA-graph trees check their inputs with); a Python loop where torch lacks it
+_same_addresses = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal",
+                          _same_addresses_in_python)
+
+
+class Addresses:
+    """The data pointers of a step's tensor lists, as a key part whose hash is computed once
+    (a step on the same tensors as the last one gets the same object back from `StepGraphs.
+    addresses()`, so neither the pointers' tuple nor its hash is built again)."""
+
+    __slots__ = ("ptrs", "_hash")
+
+    def __init__(self, ptrs: tuple[tuple[int, ...], ...]):
+        self.ptrs = ptrs
+        self._hash = hash(ptrs)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is Addresses and self.ptrs == other.ptrs)
+
+    def __repr__(self) -> str:
+        return f"Addresses({self.ptrs!r})"
 
 
 class _CudaGraph:
@@ -132,7 +167,8 @@ def supported(params: Sequence[Tensor]) -> bool:
 class StepGraphs:
     """The captured graphs of one parameter group, by key (see the module's docstring)."""
 
-    __slots__ = ("device", "_graphs", "_seen", "_pool", "captures", "replays", "wasted", "off")
+    __slots__ = ("device", "_graphs", "_seen", "_pool", "captures", "replays", "wasted", "off",
+                 "_last", "_last_ptrs", "_indices")
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -144,6 +180,22 @@ class StepGraphs:
         self.wasted = 0
         #: why this group stopped capturing (None: it has not)
         self.off: Optional[str] = None
+        self._last: Optional[Addresses] = None   # what addresses() returned last, and its
+        self._last_ptrs: list[list[int]] = []    # pointers as lists (what the C check reads)
+        self._indices: list[list[int]] = []      # 0..k-1 for each of them
+
+    def addresses(self, *lists: Sequence[Tensor]) -> Addresses:
+        """The tensors' addresses as a key part: the object returned last time when every
+        tensor is where it was then (checked in C, one call per list), else a new one."""
+        last, ptrs = self._last, self._last_ptrs
+        if last is not None and len(lists) == len(ptrs) and all(
+                len(lst) == len(p) and _same_addresses(lst, p, k)
+                for lst, p, k in zip(lists, ptrs, self._indices)):
+            return last
+        self._last_ptrs = ptrs = [list(map(_data_ptr, lst)) for lst in lists]
+        self._indices = [list(range(len(p))) for p in ptrs]
+        self._last = last = Addresses(tuple(map(tuple, ptrs)))
+        return last
 
     def run(self, key: Hashable, fn: Callable[..., Any], *lists: Optional[Sequence[Tensor]]) -> None:
         """Do `fn(*lists)`: replay the graph captured for `key`, capture one if the key was
