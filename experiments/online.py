@@ -35,7 +35,6 @@ from avalanche.core import SupervisedPlugin
 from avalanche_si import SIPlugin
 from avalanche_si.consolidation import LossPlateau
 
-from .options import ONLINE_METHODS  # noqa: F401  (the methods this module runs)
 from .streams import Stream, tensor_dataset
 
 

@@ -873,6 +873,28 @@ def test_profile_step_prints_each_hook_of_each_mode_as_it_goes(monkeypatch):
     assert seen_before == sorted(seen_before) and len(set(seen_before[1:])) == len(seen_before) - 1
 
 
+def test_host_cost_prints_each_tensor_count_and_the_ratio_with_graphs_stood_in(capsys):
+    # on a CPU the graph columns replay stand-ins (SI's Python work alone); they must have
+    # replayed, every variant gets its cell, and the library's real backend is put back
+    from avalanche_si import graphs
+    from experiments import host_cost
+
+    backend = graphs.backend_for
+    assert host_cost.main(["--chunk", "2", "--repeats", "1", "--width", "3"]) == 0
+    assert graphs.backend_for is backend
+    out = capsys.readouterr().out
+    assert out.startswith("$ python -m experiments.host_cost --chunk 2 --repeats 1 --width 3")
+    for n in host_cost.TENSORS:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {n} | "))
+        assert len(row.split("|")) == len(host_cost.VARIANTS) + 3
+    assert "| 64 / 6 | " in out and "total, CUDA graphs (stand-in replay)" in out
+    # before the consolidation 3 steps (2 replays per hook), after it 12: the hook before the
+    # step has a new key (the penalty on: 11 replays), the one after it does not (12)
+    assert "total, CUDA graphs: 27 replays, 3 captures" in out
+    with pytest.raises(SystemExit):
+        host_cost.main(["--chunk", "0"])
+
+
 def test_bench_overhead_without_mnist_times_the_graph_variants_and_says_where_they_ran(
         capsys, monkeypatch, tmp_path):
     from experiments import bench_overhead

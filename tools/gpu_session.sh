@@ -6,7 +6,8 @@
 #   1. the CUDA tests (CUDA graphs against the eager path and the float64 reference, no
 #      host sync with and without graphs, every other test that runs on a GPU);
 #   2. profile_step: host µs, launches and GPU µs per hook, with and without CUDA graphs;
-#   3. bench_overhead: the per-step table (MLPs, deep MLP, ResNet-18) and ResNet-18 inside
+#   3. host_cost: host µs per step in SI's hooks for 6, 16 and 64 tensors, graphs or not;
+#   4. bench_overhead: the per-step table (MLPs, deep MLP, ResNet-18) and ResNet-18 inside
 #      Avalanche's Naive, float32, then the per-step table under AMP.
 #
 # On the GPU machine:   OUT=$OUT tools/gpu_session.sh
@@ -44,6 +45,9 @@ if [ -n "$QUICK" ]; then PROFILE_MODELS=(--models "MLP 784-1000-1000"); fi
 step 150 $PY -m experiments.profile_step --device "$DEVICE" --steps $STEPS \
     "${PROFILE_MODELS[@]}" --save gpu-profile-graphs
 
+step 60 $PY -m experiments.host_cost --device "$DEVICE" $([ -n "$QUICK" ] && echo --repeats 1) \
+    --save gpu-host-cost
+
 VARIANTS=('SIPlugin total' 'SIPlugin total, CUDA graphs' 'SIPlugin task'
           'SIPlugin task, CUDA graphs' 'SIPlugin delta_params' 'SIPlugin sos'
           'Avalanche SI plugin')
@@ -54,6 +58,7 @@ step 180 $PY -m experiments.bench_overhead --device "$DEVICE" --no-mnist $RESNET
 step 80 $PY -m experiments.bench_overhead --device "$DEVICE" --no-mnist --no-strategy --amp \
     --repeats $REPEATS --quick --variants "${VARIANTS[@]:0:6}" --save gpu-graphs-amp
 
-cp results/bench_overhead/gpu-profile-graphs.txt results/bench_overhead/gpu-graphs.* \
+cp results/bench_overhead/gpu-profile-graphs.txt results/bench_overhead/gpu-host-cost.txt \
+    results/bench_overhead/gpu-graphs.* \
     results/bench_overhead/gpu-graphs-amp.* "$OUT/bench_overhead/" 2>/dev/null
 echo "== done $(date +%T)" | tee -a "$LOG"

@@ -1,0 +1,175 @@
+"""Host time in SI's step hooks by the number of parameter tensors.
+
+``python -m experiments.host_cost [--device cuda] [--save NAME]``
+
+SI's per-step work is a few elementwise passes; on a GPU what a step costs is mostly the
+host's time to issue them. This drives the engine's two step hooks (``before_step()`` after
+the backward pass, ``after_step()`` after ``optimizer.step()``: what every adapter calls)
+around MLPs of 6, 16 and 64 parameter tensors, the penalty active, and times each hook's wall
+clock with no synchronisation inside it (on a GPU the device is synchronised after each step,
+outside the timed region, so that no launch waits for a full queue). The variants run in
+interleaved chunks; each number is the median over the chunks of the chunk's median step.
+
+On a CPU the work runs on the host itself, so the eager rows there include the arithmetic
+(on tensors of ``--width``² numbers) and the ``CUDA graphs`` rows replay a stand-in that does
+nothing: they measure SI's Python work alone, what is left per step once a hook's work is
+one launch. On a GPU every row is the real thing, launches included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import statistics
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+TENSORS = (6, 16, 64)
+VARIANTS = {
+    "total": dict(importance="total"),
+    "total, CUDA graphs": dict(importance="total", cuda_graphs=True),
+    "task": dict(importance="task"),
+    "task, CUDA graphs": dict(importance="task", cuda_graphs=True),
+}
+
+
+class _StandIn:
+    """A CUDA graph's stand-in on a CPU: captures nothing, replays nothing."""
+
+    def __init__(self, fn, lists, pool):
+        pass
+
+    def replay(self, lists) -> None:
+        pass
+
+    @staticmethod
+    def pool(device):
+        return None
+
+
+@contextlib.contextmanager
+def _stand_in_graphs():
+    from avalanche_si import graphs
+
+    real = graphs.backend_for
+    graphs.backend_for = lambda device: _StandIn
+    try:
+        yield
+    finally:
+        graphs.backend_for = real
+
+
+class _Case:
+    """One MLP with `tensors` parameter tensors, its optimizer and an engine, penalty on."""
+
+    def __init__(self, tensors: int, options: dict, device: str, width: int):
+        from avalanche_si import SynapticIntelligence
+
+        layers = []
+        for _ in range(tensors // 2):
+            layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+        self.model = torch.nn.Sequential(*layers).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.si = SynapticIntelligence(self.model, self.opt, si_lambda=1.0, **options)
+        self.x = torch.randn(8, width, device=device)
+        self.cuda = device.startswith("cuda")
+        self.si.start_task()
+        self.run(3)
+        self.si.end_task()  # a consolidation: the penalty is active from here on
+        self.si.start_task()
+        self.run(10)  # warm-up; CUDA graphs are captured on a key's second step
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            self.opt.zero_grad(set_to_none=False)
+            self.model(self.x).square().mean().backward()
+            t0 = time.perf_counter()
+            self.si.before_step()
+            t1 = time.perf_counter()
+            self.opt.step()
+            t2 = time.perf_counter()
+            self.si.after_step()
+            t3 = time.perf_counter()
+            if self.cuda:
+                torch.cuda.synchronize()
+            times.append((t1 - t0 + t3 - t2) * 1e6)
+        return times
+
+    def graph_note(self) -> str:
+        graphs = [g.graphs for g in self.si._groups if g.graphs is not None]
+        if not graphs:
+            return "not used"
+        return f"{sum(g.replays for g in graphs)} replays, {sum(g.captures for g in graphs)} " \
+            "captures" + (f", off: {graphs[0].off}" if graphs[0].off else "")
+
+
+def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool) -> None:
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "none"
+    if not device.startswith("cuda"):  # one thread: the arithmetic of the eager rows
+        torch.set_num_threads(1)
+    print(f"# torch {torch.__version__}, CUDA {torch.version.cuda}, device {device} ({gpu}), "
+          f"{torch.get_num_threads()} thread(s); host µs per step in before_step() + "
+          f"after_step(), MLPs of {width}x{width} layers; median of {repeats} interleaved "
+          f"chunks of {chunk} steps\n")
+    with _stand_in_graphs() if stand_in else contextlib.nullcontext():
+        cases = {(n, label): _Case(n, options, device, width)
+                 for n in TENSORS for label, options in VARIANTS.items()}
+        medians: dict = {key: [] for key in cases}
+        for _ in range(repeats):
+            for key, case in cases.items():
+                medians[key].append(statistics.median(case.run(chunk)))
+    cell = {key: statistics.median(m) for key, m in medians.items()}
+    labels = [f"{label} (stand-in replay)" if stand_in and "graphs" in label else label
+              for label in VARIANTS]
+    print("| parameter tensors | " + " | ".join(labels) + " |")
+    print("|---" * (len(VARIANTS) + 1) + "|")
+    for n in TENSORS:
+        print(f"| {n} | " + " | ".join(f"{cell[(n, label)]:.1f}" for label in VARIANTS) + " |")
+    lo, hi = TENSORS[0], TENSORS[-1]
+    print(f"| {hi} / {lo} | " + " | ".join(f"{cell[(hi, label)] / cell[(lo, label)]:.2f}×"
+                                           for label in VARIANTS) + " |")
+    notes = [f"{label}: {cases[(hi, label)].graph_note()}" for label in VARIANTS
+             if VARIANTS[label].get("cuda_graphs")]
+    print(f"\nCUDA graphs at {hi} tensors: {'; '.join(notes)}."
+          + (" On this CPU the replays are stand-ins that do nothing: those columns are SI's "
+             "host work alone." if stand_in else "") + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.host_cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=100, help="steps per timed chunk")
+    ap.add_argument("--repeats", type=int, default=7, help="chunks per variant, interleaved")
+    ap.add_argument("--save", metavar="NAME", default=None,
+                    help="also write the output to results/bench_overhead/NAME.txt (the "
+                         "performance page shows every file there)")
+    args = ap.parse_args(argv)
+    if args.chunk < 1 or args.repeats < 1 or args.width < 1:
+        ap.error("--chunk, --repeats and --width must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here")
+    from .options import Tee
+
+    buffer = Tee(sys.stdout)
+    with redirect_stdout(buffer):
+        print("$ python -m experiments.host_cost " + shlex.join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--save")
+            and a != args.save))
+        report(args.device, args.width, args.chunk, args.repeats,
+               stand_in=not args.device.startswith("cuda"))
+    if args.save:
+        out = Path(__file__).resolve().parents[1] / "results" / "bench_overhead"
+        (out / f"{args.save}.txt").write_text(buffer.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
