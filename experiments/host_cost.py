@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import statistics
 import sys
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
@@ -156,18 +154,13 @@ def main(argv=None) -> int:
         ap.error("--chunk, --repeats and --width must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here")
-    from .options import Tee
+    from .options import printed_and_saved
 
-    buffer = Tee(sys.stdout)
-    with redirect_stdout(buffer):
-        print("$ python -m experiments.host_cost " + shlex.join(
-            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--save")
-            and a != args.save))
+    argv = list(argv if argv is not None else sys.argv[1:])
+    with printed_and_saved("experiments.host_cost", argv, args.save,
+                           Path(__file__).resolve().parents[1] / "results" / "bench_overhead"):
         report(args.device, args.width, args.chunk, args.repeats,
                stand_in=not args.device.startswith("cuda"))
-    if args.save:
-        out = Path(__file__).resolve().parents[1] / "results" / "bench_overhead"
-        (out / f"{args.save}.txt").write_text(buffer.getvalue())
     return 0
 
 

@@ -4,9 +4,11 @@ experiments report`` (and ``--help``) start without loading torch or Avalanche."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import sys
 
 BENCHMARKS = ("split-mnist", "permuted-mnist", "split-fmnist", "permuted-fmnist", "split-digits",
               "split-cifar10", "split-cifar100")
@@ -70,6 +72,21 @@ class Tee(io.StringIO):
         self._stream.write(text)
         self._stream.flush()
         return super().write(text)
+
+
+@contextlib.contextmanager
+def printed_and_saved(module: str, argv: list[str], save, folder):
+    """Runs the block with its output printed as it comes, after the line ``$ <the command>``
+    (`module` and `argv`, without ``--save``); with `save`, the whole output is also written to
+    ``folder/<save>.txt`` (a benchmark's saved run, which the docs render)."""
+    if save is not None and (not save or os.path.basename(save) != save or save[0] == "."):
+        raise SystemExit(f"--save {save!r}: give a name, not a path (the file goes to {folder})")
+    buffer = Tee(sys.stdout)
+    with contextlib.redirect_stdout(buffer):
+        print("$ " + rerun_command(module, argv, ("--save",)))
+        yield
+    if save:
+        (folder / f"{save}.txt").write_text(buffer.getvalue())
 
 
 def default_data_root() -> str:

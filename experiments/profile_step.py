@@ -21,11 +21,9 @@ on a CPU they run the eager path.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -218,17 +216,12 @@ def main(argv=None) -> int:
                     help="also write the output to results/bench_overhead/NAME.txt (the "
                          "performance page shows every file there)")
     args = ap.parse_args(argv)
-    from .options import Tee
+    from .options import printed_and_saved
 
-    buffer = Tee(sys.stdout)  # printed as it comes: a run cut short still shows its rows
-    with redirect_stdout(buffer):
-        print("$ python -m experiments.profile_step " + shlex.join(
-            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--save")
-            and a != args.save))
+    argv = list(argv if argv is not None else sys.argv[1:])
+    with printed_and_saved("experiments.profile_step", argv, args.save,
+                           Path(__file__).resolve().parents[1] / "results" / "bench_overhead"):
         report(args.device, args.models, args.steps)
-    if args.save:
-        out = Path(__file__).resolve().parents[1] / "results" / "bench_overhead"
-        (out / f"{args.save}.txt").write_text(buffer.getvalue())
     return 0
 
 

@@ -893,6 +893,8 @@ def test_host_cost_prints_each_tensor_count_and_the_ratio_with_graphs_stood_in(c
     assert "total, CUDA graphs: 27 replays, 3 captures" in out
     with pytest.raises(SystemExit):
         host_cost.main(["--chunk", "0"])
+    with pytest.raises(SystemExit, match="a name, not a path"):
+        host_cost.main(["--chunk", "1", "--save", "../elsewhere"])
 
 
 def test_bench_overhead_without_mnist_times_the_graph_variants_and_says_where_they_ran(
