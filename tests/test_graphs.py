@@ -328,3 +328,33 @@ def test_the_address_check_compares_every_pointer(check):
     assert check(ts, ptrs, [0, 1])
     assert not check(ts, [ptrs[0], ptrs[1] + 4], [0, 1])
     assert not check(ts, [ptrs[0] + 4, ptrs[1]], [0, 1])
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_graphed_steps_on_an_online_stream_equal_the_eager_ones(graphs_everywhere, importance):
+    # an online stream: one step per mini-experience and SI's per-experience hooks around
+    # each; the graphs must outlive them and the boundary consolidations
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+
+    from avalanche_si import SIPlugin
+    from conftest import make_stream, make_tasks, mlp, strategy
+
+    def train(graphs):
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        opt.zero_grad = lambda set_to_none=True: type(opt).zero_grad(opt, set_to_none=False)
+        si = SIPlugin(3.0, eps=0.1, importance=importance, consolidate="boundary",
+                      cuda_graphs=graphs)
+        strat = strategy(model, opt, [si], mb=8, epochs=1)
+        stream = split_online_stream(make_stream(make_tasks()).train_stream, experience_size=8,
+                                     shuffle=False, access_task_boundaries=True)
+        for exp in stream:
+            strat.train(exp, shuffle=False, num_workers=0, eval_streams=[])
+        si.consolidate_now()
+        return [p.detach().clone() for p in model.parameters()], si.importances(), si
+
+    (w0, i0, _), (w1, i1, si) = train(False), train(True)
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
+    assert i0.keys() == i1.keys() and all(torch.equal(i0[k], i1[k]) for k in i0)
+    graphs = si.engine._groups[0].graphs
+    assert graphs.replays > 10 and graphs.captures <= 4 and graphs.off is None
