@@ -94,6 +94,29 @@ def test_accumulate_grad_batches_equals_the_larger_batch(tasks, importance):
     _check_against_reference(module, callback, tasks, importance, opt=adam)
 
 
+class KeepsGradients(Module):
+    """Zeroes the gradients in place (Lightning frees them by default; a CPU's allocator
+    rarely gives their memory back, so CUDA graphs would never replay here)."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_cuda_graphs_in_lightning_match_the_definition(graphs_everywhere, tasks, importance):
+    # replayed (stand-ins on the CPU, each replay's tensors checked) under Lightning's
+    # accumulation and clipping, one fit per task: the float64 definition still holds
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    module, callback = KeepsGradients(mlp(), sgd), _callback(importance, cuda_graphs=True)
+    _fit_tasks(module, callback, tasks, batch=4, accumulate_grad_batches=2,
+               gradient_clip_val=0.5)
+    _check_against_reference(
+        module, callback, tasks, importance, opt=sgd,
+        rewrite_grads=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+    graphs = [g.graphs for g in callback.engine._groups]
+    assert all(g is not None and g.replays > 10 and g.off is None for g in graphs)
+
+
 def test_lightning_gradient_clipping_clips_the_penalty_too(tasks):
     sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
     module, callback = Module(mlp(), sgd), _callback()
