@@ -333,7 +333,7 @@ def write_performance(docs: Path, bench_dir: Path) -> Path:
     parts = [GENERATED, "# Performance\n",
              (bench_dir / "README.md").read_text() if (bench_dir / "README.md").exists() else ""]
     for f in sorted(bench_dir.glob("*.txt")):
-        parts.append(f"## {f.stem}\n")
+        parts.append(f"\n## {f.stem}\n")  # a blank line first: a table ends before it
         for line in f.read_text().splitlines():
             if line.startswith("$ "):  # the command that made it
                 parts.append(f"```bash\n{line[2:]}\n```\n")

@@ -99,6 +99,13 @@ def test_the_site_builds_strictly_and_renders_every_role_and_formula(site):
     assert "MathJax" not in (site / "index.html").read_text()
 
 
+def test_each_saved_benchmark_run_is_a_section_of_the_performance_page(site):
+    # a saved output that ends in a table must not swallow the next one's heading
+    page = (site / "performance" / "index.html").read_text()
+    for saved in sorted((ROOT / "results" / "bench_overhead").glob("*.txt")):
+        assert re.search(rf'<h2 id="{re.escape(saved.stem)}"', page), saved.stem
+
+
 def test_copied_blocks_of_the_docs_are_current():
     # getting-started copies the README's quick start and changelog.md the CHANGELOG, so that
     # each reads whole on a code host; `report --docs docs` refreshes them
