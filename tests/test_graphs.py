@@ -232,10 +232,12 @@ def test_without_a_gpu_the_option_changes_nothing():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_task_gradients_in_fixed_buffers_get_a_new_spare_each_step(graphs_everywhere, device):
-    # DDP's gradient_as_bucket_view hands out the same gradient tensors every step; "task"
-    # then writes the optimizer's gradient into new tensors each step (they may not share
-    # memory with the task gradient), so the key must hold their addresses too
+def test_task_gradients_in_fixed_buffers_stay_apart_from_the_optimizers(graphs_everywhere,
+                                                                        device):
+    # DDP's gradient_as_bucket_view hands out the same gradient tensors every step. Eagerly
+    # "task" writes the optimizer's gradient into other tensors (which may not share memory
+    # with the task gradient); graphed, it copies the task gradient into SI's own tensors and
+    # the penalty goes into the given ones: the same numbers either way
     def train(graphs):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),

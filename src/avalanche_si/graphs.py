@@ -75,8 +75,8 @@ _same_addresses = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal",
 
 class Addresses:
     """The data pointers of a step's tensor lists, as a key part whose hash is computed once
-    (a step on the same tensors as the last one gets the same object back from `StepGraphs.
-    addresses()`, so neither the pointers' tuple nor its hash is built again)."""
+    (a step on the same tensors as the last one gets the same object back from
+    `StepGraphs.addresses()`, so neither the pointers' tuple nor its hash is built again)."""
 
     __slots__ = ("ptrs", "_hash")
 
