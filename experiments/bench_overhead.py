@@ -358,17 +358,11 @@ class Row:
 
 
 def graph_use(plugins) -> str:
-    """'replays/calls' of the CUDA graphs of an SIPlugin with cuda_graphs=True, else ''."""
-    engines = [p.engine for p in plugins if getattr(p, "cuda_graphs", False)]
-    if not engines:
-        return ""
-    graphs = [g.graphs for e in engines for g in e._groups if g.graphs is not None]
-    if not graphs:
-        return "not used on this device"
-    replays = sum(g.replays for g in graphs)
-    captures = sum(g.captures for g in graphs)
-    off = next((g.off for g in graphs if g.off), None)
-    return f"{replays} replays, {captures} captures" + (f" (stopped: {off})" if off else "")
+    """How the CUDA graphs of an SIPlugin with cuda_graphs=True were used, else ''."""
+    from avalanche_si.graphs import summary
+
+    return "; ".join(filter(None, (summary(p.engine) for p in plugins
+                                   if getattr(p, "cuda_graphs", False))))
 
 
 def _sync(device) -> None:

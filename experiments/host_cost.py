@@ -100,11 +100,9 @@ class _Case:
         return times
 
     def graph_note(self) -> str:
-        graphs = [g.graphs for g in self.si._groups if g.graphs is not None]
-        if not graphs:
-            return "not used"
-        return f"{sum(g.replays for g in graphs)} replays, {sum(g.captures for g in graphs)} " \
-            "captures" + (f", off: {graphs[0].off}" if graphs[0].off else "")
+        from avalanche_si.graphs import summary
+
+        return summary(self.si)
 
 
 def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool) -> None:

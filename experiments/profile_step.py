@@ -155,9 +155,10 @@ def profile(name: str, device: str, options: Optional[dict], steps: int) -> dict
         out[f"{label} launches"] = launches.get(f"[{label}]", 0) / 3
     out["n"] = sum(p.numel() for p in model.parameters())
     out["tensors"] = len(list(model.parameters()))
-    graphs = [g.graphs for g in si.engine._groups if g.graphs is not None] if si else []
-    out["graphs"] = f"{sum(g.replays for g in graphs)} replays, " \
-        f"{sum(g.captures for g in graphs)} captures" if graphs else ""
+    if si is not None:
+        from avalanche_si.graphs import summary
+
+        out["graphs"] = summary(si.engine)
     return out
 
 
@@ -198,7 +199,7 @@ def report(device: str, models, steps: int) -> None:
                 print(f"| SIPlugin {label} | {phase} | {r[phase + ' host']:.0f} | "
                       f"{r[phase + ' launches']:.0f} | {r[phase + ' gpu']:.0f} |", flush=True)
             if options.get("cuda_graphs"):
-                notes.append(f"{label}: {r['graphs'] or 'not used on this device'}")
+                notes.append(f"{label}: {r['graphs']}")
         if notes:
             print(f"\nCUDA graphs (warm-up and profiled steps included): {'; '.join(notes)}.")
         floor = copy_floor_us(11 * n, device)

@@ -360,3 +360,19 @@ def test_graphed_steps_on_an_online_stream_equal_the_eager_ones(graphs_everywher
     assert i0.keys() == i1.keys() and all(torch.equal(i0[k], i1[k]) for k in i0)
     graphs = si.engine._groups[0].graphs
     assert graphs.replays > 10 and graphs.captures <= 4 and graphs.off is None
+
+
+def test_the_summary_says_how_the_graphs_were_used(graphs_everywhere):
+    from types import SimpleNamespace
+
+    graphs = G.StepGraphs(torch.device("cpu"))
+    t = [torch.zeros(2)]
+    for _ in range(3):
+        graphs.run("k", lambda t: None, t)
+    engine = SimpleNamespace(cuda_graphs=True, _groups=[SimpleNamespace(graphs=graphs)])
+    assert G.summary(engine) == "2 replays, 1 captures"
+    graphs.off = "4 graphs dropped unused"
+    assert G.summary(engine) == "2 replays, 1 captures (stopped: 4 graphs dropped unused)"
+    assert G.summary(SimpleNamespace(cuda_graphs=True, _groups=[SimpleNamespace(graphs=None)])) \
+        == "not used on this device"
+    assert G.summary(SimpleNamespace(cuda_graphs=False, _groups=[])) == ""

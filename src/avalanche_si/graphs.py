@@ -45,7 +45,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["StepGraphs", "Addresses", "supported", "addresses"]
+__all__ = ["StepGraphs", "Addresses", "supported", "addresses", "summary"]
 
 #: graphs kept per group (both hooks); the least recently replayed is dropped beyond it
 KEEP = 8
@@ -146,6 +146,20 @@ class _Checked:
 def _all_addresses(lists: Sequence[Optional[Sequence[Tensor]]]) -> tuple:
     return tuple(None if lst is None else (addresses(lst), tuple(t.shape for t in lst),
                                            tuple(t.stride() for t in lst)) for lst in lists)
+
+
+def summary(engine: Any) -> str:
+    """How an engine's CUDA graphs were used, for a benchmark's notes: "N replays, M
+    captures" (and why they stopped, if they did), "not used on this device" when no group
+    has graphs, "" when `cuda_graphs` is off."""
+    if not engine.cuda_graphs:
+        return ""
+    graphs = [g.graphs for g in engine._groups if g.graphs is not None]
+    if not graphs:
+        return "not used on this device"
+    off = next((g.off for g in graphs if g.off), None)
+    return f"{sum(g.replays for g in graphs)} replays, {sum(g.captures for g in graphs)} " \
+        "captures" + (f" (stopped: {off})" if off else "")
 
 
 def backend_for(device: torch.device) -> Optional[type]:
