@@ -36,6 +36,7 @@ same training on the same preloaded tensors with the same SI maths (the function
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 import statistics
 import time
@@ -773,11 +774,12 @@ def _main(args) -> int:
     variants = {k: v for k, v in VARIANTS.items()
                 if args.variants is None or k == "no SI" or k in args.variants}
     baseline = load_baseline(args.baseline) if args.baseline else None
-    if baseline is not None:
-        variants["SIPlugin total (baseline)"] = lambda: baseline.SIPlugin(
-            1.0, eps=0.1, importance="total")
-        variants["SIPlugin task (baseline)"] = lambda: baseline.SIPlugin(
-            1.0, eps=0.1, importance="task")
+    if baseline is not None:  # the same modes of the baseline's SIPlugin (total and task
+        # unless --variants names others)
+        chosen = [k.split()[1] for k in variants if k.startswith("SIPlugin ") and "," not in k]
+        for mode in chosen if args.variants else ["total", "task"]:
+            variants[f"SIPlugin {mode} (baseline)"] = functools.partial(
+                baseline.SIPlugin, 1.0, eps=0.1, importance=mode)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,12 +1,11 @@
 r"""The SI engine: Synaptic Intelligence for any PyTorch training loop.
 
-`SynapticIntelligence` owns everything SI needs between a model and its optimizer:
-the options and parameter groups, the binding to a model, an optimizer and an optional
-`torch.amp.GradScaler`, the per-step work, consolidation (by a policy or on demand), the
-penalty and the importances, and a validated `state_dict`. It never imports a training
-framework: the Avalanche plugin (`avalanche_si.SIPlugin`), the Lightning callback
-(`avalanche_si.lightning.SICallback`) and a hand-written loop all drive the same
-four calls:
+`SynapticIntelligence` is the public face of SI between a model and its optimizer: the options
+and parameter groups, the loop's four calls, consolidation (by a policy or on demand), the
+penalty and the importances, and a validated `state_dict`. It composes rooms of its own and
+never imports a training framework: the Avalanche plugin (`avalanche_si.SIPlugin`), the
+Lightning callback (`avalanche_si.lightning.SICallback`) and a hand-written loop all drive the
+same four calls:
 
 ```python
 si = SynapticIntelligence(model, optimizer, si_lambda=1.0, eps=0.1)
@@ -31,235 +30,84 @@ Per optimizer step, with g the gradient, θ the weights and
   importance ω (one pass);
 - consolidation: `Ω ← Ω + max(0, ω / ((θ - θ*)² + ξ))`, `θ* ← θ`, `ω ← 0`.
 
-The maths is in `avalanche_si.functional`; which parameters, under which names:
-`avalanche_si.groups`; the buffers: `avalanche_si.state`; the options:
-`avalanche_si.options`; when to consolidate: `avalanche_si.consolidation`;
-mixed precision: `avalanche_si.amp`.
+The rooms: how importance is measured, `avalanche_si.estimators` (one object per estimator);
+what SI is bound to and the per-step lists, `avalanche_si.binding` and `avalanche_si.lists`;
+the work around each optimizer step (accumulation, mixed precision, CUDA graphs),
+`avalanche_si.step`; the maths, `avalanche_si.functional`; the buffers, `avalanche_si.state`;
+which parameters, `avalanche_si.groups`; the options, `avalanche_si.options`; when to
+consolidate, `avalanche_si.consolidation`.
 """
 
 from __future__ import annotations
 
-import difflib
-import operator
-import warnings
-import weakref
-from itertools import repeat
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import amp
-from . import graphs as _graphs
+from .binding import Binding
 from .consolidation import ConsolidationPolicy, make_policy
-from .functional import (
-    DEFAULT_EPS,
-    NonFiniteImportanceError,
-    accumulate_from_pre,
-    accumulate_squares,
-    commit_consolidation,
-    consolidated_omega,
-    deferred_penalty_value,
-    penalty_step,
-)
-from .groups import Matcher, ParamGroup, as_patterns, canonical_name, matches, select, unwrap
-from .optim_step import StepPredictor, check_optimizer_supported
+from .estimators import Estimator, make_estimator
+from .functional import DEFAULT_EPS, NonFiniteImportanceError
+from .groups import Matcher, ParamGroup, as_patterns
+from .legacy import upgraded_engine_state
+from .lists import GroupLists
 from .options import (
     CLAMP_MODES,
     IMPORTANCE_MODES,
+    LIVE_OPTIONS,
     OptionTypeError,
     Strength,
     check_choice,
     check_eps,
-    check_eps_for_dtype,
     check_flag,
     check_state_dtype,
     check_strength,
+    refuse_attribute,
     strength_at,
 )
 from .state import KINDS, SIState
+from .step import Stepper, count_steps, independent_gradients
 
 __all__ = ["SynapticIntelligence", "GroupOptions", "ParamGroup", "IMPORTANCE_MODES",
            "CLAMP_MODES"]
+
+# what pickles of avalanche_si 0.2 and 0.3 name (`avalanche_si.engine._Group`, `._Binding`)
+_Group = GroupLists
+_Binding = Binding
 
 
 def _every_parameter(name: str, param: torch.nn.Parameter) -> bool:
     return True
 
 
-#: optimizer steps taken, per optimizer, counted by a global step hook (registered once, at the
-#: first bind): SI checks that the optimizer stepped between before_step() and after_step()
-_STEPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
-_counting = False
+def _make_groups(groups) -> list[GroupLists]:
+    if groups is None:
+        return [GroupLists(None, _every_parameter, None, None)]
+    if not isinstance(groups, Mapping) or not groups:
+        raise ValueError("groups must be a non-empty mapping {name: ParamGroup(params=...)}, "
+                         f"got {groups!r}; leave it out for one group of all parameters.")
+    made = []
+    for key, spec in groups.items():
+        if not isinstance(key, str) or not key or "." in key or not key.isprintable():
+            raise ValueError(f"group name {key!r} must be a non-empty string without '.' "
+                             "(it becomes part of buffer names such as si_omega_<name>_weights_0).")
+        if not isinstance(spec, ParamGroup):
+            spec = ParamGroup(params=spec)
+        matcher = spec.params if callable(spec.params) else \
+            as_patterns(spec.params, f"groups[{key!r}].params")
+        made.append(GroupLists(
+            key, matcher,
+            None if spec.si_lambda is None else
+            check_strength(spec.si_lambda, f"groups[{key!r}].si_lambda"),
+            None if spec.eps is None else check_eps(spec.eps, f"groups[{key!r}].eps")))
+    return made
 
 
-def _count_step(optimizer, args, kwargs) -> None:
-    _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
-
-
-def _count_steps() -> None:
-    global _counting
-    if not _counting:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(_count_step)
-        _counting = True
-
-
-def _spare_for(g: "_Group", grads: list[Tensor]) -> Optional[list[Tensor]]:
-    """The group's spare tensors if they can take this step's gradients, else None (they are
-    dropped). They are the gradients of the last step's parameters (`g.spare_idx`), so they
-    fit those of a step over the same ones; they must share no memory with a gradient: DDP,
-    for one, hands out gradients that are views of one bucket, the same memory every step."""
-    spare, g.spare = g.spare, None
-    if spare is None or g.spare_idx != g.step_idx or len(spare) != len(grads):
-        return None
-    if any(t._base is not None for t in spare) or any(t._base is not None for t in grads):
-        used = {t.untyped_storage().data_ptr() for t in grads}
-        if any(t.untyped_storage().data_ptr() in used for t in spare):
-            return None
-    else:  # tensors that are no views share memory only by being the same tensor
-        used = {id(t) for t in grads}
-        if any(id(t) in used for t in spare):
-            return None
-    return spare
-
-
-class _StepWork:
-    """What `before_step()` does to one group's tensors, eagerly or under a CUDA graph's
-    capture: with the penalty on, `g' = g + 2cΩ(θ - θ*)` (into `.grad`, or into the spare
-    tensors with `"task"`) and `θ_pre ← θ`; with it off, the copies alone; first, with
-    `zero`, the gradients' non-finite entries are zeroed (a scaler's step; see
-    `amp.unscale_()`). Returns the penalty's value function (None with the penalty off)."""
-
-    __slots__ = ("c", "penalize", "zero", "keep")
-
-    def __init__(self, c: float, penalize: bool, zero: bool, keep: bool = False):
-        self.c, self.penalize, self.zero, self.keep = c, penalize, zero, keep
-
-    def __call__(self, grads, omega, params, prev, pre, spare) -> Optional[Callable[[], Tensor]]:
-        if self.zero:
-            amp.zero_nonfinite_(grads)
-        if self.keep:  # graphed "task": the task gradient copied into SI's own tensors, the
-            torch._foreach_copy_(spare, grads)  # penalty added in .grad (the same bits as
-            spare = None                        # writing g' into spare tensors)
-        if self.penalize:
-            return penalty_step(grads, omega, params, prev, strength=self.c, pre=pre,
-                                in_place=spare is None, out=spare)[1]
-        if pre is not None:
-            torch._foreach_copy_(pre, params)  # no_grad: no detach needed
-        if spare is not None:  # as above, so that ω never sees what is done to .grad later
-            torch._foreach_copy_(spare, grads)
-        return None
-
-
-class _Group:
-    """One group's configuration and its per-step lists."""
-
-    graphs: Optional[_graphs.StepGraphs] = None  # groups pickled by earlier versions lack them
-    step_key: Optional[_graphs.Addresses] = None
-    task_grads: Optional[list[Tensor]] = None
-    step_kept = False
-
-    def __init__(self, key: Optional[str], matcher, si_lambda: Optional[Strength],
-                 eps: Optional[float]):
-        self.key = key                    # None: the default group (buffer names without _name)
-        self.matcher = matcher
-        self.si_lambda = si_lambda        # None: the engine's
-        self.eps = eps                    # None: the engine's
-        self.c = 0.0                      # the strength in use (resolved per consolidation)
-        self.clear_lists()
-
-    def clear_lists(self) -> None:
-        self.names: list[str] = []
-        self.params: list[torch.nn.Parameter] = []
-        self.omega: list[Tensor] = []
-        self.prev: list[Tensor] = []
-        self.running: list[Tensor] = []
-        self.pre: list[Tensor] = []
-        self.predictor: Optional[StepPredictor] = None
-        self.step_grads: list[Tensor] = []
-        self.step_idx: Optional[list[int]] = None
-        self.step_swap = False            # "sib": ω += (g_u − g)·Δθ, pre and θ swapped
-        self.indep: Optional[list[Tensor]] = None  # "siu"/"sib": the independent gradient
-        self.pending_delta: Optional[list[Tensor]] = None  # "delta_params": g·Δθ of the step
-        # "task": the tensors the next step's gradient for the optimizer is written into (the
-        # task gradient tensors of the last step, free once ω has them), so that no step
-        # allocates them
-        self.spare: Optional[list[Tensor]] = None
-        self.spare_idx: Optional[list[int]] = None  # the step_idx of the step they served
-        self.value: Optional[Callable[[], Tensor]] = None  # the last step's penalty value...
-        self.penalty: Optional[Tensor] = None              # ... computed when first read
-        # cuda_graphs: the group's captured step work (dropped with the lists it was captured
-        # on), and the addresses of the step in flight (None: not graphed)
-        self.graphs: Optional[_graphs.StepGraphs] = None
-        self.step_key: Optional[_graphs.Addresses] = None
-        # graphed "task": SI's own tensors (one per parameter, allocated at the first step and
-        # kept with the graphs) that each step's task gradient is copied into, so that .grad
-        # keeps its tensors (the optimizer's gradient is g' in place, as with "total")
-        self.task_grads: Optional[list[Tensor]] = None
-        self.step_kept = False            # the step in flight used them
-
-    def tensors(self) -> list[Tensor]:
-        """Every tensor of the per-step lists: what the group's graphs were captured on."""
-        return [*self.params, *self.omega, *self.prev, *self.running, *self.pre]
-
-    def pick(self, values: list) -> list:
-        """The entries of a per-parameter list for the parameters that take part in this step."""
-        return values if self.step_idx is None else [values[k] for k in self.step_idx]
-
-    def covers(self, name: str, param: torch.nn.Parameter) -> bool:
-        if callable(self.matcher):
-            return bool(self.matcher(name, param))
-        return matches(name, self.matcher)
-
-    @property
-    def label(self) -> str:
-        return "default" if self.key is None else repr(self.key)
-
-
-class _Binding:
-    """The model, optimizer and scaler SI serves, and whether the per-step lists are current.
-
-    `built`: the groups' lists hold the bound model's parameters (consolidation can run);
-    `state_model`: the model the state belongs to (one run, one model);
-    `current`: they need no rebuilding before the next step. `signature` is what they were
-    built from: an online stream starts hundreds of experiences, and the lists are rebuilt
-    only when it changes.
-    """
-
-    __slots__ = ("model", "optimizer", "scaler", "signature", "built", "current", "state_model")
-
-    def __init__(self) -> None:
-        self.model: Optional[torch.nn.Module] = None
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.scaler: Optional[torch.amp.GradScaler] = None   # found by an adapter
-        self.signature: tuple = ()
-        self.built = False
-        self.current = False
-        #: the plain model SI's state was built for (a weak reference; None: not yet, or the
-        #: state arrived by load_state_dict or unpickling and belongs to the next model bound)
-        self.state_model: Optional[weakref.ref] = None
-
-    def target(self, model, optimizer, scaler) -> None:
-        if model is not self.model or optimizer is not self.optimizer or scaler is not self.scaler:
-            self.model, self.optimizer, self.scaler = model, optimizer, scaler
-            self.current = False
-
-    def signature_now(self) -> tuple:
-        opt, model = self.optimizer, self.model
-        return (id(model), id(opt),
-                tuple(id(g) for g in getattr(opt, "param_groups", ())),
-                tuple((id(p), p.requires_grad) for p in model.parameters()))
-
-    def changed(self) -> bool:
-        """The model's trainable parameters or the optimizer's groups differ from the lists'."""
-        return self.signature != self.signature_now()
-
-    def parameters_replaced(self) -> bool:
-        """The model holds other parameter objects than the lists' (a head grew)."""
-        built = self.signature[3] if self.signature else ()
-        return tuple(id(p) for p in self.model.parameters()) != tuple(i for i, _ in built)
+def _kinds(estimator: Estimator) -> tuple[str, ...]:
+    """The buffers kept per parameter: θ_pre only for estimators that measure the step taken."""
+    return KINDS if estimator.weights_before_step else KINDS[:3]
 
 
 class GroupOptions:
@@ -271,7 +119,7 @@ class GroupOptions:
 
     __slots__ = ("_engine", "_group")
 
-    def __init__(self, engine: "SynapticIntelligence", group: _Group):
+    def __init__(self, engine: "SynapticIntelligence", group: GroupLists):
         self._engine, self._group = engine, group
 
     @property
@@ -312,34 +160,6 @@ class GroupOptions:
 
     def __repr__(self) -> str:
         return f"GroupOptions(key={self.key!r}, si_lambda={self.si_lambda!r}, eps={self.eps!r})"
-
-
-#: options that may change during training, and those fixed at construction (and why)
-LIVE_OPTIONS = ("si_lambda", "eps", "clamp", "scaler")
-FIXED_OPTIONS = {
-    "consolidate": "its state is part of SI's",
-    "importance": "the state it keeps depends on it",
-    "excluded_parameters": "which parameters have state depends on it",
-    "groups": "the state is named by group",
-    "regularize_norm_layers": "which parameters have state depends on it",
-    "state_dtype": "the state is stored in it",
-}
-
-
-def refuse_attribute(owner: type, name: str) -> None:
-    """Raise the `AttributeError` for assigning `name` on an SI object (engine or adapter):
-    fixed options, read-only properties and typos, each with its fix."""
-    cls = owner.__name__
-    if name in FIXED_OPTIONS:
-        raise AttributeError(
-            f"{cls}.{name} cannot change after construction ({FIXED_OPTIONS[name]}); build a "
-            f"new {cls}(..., {name}=...) and load this one's state_dict() into it.")
-    if isinstance(getattr(owner, name, None), property):
-        raise AttributeError(f"{cls}.{name} is read-only: SI keeps it.")
-    close = difflib.get_close_matches(name, LIVE_OPTIONS + tuple(FIXED_OPTIONS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise AttributeError(f"{cls} has no option {name!r}{hint} Options that may change during "
-                         f"training: {', '.join(LIVE_OPTIONS)}.")
 
 
 class SynapticIntelligence:
@@ -396,6 +216,9 @@ class SynapticIntelligence:
               step, the bias part of SI alone; `"sos"`: no path integral: the running
               average `v ← 0.999 v + 0.001 g²`, and Ω += `√v` at consolidation (`eps` not
               used; 3n memory).
+
+            Or an estimator object (`avalanche_si.estimators`: `SOS(decay=0.99)`, or your
+            own `Estimator`); each string names one (`ESTIMATORS`).
         clamp: where the consolidation's `max(0, ·)` goes:
 
             - `"task"` (default): on each consolidation's contribution;
@@ -451,12 +274,13 @@ class SynapticIntelligence:
         ```
     """
 
+
     def __init__(self, model: Optional[torch.nn.Module] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, *,
                  si_lambda: Strength = 1.0, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
-                 importance: str = "total", clamp: str = "task",
+                 importance: Union[str, Estimator] = "total", clamp: str = "task",
                  regularize_norm_layers: bool = False,
                  state_dtype: Optional[torch.dtype] = None,
                  consolidate: Union[None, str, int, ConsolidationPolicy] = None,
@@ -464,7 +288,7 @@ class SynapticIntelligence:
                  cuda_graphs: bool = False):
         self._si_lambda = check_strength(si_lambda, "si_lambda")
         self._eps = check_eps(eps, "eps")
-        self._importance = check_choice(importance, IMPORTANCE_MODES, "importance")
+        self._estimator = make_estimator(importance)
         self._clamp = check_choice(clamp, CLAMP_MODES, "clamp")
         self._excluded = as_patterns(excluded_parameters or (), "excluded_parameters")
         self._norms = check_flag(regularize_norm_layers, "regularize_norm_layers")
@@ -473,42 +297,18 @@ class SynapticIntelligence:
         self._scaler_option = amp.check_scaler(scaler)
         self._policy = make_policy(consolidate)
         self._fresh_policy = self._policy.state_dict()  # what reset() restores
-        self._groups = self._make_groups(groups)
-        # without θ_pre: delta_params predicts the step, sos measures no step
-        kinds = KINDS[:3] if importance in ("delta_params", "sos") else KINDS
-        self._state = SIState([g.key for g in self._groups], kinds, self._state_dtype)
+        self._groups = _make_groups(groups)
+        self._state = SIState([g.key for g in self._groups], _kinds(self._estimator),
+                              self._state_dtype)
         self._consolidations = 0       # the index that lists of strengths are read at
         self._resolve_strengths()
-        self._patterns_checked = False
-        self._strict = True
-        self._binding = _Binding()
+        self._binding = Binding()
+        self._stepper = Stepper(self._estimator, self._cuda_graphs)
         if model is not None:
             self.bind(model, optimizer)
         elif optimizer is not None:
             raise TypeError("SynapticIntelligence got an optimizer but no model; pass both, or "
                             "bind(model, optimizer) later.")
-
-    def _make_groups(self, groups) -> list[_Group]:
-        if groups is None:
-            return [_Group(None, _every_parameter, None, None)]
-        if not isinstance(groups, Mapping) or not groups:
-            raise ValueError("groups must be a non-empty mapping {name: ParamGroup(params=...)}, "
-                             f"got {groups!r}; leave it out for one group of all parameters.")
-        made = []
-        for key, spec in groups.items():
-            if not isinstance(key, str) or not key or "." in key or not key.isprintable():
-                raise ValueError(f"group name {key!r} must be a non-empty string without '.' "
-                                 "(it becomes part of buffer names such as si_omega_<name>_weights_0).")
-            if not isinstance(spec, ParamGroup):
-                spec = ParamGroup(params=spec)
-            matcher = spec.params if callable(spec.params) else \
-                as_patterns(spec.params, f"groups[{key!r}].params")
-            made.append(_Group(
-                key, matcher,
-                None if spec.si_lambda is None else
-                check_strength(spec.si_lambda, f"groups[{key!r}].si_lambda"),
-                None if spec.eps is None else check_eps(spec.eps, f"groups[{key!r}].eps")))
-        return made
 
     # ------------------------------------------------------------------ options
 
@@ -544,10 +344,7 @@ class SynapticIntelligence:
         if value != "none" and self._clamp == "none":
             # Ω held under clamp="none" may be negative, which the new clamp never stores:
             # clamp it now, so that Ω (and the state_dict) always fit the clamp in use
-            with torch.no_grad():
-                for key, index in self._state.index.items():
-                    for i in index.values():
-                        self._state.get(key, "omega", i).clamp_(min=0.0)
+            self._state.clamp_omega()
         self._clamp = value
 
     @property
@@ -562,8 +359,13 @@ class SynapticIntelligence:
 
     @property
     def importance(self) -> str:
-        """Which gradient and step measure ω."""
-        return self._importance
+        """Which gradient and step measure ω: the estimator's name (`"total"`, `"sos"`, ...)."""
+        return self._estimator.name or type(self._estimator).__name__
+
+    @property
+    def estimator(self) -> Estimator:
+        """The importance estimator (`avalanche_si.estimators`) that `importance` names."""
+        return self._estimator
 
     @property
     def consolidate(self) -> ConsolidationPolicy:
@@ -612,7 +414,7 @@ class SynapticIntelligence:
             what = "si_lambda" if g.si_lambda is None else f"groups[{g.key!r}].si_lambda"
             g.c = strength_at(value, self._consolidations, what)
 
-    def _eps_of(self, g: _Group) -> float:
+    def _eps_of(self, g: GroupLists) -> float:
         return self._eps if g.eps is None else g.eps
 
     # ------------------------------------------------------------------ public state
@@ -623,12 +425,7 @@ class SynapticIntelligence:
         step (0-d tensor on the parameters' device), or None before the first consolidation,
         right after one, or when every strength is 0. Computed on first read, so a loop that
         never reads it does not pay for it."""
-        values = []
-        for g in self._groups:
-            if g.value is not None:
-                if g.penalty is None:  # computed on demand: training does not pay for it
-                    g.penalty = g.value()
-                values.append(g.penalty)
+        values = [v for v in (g.penalty_value() for g in self._groups) if v is not None]
         return torch.stack(values).sum() if values else None
 
     @property
@@ -645,7 +442,7 @@ class SynapticIntelligence:
         return {name: self._state.get(key, "omega", i)
                 for name, i in self._state.index[key].items()}
 
-    def _group(self, key: Optional[str]) -> _Group:
+    def _group(self, key: Optional[str]) -> GroupLists:
         for g in self._groups:
             if g.key == key:
                 return g
@@ -688,45 +485,26 @@ class SynapticIntelligence:
             RuntimeError: SI holds state for another model (call `reset()` for a new run).
             ValueError: `torch.optim.LBFGS` (a closure optimizer).
         """
-        if not isinstance(model, torch.nn.Module):
-            raise OptionTypeError(f"bind() needs the torch.nn.Module to regularize, got "
-                                  f"{type(model).__name__}.")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise OptionTypeError(f"bind() needs a torch.optim.Optimizer (or None), got "
-                                  f"{type(optimizer).__name__}.")
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("SI does not support torch.optim.LBFGS: it re-evaluates a closure "
-                             "several times per step, without the penalty's gradient. Add "
-                             "c·Σ Ω(θ − θ*)² to the closure's loss with avalanche_si.functional.")
-        b = self._binding
-        if model is not b.model and b.state_model is not None and not carry_state:
-            if b.state_model() is not unwrap(model):
-                raise RuntimeError(
-                    f"{self._who} holds SI state (Ω, θ*, {self._consolidations} consolidation(s)) "
-                    "for another model, and state never moves to a new model silently. For a "
-                    "new run (another seed), call reset() or build a new one; to move the state, "
-                    "load_state_dict(state_dict()) first.")
-        b.target(model, optimizer, amp.check_scaler(scaler))
-        _count_steps()
+        self._binding.bind(model, optimizer, scaler, carry_state=carry_state, who=self._who,
+                           consolidations=self._consolidations)
+        count_steps()
         return self
 
     def reset(self) -> None:
         """Forget everything learnt: Ω, θ*, ω, the consolidation count and the policy's state;
         the options stay. For a new run (another seed) with the same SI object; the next
         `bind()` may then name any model."""
-        self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
-        self._consolidations = 0
-        self._steps_since = self._task_steps = 0
-        self._accumulating = self._in_step = False
         if self._fresh_policy is None:
             raise RuntimeError("this SI object was unpickled from avalanche_si 0.2 and cannot "
                                "restore its policy's initial state; build a new one.")
+        self._state = SIState([g.key for g in self._groups], self._state.kinds, self._state_dtype)
+        self._consolidations = 0
+        self._stepper = Stepper(self._estimator, self._cuda_graphs)
         self._policy.load_state_dict(self._fresh_policy)
-        self._patterns_checked, self._strict = False, True
         for g in self._groups:
             g.clear_lists()
         self._resolve_strengths()
-        self._binding = _Binding()
+        self._binding = Binding()
 
     def invalidate(self) -> None:
         """The model's parameters changed (a head grew, modules were replaced, parameters were
@@ -743,143 +521,13 @@ class SynapticIntelligence:
             return True
         return False
 
-    def _require_model(self, call: str) -> torch.nn.Module:
-        if self._binding.model is None:
-            raise RuntimeError(f"{type(self).__name__}.{call}() before bind(model, optimizer): "
-                               "SI does not know which model to regularize.")
-        return self._binding.model
-
     def _sync(self) -> None:
-        """Match the model's parameters to groups and state; build the per-step lists.
-
-        Runs when the binding changed (once per task at most, in practice), never per step.
-        New parameters get Ω = 0 and θ* = their current value; a grown one keeps its state for
-        the old slice.
-        """
-        b = self._binding
-        model = b.model
-        selected = select(model, self._groups, self._excluded,
-                          regularize_norm_layers=self._norms,
-                          check_patterns=not self._patterns_checked)
-        self._patterns_checked = True
-        model_names = self._model_names(model)
-        self._state.check_loaded_names(model_names, strict=self._strict)
-        self._follow_renamed(model_names, {(g.key, n) for g in self._groups for n in g.names})
-        # graphs captured on tensors that the new lists hold again stay valid (an Avalanche
-        # strategy makes new optimizer groups at every experience, on the same parameters)
-        kept_graphs = [(g.graphs, g.tensors(), g.task_grads) for g in self._groups]
-        for g in self._groups:
-            g.clear_lists()
-        if not selected and any(p.requires_grad for p in model.parameters()):
-            warnings.warn("SI regularizes no parameter of this model: excluded_parameters and "
-                          "the groups leave out every trainable one, so SI is off.", stacklevel=4)
-        for g, name, p in selected:
-            i = self._state.track(g.key, name, p)
-            g.names.append(name)
-            g.params.append(p)
-            g.omega.append(self._state.get(g.key, "omega", i))
-            g.prev.append(self._state.get(g.key, "prev_theta", i))
-            g.running.append(self._state.get(g.key, "running_omega", i))
-            if "pre_step_theta" in self._state.kinds:
-                g.pre.append(self._state.get(g.key, "pre_step_theta", i))
-        for g in self._groups:
-            if g.omega:
-                check_eps_for_dtype(self._eps_of(g), g.omega[0].dtype,
-                                    "eps" if g.eps is None else f"groups[{g.key!r}].eps")
-            if self._importance == "delta_params":
-                g.predictor = StepPredictor(self._need_optimizer(), g.params) if g.params else None
-        for g, (graphs, tensors, task_grads) in zip(self._groups, kept_graphs):
-            if not (self._cuda_graphs and self._importance in ("total", "task") and
-                    _graphs.supported(g.params)):
-                continue
-            now = g.tensors()
-            same = graphs is not None and len(tensors) == len(now) and \
-                all(a is b for a, b in zip(tensors, now))
-            if same and task_grads is not None and all(  # a weight's data may have been swapped
-                    t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
-                    for t, p in zip(task_grads, g.params)):
-                g.task_grads = task_grads  # the graphs were captured on them too
-            elif task_grads is not None:
-                same = False
-            g.graphs = graphs if same else _graphs.StepGraphs(g.params[0].device)
-        b.signature = b.signature_now()
-        b.current = b.built = True
-        b.state_model = weakref.ref(unwrap(model))
-
-    def _hold_for_accumulation(self) -> None:
-        """The optimizer did not step after this backward pass: gradients accumulate over
-        several backward passes (a template or loop that steps every k mini-batches). The
-        pending step waits for the real one, whose gradient is the sum: with `"total"` the
-        penalty's gradient is already in `.grad` (it is not added again); with `"task"` the
-        task gradient goes back into `.grad`, where the next backward pass adds to it."""
-        if self._importance not in ("total", "task"):
-            for g in self._groups:
-                g.step_grads, g.pending_delta = [], None
-            raise RuntimeError(
-                f"{self._who}: the optimizer did not step after this backward pass (gradient "
-                f"accumulation?), and importance={self._importance!r} measures each step from "
-                "the whole gradient: use importance='total' or 'task', or call before_step() "
-                "once per optimizer step, after the last backward pass.")
-        self._accumulating = True
-        if self._importance == "task":
-            for g in self._groups:
-                params = g.pick(g.params)
-                if g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
-                    if g.step_grads:
-                        torch._foreach_copy_([p.grad for p in params], g.step_grads)
-                    continue
-                if g.step_grads:  # the step's, now free
-                    g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
-                for p, gr in zip(params, g.step_grads):
-                    p.grad = gr
-
-    def _check_predicted_lrs(self) -> None:
-        pairs, self._predicted_lrs = self._predicted_lrs, None
-        for group, lr in pairs:
-            now = group["lr"]
-            if now is not lr and not (isinstance(now, float) and now == lr):
-                raise RuntimeError(
-                    f"importance='delta_params' predicted this step with lr={lr!r}, but the "
-                    f"optimizer stepped with lr={now!r}: something changed it between "
-                    "before_step() and the step. Change the learning rate after the step "
-                    "(a scheduler steps after optimizer.step()), or use importance='task'.")
-
-    def _follow_renamed(self, model_names: set[str], tracked: set) -> None:
-        """Parameters SI tracked that the model no longer has under their name (it was wrapped
-        in a new module, say): a name that is now the end of exactly one new name follows it
-        (`0.weight` → `net.0.weight`); the others lose their importance, with a warning."""
-        lost = [(key, n) for key, n in sorted(tracked, key=str) if n not in model_names]
-        if not lost:
-            return
-        known = {n for index in self._state.index.values() for n in index}
-        fresh = [m for m in model_names if m not in known]
-        gone = []
-        for key, n in lost:
-            match = [m for m in fresh if m.endswith("." + n)]
-            if len(match) == 1:
-                index = self._state.index[key]
-                index[match[0]] = index.pop(n)
-                fresh.remove(match[0])
-            else:
-                gone.append(n)
-        if gone:
-            warnings.warn(f"{self._who}: {len(gone)} regularized parameter(s) are no longer in the "
-                          f"model under their names ({', '.join(map(repr, gone[:5]))}"
-                          f"{', ...' if len(gone) > 5 else ''}): they lose their importance and "
-                          "the penalty no longer holds them. Keep parameter names stable between "
-                          "tasks (see the groups guide).", stacklevel=5)
-
-    def _need_optimizer(self) -> torch.optim.Optimizer:
-        opt = self._binding.optimizer
-        if opt is None:
-            raise ValueError("importance='delta_params' predicts the optimizer's steps: bind "
-                             "SI to the optimizer too, bind(model, optimizer).")
-        check_optimizer_supported(opt)
-        return opt
-
-    @staticmethod
-    def _model_names(model: torch.nn.Module) -> set[str]:
-        return {canonical_name(n) for n, _ in unwrap(model).named_parameters()}
+        """Rebuild the per-step lists (the binding's work), keeping the CUDA graphs captured on
+        tensors the new lists hold again."""
+        kept = self._stepper.graphs_of(self._groups)
+        self._binding.sync(self._groups, self._state, self._estimator, excluded=self._excluded,
+                           norms=self._norms, eps_of=self._eps_of, who=self._who)
+        self._stepper.keep_graphs(self._groups, kept)
 
     def _scaler_in_use(self) -> Optional[torch.amp.GradScaler]:
         return self._scaler_option or self._binding.scaler
@@ -899,13 +547,13 @@ class SynapticIntelligence:
     # that overrides the method sees every consolidation.
 
     def _start_task(self, experience: Any) -> bool:
-        self._require_model("start_task")
-        if self._importance == "delta_params":
-            self._need_optimizer()
+        self._binding.require_model("start_task", type(self).__name__)
+        if self._estimator.predicted_step:  # it needs the optimizer: say so at once
+            self._estimator.prepare(self._binding.optimizer, ())
         b = self._binding
         if not b.current or b.changed():
             self._sync()
-        self._task_steps, self._accumulating, self._in_step = 0, False, False
+        self._stepper.start_task()
         return self._policy.at_experience_start(experience)
 
     @torch.no_grad()
@@ -915,126 +563,13 @@ class SynapticIntelligence:
         scaler is in use, adds the penalty's gradient and keeps the weights before the step.
         Under gradient accumulation, call it after the last of the k backward passes, or after
         each with `after_step()` after each: SI sees that the optimizer did not step and
-        carries the step over (`"total"` and `"task"`; `"delta_params"` refuses)."""
-        b = self._binding
-        if self._in_step:
-            self._in_step = False
-            raise RuntimeError(
-                f"{self._who}: before_step() was called twice without after_step() in between "
-                f"({self._between_steps}), so the step in between would be counted wrongly. Call "
-                "after_step() after every optimizer step (and after every before_step()).")
-        if not b.current:
-            self._require_model("before_step")
+        carries the step over (`"total"` and `"task"`; the other estimators refuse)."""
+        self._stepper.enter(self._who, self._between_steps)
+        if not self._binding.current:
+            self._binding.require_model("before_step", type(self).__name__)
             self._sync()
-        found_inf = None
-        self._predicted_lrs = None
-        scaler = self._scaler_in_use()
-        # to see after the step whether the optimizer stepped (gradient accumulation if not):
-        # its step count, or with a scaler (which may skip the step) the scaler's record
-        self._steps_before = self._unscaled_by = None
-        if scaler is not None:  # a graphed group zeroes non-finite entries in its replay
-            found_inf = amp.unscale_(scaler, b.optimizer,
-                                     [p for g in self._groups if g.graphs is None
-                                      for p in g.params])
-            if found_inf is not None:
-                self._unscaled_by, self._found_inf = scaler, found_inf
-        if b.optimizer is not None and self._unscaled_by is None:
-            self._steps_before = _STEPS.get(b.optimizer, 0)
-        if self._importance in ("siu", "sib") and \
-                any(g.params and g.indep is None for g in self._groups):
-            raise RuntimeError(
-                f"importance={self._importance!r} measures each step with the gradient of an "
-                "independent mini-batch: call record_independent_gradient(loss) before "
-                "before_step(), once per optimizer step.")
-        for g in self._groups:
-            if g.params:
-                self._before_step_group(g, found_inf)
-            g.indep = None  # used: the next step needs its own
-        self._in_step = True
-
-    def _before_step_group(self, g: _Group, found_inf: Optional[Tensor]) -> None:
-        grads = [p.grad for p in g.params]
-        idx = None
-        if any(map(operator.is_, grads, repeat(None))):
-            # Parameters without a gradient this step (another task's head) are skipped:
-            # the optimizer does not move them, so neither their importance nor their
-            # penalty changes, and giving them a zero gradient would let a stateful
-            # optimizer move them on old momentum.
-            idx = [k for k, gr in enumerate(grads) if gr is not None]
-            grads = [grads[k] for k in idx]
-        zero = found_inf is not None and g.graphs is not None  # unscale_() left it to us
-        if self._accumulating and self._importance == "total" and idx == g.step_idx and \
-                len(grads) == len(g.step_grads) and \
-                all(a is b for a, b in zip(grads, g.step_grads)):
-            if zero:
-                amp.zero_nonfinite_(grads)
-            return  # accumulating into the same .grad: the penalty is in it, θ has not moved
-        g.step_idx, g.step_grads, g.value, g.penalty = idx, [], None, None
-        g.step_swap, g.step_key, g.step_kept = False, None, False
-        if not grads:
-            return
-        params = g.pick(g.params)
-        measure = grads  # what ω multiplies the step with
-        # The weights before the step are recorded here, in the pass that reads them for
-        # the penalty anyway (the optimizer step is what follows; whatever moves the
-        # weights between this call and the step has its move counted as part of it).
-        pre = g.pick(g.pre) if g.pre else None
-        if self._importance == "delta_params":  # measured before the penalty joins the gradient
-            delta = g.predictor.predict(grads, mask=idx)
-            # what it predicted with, checked after the step (a scheduler or plugin that changes
-            # the learning rate in between makes the prediction wrong)
-            self._predicted_lrs = (self._predicted_lrs or []) + [
-                (slot.group, slot.group["lr"]) for slot in g.predictor.slots]
-            if found_inf is not None:  # a step the scaler skips moves nothing
-                torch._foreach_mul_(delta, 1.0 - found_inf)
-            # g·Δθ, taken from ω after the step, so that a consolidation between here and the
-            # step leaves it to the next period (held until then: n numbers during the step)
-            torch._foreach_mul_(delta, grads)
-            g.pending_delta = delta
-        elif self._importance == "sos":  # v ← β v + (1 − β) g², g without the penalty
-            accumulate_squares(g.pick(g.running), grads,
-                               weight=None if found_inf is None else 1.0 - found_inf)
-        elif self._importance in ("siu", "sib"):
-            measure = g.pick(g.indep)
-            if self._importance == "sib":  # g_u − g, before the penalty joins g
-                torch._foreach_sub_(measure, grads)
-                g.step_swap = True  # ω += (g_u − g)·(θ − θ_pre)
-        graphed = g.graphs is not None and pre is not None
-        # "task": the task gradient is kept for ω apart from the optimizer's g'. Eagerly the
-        # optimizer gets other gradient tensors (the spare ones, reused from step to step)
-        # with the penalty added, and the task gradients stay in g.step_grads; graphed, the
-        # task gradient is copied into SI's own tensors and .grad gets the penalty in place
-        # (no per-tensor swap of .grad on the host, and no addresses that change per step)
-        spare = None
-        g.step_kept = keep = graphed and self._importance == "task"
-        if keep:
-            if g.task_grads is None:
-                g.task_grads = [torch.empty_like(p) for p in g.params]
-            spare = measure = g.pick(g.task_grads)
-        elif self._importance == "task":
-            spare = _spare_for(g, grads)
-            if spare is None:
-                spare = [torch.empty_like(gr) for gr in grads]
-        penalize = self._state.consolidated[g.key] and g.c != 0.0
-        omega, prev = g.pick(g.omega), g.pick(g.prev)
-        lists = (grads, omega, params, prev, pre, spare)
-        work = _StepWork(g.c, penalize, zero, keep)
-        if graphed:
-            # what a graph bakes in and may change between steps (SI's own tensors change
-            # only with the lists, which drops the graphs); the weights' addresses also say
-            # which parameters take part
-            g.step_key = g.graphs.addresses(params, grads)
-            g.graphs.run((penalize, g.c, zero, g.step_key), work, *lists)
-            g.value = deferred_penalty_value(omega, pre, prev, strength=g.c) \
-                if penalize else None
-        else:
-            g.step_key = None
-            g.value = work(*lists)
-        if spare is not None and not keep:
-            for p, t in zip(params, spare):
-                p.grad = t
-        if pre is not None:
-            g.step_grads = measure
+        self._stepper.before(self._groups, self._binding.optimizer, self._scaler_in_use(),
+                             self._state.consolidated)
 
     @torch.no_grad()
     def after_step(self, loss: Optional[Tensor] = None) -> None:
@@ -1047,78 +582,30 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
-        self._in_step = False
-        self._task_steps += 1  # the loop's calls, optimizer step or not
-        if self._steps_before is not None:
-            before, self._steps_before = self._steps_before, None
-            if _STEPS.get(self._binding.optimizer, 0) == before:
-                self._hold_for_accumulation()
-                return False
-        elif self._unscaled_by is not None:
-            scaler, self._unscaled_by = self._unscaled_by, None
-            if not amp.stepped(scaler, self._binding.optimizer):
-                self._hold_for_accumulation()
-                # the next backward pass adds scaled gradients: scale these back
-                amp.rescale_(scaler, self._binding.optimizer, self._found_inf,
-                             [p for g in self._groups for p in g.params])
-                self._found_inf = None
-                return False
-        self._accumulating = False
-        if self._predicted_lrs is not None:
-            self._check_predicted_lrs()
-        self._steps_since += 1
-        for g in self._groups:
-            if g.pending_delta is not None:  # ω −= g·Δθ, Δθ as predicted
-                torch._foreach_sub_(g.pick(g.running), g.pending_delta)
-                g.pending_delta = None
-            if g.step_grads:
-                # ω += g·(θ_pre − θ); with "task" g is the task gradient, with "siu" the
-                # independent one; "sib": (g_u − g)·(θ − θ_pre), the same call, swapped
-                pre, now = g.pick(g.pre), g.pick(g.params)
-                lists = (g.pick(g.running), g.step_grads,
-                         *((now, pre) if g.step_swap else (pre, now)))
-                if g.step_key is not None:
-                    g.graphs.run(("after", g.step_key), accumulate_from_pre, *lists)
-                else:
-                    accumulate_from_pre(*lists)
-                if self._importance == "task" and not g.step_kept:  # free now: the next
-                    g.spare, g.spare_idx = g.step_grads, g.step_idx  # step writes into them
-                g.step_grads = []
+        if not self._stepper.after(self._groups, self._binding.optimizer, self._who):
+            return False
         return self._policy.at_step(loss)
 
     def record_independent_gradient(self, loss: Tensor) -> None:
-        """For `importance="siu"` and `"sib"`: the gradient of `loss`, the task loss on a
-        mini-batch drawn independently of the step's one (the same size, from the same task),
-        at the weights before the step. Call it once per optimizer step, before
-        `before_step()`. Computed with `torch.autograd.grad`, so `.grad` is left as it is;
-        pass the loss unscaled (no GradScaler). Under DDP each rank's gradient is averaged
-        over the ranks, as the step's is."""
-        if self._importance not in ("siu", "sib"):
+        """For estimators that measure with an independent mini-batch (`importance="siu"`,
+        `"sib"`): the gradient of `loss`, the task loss on a mini-batch drawn independently of
+        the step's one (the same size, from the same task), at the weights before the step.
+        Call it once per optimizer step, before `before_step()`. Computed with
+        `torch.autograd.grad`, so `.grad` is left as it is; pass the loss unscaled (no
+        GradScaler). Under DDP each rank's gradient is averaged over the ranks, as the step's
+        is."""
+        if not self._estimator.independent_gradient:
             raise ValueError(f"record_independent_gradient() is for importance='siu' or "
-                             f"'sib'; this SI measures with importance={self._importance!r}.")
+                             f"'sib' (estimators that need an independent gradient); this SI "
+                             f"measures with importance={self.importance!r}.")
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise OptionTypeError(f"record_independent_gradient() takes the loss (a 0-d "
                                   f"tensor with a graph), got {type(loss).__name__}"
                                   f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
-        b = self._binding
-        if not b.current:
-            self._require_model("record_independent_gradient")
+        if not self._binding.current:
+            self._binding.require_model("record_independent_gradient", type(self).__name__)
             self._sync()
-        params = [p for g in self._groups for p in g.params]
-        grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
-        grads = [torch.zeros_like(p) if gr is None else gr.detach()
-                 for p, gr in zip(params, grads)]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            world = torch.distributed.get_world_size()
-            for gr in grads:
-                torch.distributed.all_reduce(gr)
-            torch._foreach_div_(grads, float(world))
-        for gr in grads:  # an overflow of the independent pass must not reach ω
-            torch.nan_to_num_(gr, nan=0.0, posinf=0.0, neginf=0.0)
-        k = 0
-        for g in self._groups:
-            g.indep, k = grads[k:k + len(g.params)], k + len(g.params)
+        independent_gradients(self._groups, loss)
 
     def end_task(self, experience: Any = None) -> None:
         """Call as a task (or an experience) ends: SI consolidates if its policy says so (by
@@ -1127,17 +614,19 @@ class SynapticIntelligence:
             self.consolidate_now()
 
     def _end_task(self, experience: Any) -> bool:
-        self._require_model("end_task")
         b = self._binding
+        b.require_model("end_task", type(self).__name__)
         if not b.current:
             self._sync()
         if b.changed():
-            self._warn_if_unfrozen()
+            b.warn_if_unfrozen(self._groups, excluded=self._excluded, norms=self._norms,
+                               who=self._who)
         return self._policy.at_experience_end(experience)
 
     def consolidate_now(self) -> None:
         r"""Consolidate now, every group at once: `Ω += max(0, ω / ((θ - θ*)² + ξ))`,
-        `θ* ← θ`, `ω ← 0`. The `consolidate` policy calls it (after each task by default);
+        `θ* ← θ`, `ω ← 0` (with the estimator's contribution in place of
+        `ω / ((θ - θ*)² + ξ)`). The `consolidate` policy calls it (after each task by default);
         call it yourself to consolidate at a point of your choosing: between `before_step()`
         and the step, the step counts towards the next period; with no step since the last
         consolidation it does nothing (the count, and so a list of strengths, does not move).
@@ -1149,8 +638,8 @@ class SynapticIntelligence:
             RuntimeError: SI holds no parameters to consolidate: it has not trained yet, or not
                 since `load_state_dict()` or unpickling. Nothing changes.
         """
-        pending = any(g.step_grads for g in self._groups)
-        if self._steps_since == 0 and not pending and self._binding.built:
+        groups, stepper = self._groups, self._stepper
+        if stepper.steps_since == 0 and not stepper.pending(groups) and self._binding.built:
             return  # nothing trained since the last consolidation: Ω, θ*, the count stay
         if not self._binding.built:
             raise RuntimeError(
@@ -1159,31 +648,18 @@ class SynapticIntelligence:
                 "load_state_dict() or unpickling. Call it after training on what should be "
                 "consolidated; nothing was changed.")
         try:
-            new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=self._eps_of(g),
-                                      clamp=self._clamp, sos=self._importance == "sos",
-                                      names=[f"{n!r} (SI group {g.label})" for n in g.names],
-                                      start=self._state.starts(g.key, g.names, g.prev))
-                   for g in self._groups]
-        except NonFiniteImportanceError as exc:
-            for key in self._state.index:
-                self._state.reset_running(key)
-            # the task starts again from weights the user restores: a new, empty path
-            self._state.clear_path_starts()
-            self._steps_since = 0
-            for g in self._groups:
-                g.step_grads, g.value, g.penalty = [], None, None
-            raise NonFiniteImportanceError(
-                f"{exc} Nothing was stored: Ω and θ* of earlier tasks are kept and this "
-                "task's running importance ω is reset. Restore the weights from before "
-                "this task and train it again.") from None
-        for g, omega in zip(self._groups, new):
-            commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
-            self._state.consolidated[g.key] = self._state.consolidated[g.key] or bool(g.params)
-            # a step between before_step() and after_step() stays pending: it belongs to the
-            # next period, whose θ* is the weights before it
-            g.value, g.penalty = None, None
-        self._state.clear_path_starts()
-        self._steps_since = 0
+            self._state.consolidate(groups, contribution=self._estimator.contribution,
+                                    clamp=self._clamp, eps_of=self._eps_of)
+        except NonFiniteImportanceError:
+            for g in groups:  # the step in flight is dropped with the task's ω
+                g.measure = None
+            raise
+        finally:
+            stepper.steps_since = 0
+            for g in groups:
+                # a step between before_step() and after_step() stays pending: it belongs to
+                # the next period, whose θ* is the weights before it
+                g.value, g.penalty = None, None
         self._consolidations += 1
         self._policy.consolidated()
         self._resolve_strengths()
@@ -1195,8 +671,8 @@ class SynapticIntelligence:
         path from where they are now. The next consolidation then divides ω by
         `(θ − θ_start)² + ξ`, θ_start being the weights at this call, instead of
         `(θ − θ*)² + ξ`; θ*, the penalty's anchor, stays where the last period ended. Keeps
-        n numbers until that consolidation (saved with `state_dict()`). With
-        `importance="sos"` nothing is kept: SOS does not divide by the path length.
+        n numbers until that consolidation (saved with `state_dict()`). With an estimator
+        that does not divide by the path length (`importance="sos"`) nothing is kept.
 
         Raises:
             RuntimeError: SI is not bound to a model, or the period has begun (an optimizer
@@ -1204,73 +680,41 @@ class SynapticIntelligence:
                 belongs to a path from θ*. Call it between the consolidation and the first
                 step; nothing was changed.
         """
-        self._require_model("restart_path")
-        if self._in_step or self._accumulating or self._steps_since or \
-                any(g.step_grads for g in self._groups):
+        b, st = self._binding, self._stepper
+        b.require_model("restart_path", type(self).__name__)
+        if st.in_step or st.accumulating or st.steps_since or st.pending(self._groups):
             raise RuntimeError(
                 f"{self._who}.restart_path() after this period's training began: ω already "
                 "holds steps of a path that started at θ*. Call it after the consolidation "
                 "and before the first step (at a task's start); nothing was changed.")
-        b = self._binding
         if not b.current or b.changed():
             self._sync()
-        if self._importance == "sos":
-            return
-        for g in self._groups:
-            index = self._state.index[g.key]
-            for name, p in zip(g.names, g.params):
-                self._state.mark_path_start(g.key, index[name], p)
+        if self._estimator.path_length:  # else the consolidation does not read a start
+            self._state.mark_path_starts(self._groups)
 
     #: how messages name this object and its adapter ("SIPlugin", "the plugin" when an
-    #: Avalanche plugin drives it)
+    #: Avalanche plugin drives it), and what the loop does between the two step calls, for the
+    #: message when after_step() is missing
     _noun = "engine"
-    _cuda_graphs = False  # engines pickled before the option existed
     _owner: Optional[str] = None
+    _between_steps = "the loop skipped after_step() or called before_step() twice"
 
     @property
     def _who(self) -> str:
         return self._owner or type(self).__name__
-    #: optimizer steps since the last consolidation, and since the task started
-    _steps_since = 0
-    _task_steps = 0
-    #: the policy's state at construction (None in an engine unpickled from 0.2)
-    _fresh_policy: Optional[dict] = None
-    #: learning rates delta_params predicted the pending step with, per optimizer group
-    _predicted_lrs: Optional[list] = None
-    #: the optimizer's step count at before_step() (None: not checked, a scaler may skip)
-    _steps_before: Optional[int] = None
-    #: the scaler before_step() unscaled with, and what it found (inf/NaN: 1), to see whether
-    #: it stepped
-    _unscaled_by: Optional[torch.amp.GradScaler] = None
-    _found_inf: Optional[Tensor] = None
-    #: before_step() ran and after_step() has not yet
-    _in_step = False
-    #: what the loop does between the two calls, for the message when after_step() is missing
-    _between_steps = "the loop skipped after_step() or called before_step() twice"
-    #: gradients accumulate: the optimizer did not step after the last backward pass
-    _accumulating = False
 
-    def _warn_if_unfrozen(self) -> None:
-        """A parameter made trainable during the task had no state: say so (it gets state,
-        with θ* = its value now, from the next task)."""
-        tracked = {(g.key, n) for g in self._groups for n in g.names}
-        late = [n for g, n, _ in select(self._binding.model, self._groups, self._excluded,
-                                        regularize_norm_layers=self._norms, check_patterns=False)
-                if (g.key, n) not in tracked]
-        if late:
-            warnings.warn(f"{self._who}: parameter(s) {', '.join(map(repr, late))} became "
-                          "trainable during this experience; SI regularizes them from the next "
-                          "experience on (their importance for this one is 0). Unfreeze "
-                          "parameters between experiences to have it measured.", stacklevel=4)
-            self._binding.current = False
+    @property
+    def _steps_since(self) -> int:
+        """Optimizer steps since the last consolidation."""
+        return self._stepper.steps_since
 
     # ------------------------------------------------------------------ saving and loading
 
     def state_dict(self) -> dict[str, Any]:
         """SI's state: every group's buffers and parameter index (tensors cloned), the number of
         consolidations and the consolidation policy's state."""
-        return dict(self._state.state_dict(), importance=self._importance,
-                    consolidations=self._consolidations, steps_since=self._steps_since,
+        return dict(self._state.state_dict(), importance=self.importance,
+                    consolidations=self._consolidations, steps_since=self._stepper.steps_since,
                     policy={"type": type(self._policy).__name__,
                             "state": self._policy.state_dict()})
 
@@ -1298,46 +742,41 @@ class SynapticIntelligence:
             raise ValueError(f"{self._who} state was saved with consolidation policy "
                              f"{policy['type']}, this one has {type(self._policy).__name__}; "
                              "build it with the same consolidate= option.")
-        model = self._binding.model
-        if model is not None:
-            new.check_loaded_names(self._model_names(model), strict=strict)
-            for g, name, p in select(model, self._groups, self._excluded,
-                                     regularize_norm_layers=self._norms, check_patterns=False):
-                new.check_shape(g.key, name, p)
+        b = self._binding
+        b.check_loaded(new, self._groups, excluded=self._excluded, norms=self._norms,
+                       strict=strict)
         if policy is not None:
             self._policy.load_state_dict(policy["state"])
         self._state = new
-        self._strict = strict
         # states saved before 0.2 lack the count: 1 if anything was consolidated, else 0
         self._consolidations = int(state_dict.get(
             "consolidations", int(any(new.consolidated.values()))))
         self._resolve_strengths()
         for g in self._groups:
             g.clear_lists()
-        self._binding.current = self._binding.built = False
-        self._binding.state_model = None  # the loaded state belongs to the next model bound
-        self._accumulating = False
+        b.current = b.built = False
+        b.strict = strict
+        b.state_model = None  # the loaded state belongs to the next model bound
+        self._stepper.accumulating = False
         # states saved before 0.3 lack it: count them as trained since their last consolidation
-        self._steps_since = int(state_dict.get("steps_since", 1))
+        self._stepper.steps_since = int(state_dict.get("steps_since", 1))
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (an Avalanche checkpoint pickles the strategy with its plugins): the per-step
         # lists, the model, the optimizer and a found scaler are bound again on the next step.
-        state = self.__dict__.copy()
-        state["_groups"] = [_Group.__new__(_Group) for _ in self._groups]
-        for new, old in zip(state["_groups"], self._groups):
-            new.__dict__.update(old.__dict__)
-            new.clear_lists()
-        state["_binding"] = _Binding()
-        state.pop("_unscaled_by", None)  # a step in flight is not part of the state
-        state.pop("_found_inf", None)
-        state.pop("_in_step", None)
-        return state
+        return dict(self.__dict__, _groups=[g.emptied() for g in self._groups],
+                    _binding=self._binding.fresh())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(upgraded_engine_state(state))  # also what 0.2 and 0.3 pickled
 
     def __repr__(self) -> str:
         groups = "" if self.group_names == [None] else f", groups={self.group_names}"
+        est = self._estimator  # a string where it names the estimator with its defaults
+        named = est.name in IMPORTANCE_MODES and est == make_estimator(est.name)
+        importance = repr(est.name) if named else repr(est)
         return (f"{type(self).__name__}(si_lambda={self._si_lambda!r}, eps={self._eps!r}, "
-                f"importance={self._importance!r}, clamp={self._clamp!r}, "
+                f"importance={importance}, clamp={self._clamp!r}, "
                 f"consolidate={self._policy!r}{groups})")
 
 
@@ -1350,7 +789,6 @@ def engine_from_fields(fields: dict[str, Any]) -> SynapticIntelligence:
     its state kept whole; the binding starts afresh, as after any unpickling."""
     engine = SynapticIntelligence.__new__(SynapticIntelligence)
     kept = {k: v for k, v in fields.items() if k not in _V02_BINDING_FIELDS}
-    kept["_binding"] = _Binding()
     kept["_steps_since"] = 1  # unknown: count it as trained since its last consolidation
-    engine.__dict__.update(kept)
+    engine.__setstate__(kept)
     return engine

@@ -80,6 +80,8 @@ __all__ = [
     "SOS_DECAY",
     "consolidate",
     "consolidated_omega",
+    "path_contribution",
+    "sqrt_contribution",
     "commit_consolidation",
     "CLAMP_MODES",
     "fused_kernels_available",
@@ -335,18 +337,39 @@ def _omega_d2_sums(omega: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
+def path_contribution(running: Sequence[Tensor], params: Sequence[Tensor],
+                      start: Sequence[Tensor], *, eps: float) -> list[Tensor]:
+    r"""A period's contribution to Ω in SI's path integral, before any clamp:
+    `ω / ((θ − θ_start)² + ξ)` (new tensors; `running` is left as it is)."""
+    denom = torch._foreach_sub([p.detach() for p in params], start)
+    torch._foreach_mul_(denom, denom)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(running, denom)
+
+
+@torch.no_grad()
+def sqrt_contribution(running: Sequence[Tensor]) -> list[Tensor]:
+    r"""SOS's contribution to Ω: `√max(v, 0)` of its running average v of squared gradients,
+    not divided by the path length (Benzing 2022, whose damping 1.0 is the divisor)."""
+    return torch._foreach_sqrt(torch._foreach_clamp_min(running, 0.0))
+
+
+@torch.no_grad()
 def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running: Sequence[Tensor],
                        params: Sequence[Tensor], *, eps: float, clamp: str = "task",
                        names: Optional[Sequence[str]] = None, sos: bool = False,
-                       start: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+                       start: Optional[Sequence[Tensor]] = None,
+                       contribution: Optional[Callable[..., list[Tensor]]] = None) -> list[Tensor]:
     r"""The Ω that `consolidate()` would store, checked, without storing anything.
 
     `start` is where the path began, θ_start, when the weights were moved after the last
     consolidation (re-initialised, as in Benzing's code): Δ = θ − θ_start. Default: `prev`.
 
     With `sos=True`, `running` is SOS's running average v of squared gradients and the
-    contribution is `√v`, not divided by the path length (Benzing 2022's SOS, whose damping
-    1.0 is the divisor: `eps` is not used).
+    contribution is `√v` (`sqrt_contribution()`), not divided by the path length (Benzing
+    2022's SOS, whose damping 1.0 is the divisor: `eps` is not used). `contribution`, a
+    function `(running, params, start, *, eps) -> list`, computes it instead (an importance
+    estimator's, `avalanche_si.estimators`); default `path_contribution()`.
 
     Raises:
         NonFiniteImportanceError: a new Ω would be NaN or infinite; the message names the
@@ -358,16 +381,15 @@ def consolidated_omega(omega: Sequence[Tensor], prev: Sequence[Tensor], running:
         return []
     params = [p.detach() for p in params]
     start = prev if start is None else start
-    if sos:
-        contribution = torch._foreach_sqrt(torch._foreach_clamp_min(running, 0.0))
+    if contribution is not None:
+        added = contribution(running, params, start, eps=eps)
+    elif sos:
+        added = sqrt_contribution(running)
     else:
-        denom = torch._foreach_sub(params, start)
-        torch._foreach_mul_(denom, denom)
-        torch._foreach_add_(denom, eps)
-        contribution = torch._foreach_div(running, denom)
+        added = path_contribution(running, params, start, eps=eps)
     if clamp == "task":
-        torch._foreach_clamp_min_(contribution, 0.0)
-    new_omega = torch._foreach_add(omega, contribution)
+        torch._foreach_clamp_min_(added, 0.0)
+    new_omega = torch._foreach_add(omega, added)
     if clamp == "total":
         torch._foreach_clamp_min_(new_omega, 0.0)
     # One host synchronisation per task, not per step.

@@ -170,7 +170,7 @@ def _check_patterns(named, groups, excluded) -> None:
         if not any(matches(n, (pattern,)) for n, _ in named):
             warnings.warn(f"SIPlugin: excluded_parameters pattern {pattern!r} matches no "
                           f"parameter of the model (names look like {examples}); it excludes "
-                          "nothing.", stacklevel=5)
+                          "nothing.", stacklevel=6)
     empty = [g.key for g in groups if not any(g.covers(n, p) for n, p in named)]
     if empty == [None]:
         raise ValueError("SI has no parameter to regularize: the model has none.")

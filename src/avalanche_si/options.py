@@ -11,6 +11,7 @@ experiments' `--help` reads the modes below without loading either.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_dtype",
-           "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError"]
+           "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError", "LIVE_OPTIONS",
+           "FIXED_OPTIONS", "refuse_attribute"]
 
 IMPORTANCE_MODES = ("total", "task", "delta_params", "siu", "sib", "sos")
 """The values of the `importance` option: which gradient and step measure ω (the last three:
@@ -149,3 +151,31 @@ def check_flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise OptionTypeError(f"{what} must be True or False, got {value!r}.")
     return value
+
+
+#: options that may change during training, and those fixed at construction (and why)
+LIVE_OPTIONS = ("si_lambda", "eps", "clamp", "scaler")
+FIXED_OPTIONS = {
+    "consolidate": "its state is part of SI's",
+    "importance": "the state it keeps depends on it",
+    "excluded_parameters": "which parameters have state depends on it",
+    "groups": "the state is named by group",
+    "regularize_norm_layers": "which parameters have state depends on it",
+    "state_dtype": "the state is stored in it",
+}
+
+
+def refuse_attribute(owner: type, name: str) -> None:
+    """Raise the `AttributeError` for assigning `name` on an SI object (engine or adapter):
+    fixed options, read-only properties and typos, each with its fix."""
+    cls = owner.__name__
+    if name in FIXED_OPTIONS:
+        raise AttributeError(
+            f"{cls}.{name} cannot change after construction ({FIXED_OPTIONS[name]}); build a "
+            f"new {cls}(..., {name}=...) and load this one's state_dict() into it.")
+    if isinstance(getattr(owner, name, None), property):
+        raise AttributeError(f"{cls}.{name} is read-only: SI keeps it.")
+    close = difflib.get_close_matches(name, LIVE_OPTIONS + tuple(FIXED_OPTIONS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise AttributeError(f"{cls} has no option {name!r}{hint} Options that may change during "
+                         f"training: {', '.join(LIVE_OPTIONS)}.")

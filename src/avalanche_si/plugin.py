@@ -30,22 +30,21 @@ from avalanche.core import SupervisedPlugin
 
 from . import amp
 from ._compat import expose_torch_optim_submodules
-from .consolidation import ConsolidationPolicy, make_policy
+from .consolidation import ConsolidationPolicy
 from .engine import (  # _Group: pickles of version 0.2 name it as avalanche_si.plugin._Group
     CLAMP_MODES,
     IMPORTANCE_MODES,
-    LIVE_OPTIONS,
     GroupOptions,
     ParamGroup,
     SynapticIntelligence,
-    _Group,
+    _Group,  # noqa: F401
     engine_from_fields,
-    refuse_attribute,
 )
+from .estimators import Estimator
 from .functional import DEFAULT_EPS
 from .groups import Matcher
-from .options import Strength, strength_at
-from .state import KINDS, SIState
+from .legacy import fields_from_v01
+from .options import LIVE_OPTIONS, Strength, refuse_attribute
 
 __all__ = ["SIPlugin", "ParamGroup", "GroupOptions", "IMPORTANCE_MODES", "CLAMP_MODES"]
 
@@ -99,7 +98,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             taken), `"task"` (the gradient without the SI penalty, as this plugin's
             `after_backward` finds it, times the step taken; Zenke et al.'s code) or
             `"delta_params"` (that gradient times the step the optimizer would take from
-            it alone; SGD, Adam, AdamW, RMSprop; 3n memory).
+            it alone; SGD, Adam, AdamW, RMSprop; 3n memory); Benzing's `"siu"`, `"sib"`
+            and `"sos"` (the plugin draws their independent mini-batch itself); or an
+            estimator object (`avalanche_si.estimators`).
         clamp: where the consolidation's `max(0, ·)` goes: `"task"` (default,
             each experience's contribution), `"total"` (Zenke et al.'s code: the running
             total) or `"none"` (van de Ven's code).
@@ -151,7 +152,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, si_lambda: Strength = 1.0, *, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
-                 importance: str = "total", clamp: str = "task",
+                 importance: Union[str, Estimator] = "total", clamp: str = "task",
                  regularize_norm_layers: bool = False,
                  state_dtype: Optional[torch.dtype] = None,
                  consolidate: Union[None, str, int, ConsolidationPolicy] = None,
@@ -215,8 +216,13 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     @property
     def importance(self) -> str:
-        """Which gradient and step measure ω."""
+        """Which gradient and step measure ω: the estimator's name."""
         return self._engine.importance
+
+    @property
+    def estimator(self) -> Estimator:
+        """The importance estimator (`avalanche_si.estimators`) that `importance` names."""
+        return self._engine.estimator
 
     @property
     def consolidate(self) -> ConsolidationPolicy:
@@ -330,7 +336,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             self._look_for_scaler = False
             if engine.scaler is None and engine._binding.scaler is None:
                 self._bind(strategy)
-        if engine.importance in ("siu", "sib"):
+        if engine.estimator.independent_gradient:
             engine.record_independent_gradient(self._independent_loss(strategy))
         engine.before_step()
 
@@ -372,12 +378,13 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     def after_training_iteration(self, strategy, **kwargs) -> None:
         if self._first_iteration:  # once per experience
             self._first_iteration = False
-            if self._engine._task_steps == 0 and self._engine._in_step:
+            steps = self._engine._stepper
+            if steps.task_steps == 0 and steps.in_step:
                 raise RuntimeError(
                     f"SIPlugin: {type(strategy).__name__}'s template ran after_backward without "
                     "after_update in a training iteration; SIPlugin needs both once per "
                     "optimizer step (call after_update on every iteration, stepping or not).")
-            if self._engine._task_steps == 0:
+            if steps.task_steps == 0:
                 raise RuntimeError(
                     f"SIPlugin saw a training iteration in which "
                     f"{type(strategy).__name__}'s template does not call after_backward and "
@@ -415,7 +422,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_store" in state:  # pickled by avalanche_si 0.1 (an older Avalanche checkpoint)
-            state = _from_version_0_1(state)
+            state = fields_from_v01(state)
         if "_engine" not in state:  # pickled by 0.1 or 0.2: the engine's fields on the plugin
             state = {"_engine": _adapted(engine_from_fields(state))}
         self.__dict__.update({"_strategy": None, "_first_iteration": False,
@@ -446,37 +453,3 @@ def _adapted(engine: SynapticIntelligence) -> SynapticIntelligence:
     engine._between_steps = ("the strategy's template ran after_backward without "
                              "after_update; SIPlugin needs both on every iteration")
     return engine
-
-
-def _from_version_0_1(old: dict[str, Any]) -> dict[str, Any]:
-    """An SIPlugin pickled by avalanche_si 0.1, as the fields of a 0.2 plugin, its state kept
-    whole.
-
-    0.1 regularized normalization layers too, so the converted plugin does
-    (`regularize_norm_layers=True`); each named group kept a copy of its strength and
-    damping, so those stay fixed rather than following the plugin's.
-    """
-    importance = old.get("importance", "total")
-    groups = []
-    for og in old["_groups"]:
-        d = og.__dict__
-        default = d["key"] is None
-        groups.append(_Group(d["key"], d["matcher"], None if default else d["si_lambda"],
-                             None if default else d["eps"]))
-    st = SIState([g.key for g in groups],
-                 KINDS[:3] if importance == "delta_params" else KINDS, None)
-    st.store = old["_store"]
-    st.index = {og.__dict__["key"]: dict(og.__dict__["index"]) for og in old["_groups"]}
-    st.consolidated = {og.__dict__["key"]: bool(og.__dict__.get("consolidated", False))
-                       for og in old["_groups"]}
-    new = {k: v for k, v in old.items() if k.startswith("_") and k not in
-           ("_store", "_groups", "_dirty", "_model", "_param_ids")}
-    new.update(_si_lambda=old["si_lambda"], _eps=old["eps"], _importance=importance,
-               _clamp=old.get("clamp", "task"), _excluded=tuple(old["excluded_parameters"]),
-               _norms=True, _state_dtype=None, _scaler_option=None, _groups=groups, _state=st,
-               _consolidations=int(any(st.consolidated.values())),
-               _patterns_checked=True, _strict=True, _policy=make_policy(None))
-    for g in groups:
-        value = new["_si_lambda"] if g.si_lambda is None else g.si_lambda
-        g.c = strength_at(value, new["_consolidations"], "si_lambda")
-    return new

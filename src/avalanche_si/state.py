@@ -28,7 +28,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .functional import si_buffer_names
+from .functional import (NonFiniteImportanceError, commit_consolidation, consolidated_omega,
+                         si_buffer_names)
 from .groups import canonical_name
 
 __all__ = ["SIState", "STATE_FORMAT", "KINDS", "state_dtype_for"]
@@ -181,6 +182,51 @@ class SIState:
         i = self.index[key].get(name)
         if i is not None:
             _check_fits(name, self.get(key, "omega", i).shape, param.shape)
+
+    @torch.no_grad()
+    def clamp_omega(self) -> None:
+        """Ω ← max(Ω, 0) for every parameter (`clamp` switched from `"none"` to a clamp)."""
+        for key, index in self.index.items():
+            for i in index.values():
+                self.get(key, "omega", i).clamp_(min=0.0)
+
+    @torch.no_grad()
+    def mark_path_starts(self, groups: Iterable[Any]) -> None:
+        """θ_start ← θ for every parameter of the groups' lists (`restart_path()`)."""
+        for g in groups:
+            index = self.index[g.key]
+            for name, p in zip(g.names, g.params):
+                self.mark_path_start(g.key, index[name], p)
+
+    @torch.no_grad()
+    def consolidate(self, groups: list[Any], *, contribution: Any, clamp: str,
+                    eps_of: Any) -> None:
+        """Every group at once: Ω ← Ω + the clamped `contribution` of the period (an
+        estimator's), θ* ← θ, ω ← 0, through the groups' lists (views of these buffers).
+
+        Raises:
+            NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored; every
+                group's ω is reset and the path starts are dropped (the task is retrained).
+        """
+        try:
+            new = [consolidated_omega(g.omega, g.prev, g.running, g.params, eps=eps_of(g),
+                                      clamp=clamp, contribution=contribution,
+                                      names=[f"{n!r} (SI group {g.label})" for n in g.names],
+                                      start=self.starts(g.key, g.names, g.prev))
+                   for g in groups]
+        except NonFiniteImportanceError as exc:
+            for key in self.index:
+                self.reset_running(key)
+            # the task starts again from weights the user restores: a new, empty path
+            self.clear_path_starts()
+            raise NonFiniteImportanceError(
+                f"{exc} Nothing was stored: Ω and θ* of earlier tasks are kept and this "
+                "task's running importance ω is reset. Restore the weights from before "
+                "this task and train it again.") from None
+        for g, omega in zip(groups, new):
+            commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
+            self.consolidated[g.key] = self.consolidated[g.key] or bool(g.params)
+        self.clear_path_starts()
 
     def reset_running(self, key: Optional[str]) -> None:
         """ω ← 0 for every parameter of the group (a diverged task's path integral)."""

@@ -1,0 +1,354 @@
+r"""The per-step work around the optimizer step, for any importance estimator.
+
+Per group and optimizer step, with g the gradients, θ the weights, θ* their value at the last
+consolidation and c the group's strength:
+
+- `Stepper.before()`, after the (last) backward pass: unscale with a GradScaler; hand g to
+  the estimator (`avalanche_si.estimators`) before anything is added to it; add the penalty's
+  gradient `2cΩ ⊙ (θ − θ*)` and keep θ_pre ← θ in one pass (`functional.penalty_step`, the
+  fused C kernel on CPU float32) or one CUDA-graph replay (`graphs`). An estimator that
+  measures with the task gradient (`task_gradient`) gets it kept apart: eagerly the optimizer
+  steps on other tensors (the last step's, reused), under a graph g is copied into SI's own.
+- `Stepper.after()`, after the optimizer step: whether it stepped at all (gradient
+  accumulation if not: the step is carried to the next backward pass, for estimators that
+  allow it), then the estimator folds the step into ω.
+
+No step synchronises with the device: whether a GradScaler skipped the step stays a 0-d tensor
+(`found_inf`), folded into the arithmetic. Nothing here imports a training framework.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from itertools import repeat
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import amp
+from . import graphs as _graphs
+from .functional import deferred_penalty_value, penalty_step
+
+__all__ = ["Stepper", "independent_gradients"]
+
+#: optimizer steps taken, per optimizer, counted by a global step hook (registered once, at the
+#: first bind): SI checks that the optimizer stepped between before_step() and after_step()
+_STEPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+_counting = False
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
+
+
+def count_steps() -> None:
+    """Count every optimizer's steps from now on (idempotent)."""
+    global _counting
+    if not _counting:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_step)
+        _counting = True
+
+
+def _spare_for(g, grads: list[Tensor]) -> Optional[list[Tensor]]:
+    """The group's spare tensors if they can take this step's gradients, else None (they are
+    dropped). They are the gradients of the last step's parameters (`g.spare_idx`), so they
+    fit those of a step over the same ones; they must share no memory with a gradient: DDP,
+    for one, hands out gradients that are views of one bucket, the same memory every step."""
+    spare, g.spare = g.spare, None
+    if spare is None or g.spare_idx != g.step_idx or len(spare) != len(grads):
+        return None
+    if any(t._base is not None for t in spare) or any(t._base is not None for t in grads):
+        used = {t.untyped_storage().data_ptr() for t in grads}
+        if any(t.untyped_storage().data_ptr() in used for t in spare):
+            return None
+    else:  # tensors that are no views share memory only by being the same tensor
+        used = {id(t) for t in grads}
+        if any(id(t) in used for t in spare):
+            return None
+    return spare
+
+
+class _StepWork:
+    """What `before()` does to one group's tensors, eagerly or under a CUDA graph's
+    capture: with the penalty on, `g' = g + 2cΩ(θ - θ*)` (into `.grad`, or into the spare
+    tensors for a task-gradient estimator) and `θ_pre ← θ`; with it off, the copies alone;
+    first, with `zero`, the gradients' non-finite entries are zeroed (a scaler's step; see
+    `amp.unscale_()`). Returns the penalty's value function (None with the penalty off)."""
+
+    __slots__ = ("c", "penalize", "zero", "keep")
+
+    def __init__(self, c: float, penalize: bool, zero: bool, keep: bool = False):
+        self.c, self.penalize, self.zero, self.keep = c, penalize, zero, keep
+
+    def __call__(self, grads, omega, params, prev, pre, spare) -> Optional[Callable[[], Tensor]]:
+        if self.zero:
+            amp.zero_nonfinite_(grads)
+        if self.keep:  # graphed task gradient: copied into SI's own tensors, the penalty
+            torch._foreach_copy_(spare, grads)  # added in .grad (the same bits as writing g'
+            spare = None                        # into spare tensors)
+        if self.penalize:
+            return penalty_step(grads, omega, params, prev, strength=self.c, pre=pre,
+                                in_place=spare is None, out=spare)[1]
+        if pre is not None:
+            torch._foreach_copy_(pre, params)  # no_grad: no detach needed
+        if spare is not None:  # as above, so that ω never sees what is done to .grad later
+            torch._foreach_copy_(spare, grads)
+        return None
+
+
+class Stepper:
+    """The step in flight and the counts of steps, for one engine and its estimator.
+
+    `in_step`: `before()` ran and `after()` has not; `accumulating`: the optimizer did not
+    step after the last backward pass; `steps_since`: optimizer steps since the last
+    consolidation; `task_steps`: the loop's `after()` calls since the task started.
+    """
+
+    def __init__(self, estimator: Any, cuda_graphs: bool):
+        self.estimator = estimator
+        self.cuda_graphs = cuda_graphs
+        self.steps_since = 0
+        self.start_task()
+
+    def start_task(self) -> None:
+        self.task_steps = 0
+        self.in_step = self.accumulating = False
+        #: the optimizer's step count at before() (None: not checked, a scaler may skip)
+        self.steps_before: Optional[int] = None
+        #: the scaler before() unscaled with, and what it found (inf/NaN: 1)
+        self.unscaled_by: Optional[torch.amp.GradScaler] = None
+        self.found_inf: Optional[Tensor] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a step in flight is not part of the state
+        return dict(self.__dict__, in_step=False, unscaled_by=None, found_inf=None,
+                    steps_before=None)
+
+    @staticmethod
+    def pending(groups: Sequence[Any]) -> bool:
+        """A step whose weights before it SI holds waits for `after()` (or, accumulating, for
+        the real optimizer step): its path starts in the period it will be measured in."""
+        return any(g.measure is not None and g.pre for g in groups)
+
+    def enter(self, who: str, between: str) -> None:
+        """`before()` is about to run: refuse a second one without `after()` in between."""
+        if self.in_step:
+            self.in_step = False
+            raise RuntimeError(
+                f"{who}: before_step() was called twice without after_step() in between "
+                f"({between}), so the step in between would be counted wrongly. Call "
+                "after_step() after every optimizer step (and after every before_step()).")
+
+    # ------------------------------------------------------------------ before the step
+
+    def before(self, groups: Sequence[Any], optimizer: Optional[torch.optim.Optimizer],
+               scaler: Optional[torch.amp.GradScaler], consolidated: dict) -> None:
+        est = self.estimator
+        found_inf = None
+        # to see after the step whether the optimizer stepped (gradient accumulation if not):
+        # its step count, or with a scaler (which may skip the step) the scaler's record
+        self.steps_before = self.unscaled_by = None
+        if scaler is not None:  # a graphed group zeroes non-finite entries in its replay
+            found_inf = amp.unscale_(scaler, optimizer,
+                                     [p for g in groups if g.graphs is None for p in g.params])
+            if found_inf is not None:
+                self.unscaled_by, self.found_inf = scaler, found_inf
+        if optimizer is not None and self.unscaled_by is None:
+            self.steps_before = _STEPS.get(optimizer, 0)
+        if est.independent_gradient and any(g.params and g.indep is None for g in groups):
+            raise RuntimeError(
+                f"importance={est.name!r} measures each step with the gradient of an "
+                "independent mini-batch: call record_independent_gradient(loss) before "
+                "before_step(), once per optimizer step.")
+        for g in groups:
+            if g.params:
+                self._before_group(g, found_inf, consolidated[g.key])
+            g.indep = None  # used: the next step needs its own
+        self.in_step = True
+
+    def _before_group(self, g, found_inf: Optional[Tensor], consolidated: bool) -> None:
+        est = self.estimator
+        grads = [p.grad for p in g.params]
+        idx = None
+        if any(map(operator.is_, grads, repeat(None))):
+            # Parameters without a gradient this step (another task's head) are skipped:
+            # the optimizer does not move them, so neither their importance nor their
+            # penalty changes, and giving them a zero gradient would let a stateful
+            # optimizer move them on old momentum.
+            idx = [k for k, gr in enumerate(grads) if gr is not None]
+            grads = [grads[k] for k in idx]
+        zero = found_inf is not None and g.graphs is not None  # unscale_() left it to us
+        held = g.measure
+        if self.accumulating and held is not None and not est.task_gradient and \
+                idx == g.step_idx and len(grads) == len(held) and \
+                all(a is b for a, b in zip(grads, held)):
+            if zero:
+                amp.zero_nonfinite_(grads)
+            return  # accumulating into the same .grad: the penalty is in it, θ has not moved
+        g.step_idx, g.measure, g.value, g.penalty = idx, None, None, None
+        g.step_key, g.step_kept = None, False
+        if not grads:
+            return
+        params = g.pick(g.params)
+        # The weights before the step are recorded here, in the pass that reads them for
+        # the penalty anyway (the optimizer step is what follows; whatever moves the
+        # weights between this call and the step has its move counted as part of it).
+        pre = g.pick(g.pre) if g.pre else None
+        measure = est.before_step(grads, g, found_inf)  # before the penalty joins g
+        graphed = g.graphs is not None and pre is not None
+        # A task-gradient estimator's g is kept for ω apart from the optimizer's g'. Eagerly
+        # the optimizer gets other gradient tensors (the spare ones, reused from step to step)
+        # with the penalty added, and g stays where the estimator holds it; graphed, g is
+        # copied into SI's own tensors and .grad gets the penalty in place (no per-tensor swap
+        # of .grad on the host, and no addresses that change per step)
+        spare = None
+        g.step_kept = keep = graphed and est.task_gradient
+        if keep:
+            if g.task_grads is None:
+                g.task_grads = [torch.empty_like(p) for p in g.params]
+            spare = measure = g.pick(g.task_grads)
+        elif est.task_gradient:
+            spare = _spare_for(g, grads)
+            if spare is None:
+                spare = [torch.empty_like(gr) for gr in grads]
+        penalize = consolidated and g.c != 0.0
+        omega, prev = g.pick(g.omega), g.pick(g.prev)
+        lists = (grads, omega, params, prev, pre, spare)
+        work = _StepWork(g.c, penalize, zero, keep)
+        if graphed:
+            # what a graph bakes in and may change between steps (SI's own tensors change
+            # only with the lists, which drops the graphs); the weights' addresses also say
+            # which parameters take part
+            g.step_key = g.graphs.addresses(params, grads)
+            g.graphs.run((penalize, g.c, zero, g.step_key), work, *lists)
+            g.value = deferred_penalty_value(omega, pre, prev, strength=g.c) \
+                if penalize else None
+        else:
+            g.value = work(*lists)
+        if spare is not None and not keep:
+            for p, t in zip(params, spare):
+                p.grad = t
+        g.measure = measure
+
+    # ------------------------------------------------------------------ after the step
+
+    def after(self, groups: Sequence[Any], optimizer: Optional[torch.optim.Optimizer],
+              who: str) -> bool:
+        """The loop's `after_step()`: True when the optimizer stepped and the step was
+        measured, False when it did not (gradient accumulation: the step is carried over)."""
+        self.in_step = False
+        self.task_steps += 1  # the loop's calls, optimizer step or not
+        if self.steps_before is not None:
+            before, self.steps_before = self.steps_before, None
+            if _STEPS.get(optimizer, 0) == before:
+                self._hold_for_accumulation(groups, who)
+                return False
+        elif self.unscaled_by is not None:
+            scaler, self.unscaled_by = self.unscaled_by, None
+            if not amp.stepped(scaler, optimizer):
+                self._hold_for_accumulation(groups, who)
+                # the next backward pass adds scaled gradients: scale these back
+                amp.rescale_(scaler, optimizer, self.found_inf,
+                             [p for g in groups for p in g.params])
+                self.found_inf = None
+                return False
+        self.accumulating = False
+        est = self.estimator
+        for g in groups:
+            if g.measure is not None:
+                est.check_step(g, g.measure)
+        self.steps_since += 1
+        for g in groups:
+            measure = g.measure
+            if measure is None:
+                continue
+            if g.step_key is not None:  # graphed: a path integral's one pass, replayed
+                g.graphs.run(("after", g.step_key), est.accumulate, g.pick(g.running), measure,
+                             g.pick(g.pre), g.pick(g.params))
+            else:
+                est.after_step(g, measure)
+            if est.task_gradient and not g.step_kept:  # free now: the next step writes
+                g.spare, g.spare_idx = measure, g.step_idx  # the optimizer's g' into them
+            g.measure = None
+        return True
+
+    def _hold_for_accumulation(self, groups: Sequence[Any], who: str) -> None:
+        """The optimizer did not step after this backward pass: gradients accumulate over
+        several backward passes (a template or loop that steps every k mini-batches). The
+        pending step waits for the real one, whose gradient is the sum: where the penalty's
+        gradient was added to `.grad` it is not added again; a task gradient kept apart goes
+        back into `.grad`, where the next backward pass adds to it."""
+        est = self.estimator
+        if not est.accumulates:
+            for g in groups:
+                g.measure = None
+            raise RuntimeError(
+                f"{who}: the optimizer did not step after this backward pass (gradient "
+                f"accumulation?), and importance={est.name!r} measures each step from "
+                "the whole gradient: use importance='total' or 'task', or call before_step() "
+                "once per optimizer step, after the last backward pass.")
+        self.accumulating = True
+        if not est.task_gradient:
+            return
+        for g in groups:
+            params = g.pick(g.params)
+            if g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
+                if g.measure:
+                    torch._foreach_copy_([p.grad for p in params], g.measure)
+                continue
+            if g.measure:  # the step's, now free
+                g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
+            for p, gr in zip(params, g.measure or ()):
+                p.grad = gr
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    @staticmethod
+    def graphs_of(groups: Sequence[Any]) -> list:
+        """What each group's graphs were captured on, before its lists are rebuilt."""
+        return [(g.graphs, g.tensors(), g.task_grads) for g in groups]
+
+    def keep_graphs(self, groups: Sequence[Any], kept: list) -> None:
+        """After the lists were rebuilt: graphs captured on tensors that the new lists hold
+        again stay valid (an Avalanche strategy makes new optimizer groups at every
+        experience, on the same parameters); the others are dropped."""
+        if not (self.cuda_graphs and self.estimator.graphable):
+            return
+        for g, (graphs, tensors, task_grads) in zip(groups, kept):
+            if not _graphs.supported(g.params):
+                continue
+            now = g.tensors()
+            same = graphs is not None and len(tensors) == len(now) and \
+                all(a is b for a, b in zip(tensors, now))
+            if same and task_grads is not None and all(  # a weight's data may have been swapped
+                    t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+                    for t, p in zip(task_grads, g.params)):
+                g.task_grads = task_grads  # the graphs were captured on them too
+            elif task_grads is not None:
+                same = False
+            g.graphs = graphs if same else _graphs.StepGraphs(g.params[0].device)
+
+
+def independent_gradients(groups: Sequence[Any], loss: Tensor) -> None:
+    """Each group's g_u (`group.indep`): the gradient of `loss` with respect to its
+    parameters, `.grad` left as it is; under DDP averaged over the ranks, as the step's is;
+    non-finite entries (an overflow of the independent pass) zeroed."""
+    params = [p for g in groups for p in g.params]
+    grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+    grads = [torch.zeros_like(p) if gr is None else gr.detach()
+             for p, gr in zip(params, grads)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        world = torch.distributed.get_world_size()
+        for gr in grads:
+            torch.distributed.all_reduce(gr)
+        torch._foreach_div_(grads, float(world))
+    for gr in grads:  # an overflow of the independent pass must not reach ω
+        torch.nan_to_num_(gr, nan=0.0, posinf=0.0, neginf=0.0)
+    k = 0
+    for g in groups:
+        g.indep, k = grads[k:k + len(g.params)], k + len(g.params)
