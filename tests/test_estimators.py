@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from avalanche_si import SIPlugin, SynapticIntelligence
+from avalanche_si.estimators import SOS
 from conftest import DEVICES, make_stream, make_tasks, mlp, strategy, train_stream, weights
 
 FAMILY = ["siu", "sib", "sos"]
@@ -28,10 +29,11 @@ def _draws(tasks, *, mb=8, epochs=2, seed=1):
 
 
 def reference(model, optimizer, tasks, draws, *, importance, mb=8, epochs=2, cs=None, xis=None,
-              every=None):
+              every=None, alpha=0.0):
     """The definitions above, one parameter at a time, the penalty through autograd.
     `cs`, `xis`: strength and damping per parameter name (default C, XI); `every`: consolidate
-    every that many steps instead of after each task."""
+    every that many steps instead of after each task; `alpha`: SOS's α, as in Benzing's
+    `worker_SI.py` (v ← b2·v + (1 − b2)(g − α g_u)²)."""
     named = dict(model.named_parameters())
     cs = cs or {n: C for n in named}
     xis = xis or {n: XI for n in named}
@@ -68,7 +70,7 @@ def reference(model, optimizer, tasks, draws, *, importance, mb=8, epochs=2, cs=
                     elif importance == "sib":
                         running[n] += (-g[n] + g_u[n]) * step
                     else:
-                        running[n] = 0.999 * running[n] + 0.001 * g[n] ** 2
+                        running[n] = 0.999 * running[n] + 0.001 * (g[n] - alpha * g_u[n]) ** 2
                 steps += 1
                 if every is not None and steps % every == 0:
                     _consolidate(named, omega, star, running, importance, xis)
@@ -95,6 +97,7 @@ def _engine_run(importance, tasks, draws, *, device="cpu", mb=8, epochs=2, **opt
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     si = SynapticIntelligence(model, opt, **{"si_lambda": C, "eps": XI, **options},
                               importance=importance)
+    needs_gu = si.estimator.independent_gradient
     ce = torch.nn.CrossEntropyLoss()
     for (x_all, y_all, _), task_draws in zip(tasks, draws):
         x_all, y_all = x_all.to(device), y_all.to(device)
@@ -103,7 +106,7 @@ def _engine_run(importance, tasks, draws, *, device="cpu", mb=8, epochs=2, **opt
         for _ in range(epochs):
             for i in range(0, len(x_all), mb):
                 opt.zero_grad()
-                if importance in ("siu", "sib"):
+                if needs_gu:
                     u = task_draws[k].to(device)
                     si.record_independent_gradient(ce(model(x_all[u]), y_all[u]))
                 k += 1
@@ -185,6 +188,10 @@ def test_the_family_refuses_gradient_accumulation():
 
 @pytest.mark.parametrize("importance", FAMILY)
 def test_siplugin_draws_the_independent_mini_batch_itself(importance, monkeypatch):
+    _plugin_draws_and_is_the_definition(importance, monkeypatch)
+
+
+def _plugin_draws_and_is_the_definition(importance, monkeypatch, alpha=0.0):
     # the plugin draws each step's independent mini-batch from the current experience; with
     # the batches it drew, the float64 reference gives the same weights and importances
     tasks = make_tasks()
@@ -197,10 +204,11 @@ def test_siplugin_draws_the_independent_mini_batch_itself(importance, monkeypatc
         return batch
 
     monkeypatch.setattr(SIPlugin, "_next_independent_batch", recording)
-    model, si = mlp(), SIPlugin(C, eps=XI, importance=importance)
+    model = mlp()
+    si = SIPlugin(C, eps=XI, importance=SOS(alpha=alpha) if importance == "sos" else importance)
     train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [si]),
                  make_stream(tasks))
-    if importance == "sos":
+    if importance == "sos" and alpha == 0:
         assert not drawn  # SOS needs no second mini-batch
         draws = _draws(tasks)
     else:
@@ -217,7 +225,7 @@ def test_siplugin_draws_the_independent_mini_batch_itself(importance, monkeypatc
                        for k, r in enumerate(draws[0]))
     ref_model = mlp()
     ref = reference(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.05), tasks, draws,
-                    importance=importance)
+                    importance=importance, alpha=alpha)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, dict(ref_model.named_parameters())[n], rtol=1e-9,
                                    atol=1e-12, msg=n)
@@ -298,3 +306,65 @@ def test_16_bit_weights_keep_float32_state(importance):
     omega = si.importances()
     assert all(torch.isfinite(o).all() for o in omega.values())
     assert sum(float(o.abs().sum()) for o in omega.values()) > 0
+
+
+# ----------------------------------------------------------- SOS with alpha (his batch 2048)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_sos_with_alpha_is_benzings_definition(alpha, device):
+    # v ← 0.999 v + 0.001 (g − α g_u)², Ω += √v: α = 1 in his batch-2048 searches
+    tasks = make_tasks()
+    draws = _draws(tasks)
+    ref_model = mlp()
+    ref = reference(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.05), tasks, draws,
+                    importance="sos", alpha=alpha)
+    si, model = _engine_run(SOS(alpha=alpha), tasks, draws, device=device)
+    assert si.importance == "sos" and si.estimator.independent_gradient
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.cpu(), dict(ref_model.named_parameters())[n].detach(),
+                                   rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(si.importances()[n].cpu(), ref[n], rtol=1e-9, atol=1e-12,
+                                   msg=n)
+    # α matters: the same run with α = 0 measures something else
+    plain = reference(mlp(), torch.optim.Adam(mlp().parameters(), lr=0.05), tasks, draws,
+                      importance="sos")
+    assert not torch.allclose(ref["2.weight"], plain["2.weight"], rtol=1e-3)
+
+
+def test_sos_with_alpha_0_is_the_sos_of_before_bit_for_bit():
+    tasks = make_tasks()
+    draws = _draws(tasks)
+    a, _ = _engine_run("sos", tasks, draws)
+    b, _ = _engine_run(SOS(alpha=0.0), tasks, draws)
+    for n, o in a.importances().items():
+        assert torch.equal(o, b.importances()[n]), n
+    assert SOS() == SOS(alpha=0) and SOS(alpha=1) != SOS()
+    assert repr(b) == repr(a) and "SOS(alpha=1.0" in repr(_engine_run(SOS(alpha=1), tasks[:1],
+                                                                        draws)[0])
+
+
+def test_siplugin_draws_the_independent_mini_batch_for_sos_with_alpha(monkeypatch):
+    _plugin_draws_and_is_the_definition("sos", monkeypatch, alpha=1.0)
+
+
+def test_sos_options_are_checked():
+    for bad in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match=r"SOS\(alpha=...\) must be a finite number"):
+            SOS(alpha=bad)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"SOS\(decay=...\) must be a number in \[0, 1\)"):
+            SOS(decay=bad)
+    with pytest.raises(TypeError):
+        SOS(1.0)  # keyword-only
+
+
+def test_sos_with_alpha_without_the_independent_gradient_is_a_clear_error():
+    model = mlp()
+    si = SynapticIntelligence(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              importance=SOS(alpha=1.0))
+    si.start_task()
+    model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"call record_independent_gradient\(loss\) before"):
+        si.before_step()

@@ -7,9 +7,9 @@ r"""Importance estimators: how SI measures each weight's importance, one object 
 | `"delta_params"` | `DeltaParams()` | ω −= g ⊙ Δθ̂ (the predicted step) | the same |
 | `"siu"` | `SIU()` | ω −= g_u ⊙ Δθ (an independent mini-batch) | the same |
 | `"sib"` | `SIB()` | ω += (g_u − g) ⊙ Δθ | the same |
-| `"sos"` | `SOS()` | v ← β v + (1 − β) g² | Ω += √v |
+| `"sos"` | `SOS()`, `SOS(alpha=1)` | v ← β v + (1 − β) (g − α g_u)² | Ω += √v |
 
-`importance=` takes the string or an object (`SOS(decay=0.99)`, or an `Estimator` of your
+`importance=` takes the string or an object (`SOS(alpha=1.0)`, or an `Estimator` of your
 own); `make_estimator()` turns either into an object. Each estimator lives in its own module
 and declares what it needs (`avalanche_si.estimators.base`); the step code asks it, never
 its name.

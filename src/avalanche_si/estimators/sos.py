@@ -1,17 +1,24 @@
 r"""SOS (Benzing 2022): the square root of the gradient's second moment, no path integral,
 
-    v ← β v + (1 − β) g²   after each step,   Ω ← Ω + √v   at consolidation,
+    v ← β v + (1 − β) (g − α g_u)²   after each step,   Ω ← Ω + √v   at consolidation,
 
 g the task loss's gradient on the step's mini-batch (without SI's penalty), β = 0.999, and
 v starting at 0 after each consolidation, not bias-corrected, as in his code
-(`worker_SI.py`). Not divided by the path length: `eps` and `restart_path()` do not apply.
-3n numbers.
+(`worker_SI.py`). With α = 0 (the default, `importance="sos"`: his reported runs at batch
+256) it needs nothing but g. With α ≠ 0 it also needs g_u, the task loss's gradient on an
+independent mini-batch (`record_independent_gradient()`): his batch-2048 searches
+(`param_grid6` of his MNIST and CIFAR `searcher_SI.py`) set α = 1, the second moment of
+g − g_u, the mini-batch noise alone. Not divided by the path length: `eps` and
+`restart_path()` do not apply. 3n numbers (with α ≠ 0, g_u and g − α g_u, 2n more, during
+the step).
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 from ..functional import SOS_DECAY, accumulate_squares, sqrt_contribution
 from ..options import as_number
@@ -21,9 +28,11 @@ __all__ = ["SOS"]
 
 
 class SOS(Estimator):
-    r"""v ← β v + (1 − β) g²; Ω += √v at consolidation.
+    r"""v ← β v + (1 − β)(g − α g_u)²; Ω += √v at consolidation.
 
     Args:
+        alpha: α, how much of the independent gradient g_u is taken off g: 0 (default) uses
+            g alone and needs no second mini-batch; 1 is Benzing's batch-2048 setting.
         decay: β, the decay of the running average, in [0, 1).
     """
 
@@ -31,13 +40,23 @@ class SOS(Estimator):
     weights_before_step = False
     path_length = False
 
-    def __init__(self, *, decay: float = SOS_DECAY):
-        b = as_number(decay)
+    def __init__(self, *, alpha: float = 0.0, decay: float = SOS_DECAY):
+        a, b = as_number(alpha), as_number(decay)
+        if a is None or not math.isfinite(a):
+            raise ValueError(f"SOS(alpha=...) must be a finite number, got {alpha!r}.")
         if b is None or not math.isfinite(b) or not 0.0 <= b < 1.0:
             raise ValueError(f"SOS(decay=...) must be a number in [0, 1), got {decay!r}.")
-        self.decay = b
+        self.alpha, self.decay = a, b
+
+    @property
+    def independent_gradient(self) -> bool:  # type: ignore[override]
+        return self.alpha != 0.0
 
     def before_step(self, grads, group, found_inf) -> None:
+        if self.alpha != 0.0:  # g − α g_u
+            g = torch._foreach_mul(group.pick(group.indep), -self.alpha)
+            torch._foreach_add_(g, grads)
+            grads = g
         accumulate_squares(group.pick(group.running), grads, decay=self.decay,
                            weight=None if found_inf is None else 1.0 - found_inf)
 
@@ -48,4 +67,4 @@ class SOS(Estimator):
         return sqrt_contribution(running)
 
     def options(self) -> dict:
-        return {"decay": self.decay}
+        return {"alpha": self.alpha, "decay": self.decay}
