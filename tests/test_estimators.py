@@ -5,6 +5,7 @@ reference written from his definitions:
 - SIU: ω += −g_u·Δθ, g_u the task loss's gradient on an independent mini-batch;
 - SIB: ω += (−g + g_u)·Δθ, the bias part alone;
 - SOS: v ← 0.999 v + 0.001 g², and Ω += √v at consolidation (no path length, no damping);
+- OnAF: a ← a + |g|, and Ω += a at consolidation (`CIFAR/summed_importances.py`);
 
 the path-length variants consolidate Ω += max(0, ω / ((θ − θ*)² + ξ)); each resets ω (v) at
 each consolidation, as his code does at each task start.
@@ -17,7 +18,8 @@ from avalanche_si import SIPlugin, SynapticIntelligence
 from avalanche_si.estimators import SOS
 from conftest import DEVICES, make_stream, make_tasks, mlp, strategy, train_stream, weights
 
-FAMILY = ["siu", "sib", "sos"]
+FAMILY = ["siu", "sib", "sos", "onaf"]
+INDEPENDENT = ("siu", "sib")  # the members that need g_u (SOS with α = 0 does not)
 C, XI = 3.0, 0.1
 
 
@@ -69,6 +71,8 @@ def reference(model, optimizer, tasks, draws, *, importance, mb=8, epochs=2, cs=
                         running[n] -= g_u[n] * step
                     elif importance == "sib":
                         running[n] += (-g[n] + g_u[n]) * step
+                    elif importance == "onaf":
+                        running[n] = running[n] + g[n].abs()
                     else:
                         running[n] = 0.999 * running[n] + 0.001 * (g[n] - alpha * g_u[n]) ** 2
                 steps += 1
@@ -85,6 +89,8 @@ def _consolidate(named, omega, star, running, importance, xis):
     for n, p in named.items():
         if importance == "sos":
             omega[n] = omega[n] + running[n].sqrt()
+        elif importance == "onaf":
+            omega[n] = omega[n] + running[n]
         else:
             omega[n] = omega[n] + torch.clamp(running[n] / ((p.detach() - star[n]) ** 2 + xis[n]),
                                               min=0)
@@ -150,7 +156,7 @@ def test_the_estimators_differ_from_each_other():
 
 def test_sos_keeps_three_numbers_per_weight_and_siu_four():
     tasks = make_tasks(1)
-    for importance, per in (("sos", 3), ("siu", 4), ("sib", 4)):
+    for importance, per in (("sos", 3), ("siu", 4), ("sib", 4), ("onaf", 3)):
         si, model = _engine_run(importance, tasks, _draws(tasks))
         n = sum(p.numel() for p in model.parameters())
         assert sum(b.numel() for b in si._state.store.buffers()) == per * n
@@ -178,7 +184,7 @@ def test_the_family_refuses_gradient_accumulation():
         si = SynapticIntelligence(model, opt, importance=importance)
         si.start_task()
         x, y, _ = tasks[0]
-        if importance != "sos":
+        if importance in INDEPENDENT:
             si.record_independent_gradient(torch.nn.functional.cross_entropy(model(x), y))
         torch.nn.functional.cross_entropy(model(x[:4]), y[:4]).backward()
         si.before_step()
@@ -208,8 +214,8 @@ def _plugin_draws_and_is_the_definition(importance, monkeypatch, alpha=0.0):
     si = SIPlugin(C, eps=XI, importance=SOS(alpha=alpha) if importance == "sos" else importance)
     train_stream(strategy(model, torch.optim.Adam(model.parameters(), lr=0.05), [si]),
                  make_stream(tasks))
-    if importance == "sos" and alpha == 0:
-        assert not drawn  # SOS needs no second mini-batch
+    if importance not in INDEPENDENT and alpha == 0:
+        assert not drawn  # SOS and OnAF need no second mini-batch
         draws = _draws(tasks)
     else:
         steps = 2 * len(tasks[0][0]) // 8
@@ -294,7 +300,7 @@ def test_16_bit_weights_keep_float32_state(importance):
         si.start_task()
         for i in range(0, len(x), 8):
             opt.zero_grad()
-            if importance != "sos":
+            if importance in INDEPENDENT:
                 si.record_independent_gradient(ce(model(x.flip(0)[i:i + 8]).float(),
                                                   y.flip(0)[i:i + 8]))
             ce(model(x[i:i + 8]).float(), y[i:i + 8]).backward()
@@ -368,3 +374,44 @@ def test_sos_with_alpha_without_the_independent_gradient_is_a_clear_error():
     model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
     with pytest.raises(RuntimeError, match=r"call record_independent_gradient\(loss\) before"):
         si.before_step()
+
+
+def test_the_estimators_registry_is_the_importance_option():
+    from avalanche_si import IMPORTANCE_MODES
+    from avalanche_si.estimators import ESTIMATORS, Estimator, make_estimator
+
+    assert tuple(ESTIMATORS) == IMPORTANCE_MODES  # options lists them without importing torch
+    for name, cls in ESTIMATORS.items():
+        made = make_estimator(name)
+        assert type(made) is cls and made.name == name and isinstance(made, Estimator)
+    with pytest.raises(ValueError, match="importance must be one of .*or an avalanche_si"):
+        make_estimator("SOS")
+    with pytest.raises(TypeError, match="importance must be one of"):
+        SynapticIntelligence(importance=SOS)  # the class, not an object
+
+
+def test_onaf_adds_nothing_for_a_step_the_scaler_skips():
+    # |g| of a step that a GradScaler skips must not count (the step moved nothing): a run with
+    # a skipped step in the middle equals the run without it, to the bit (unscaling by a power
+    # of two is exact)
+    def run(poisoned):
+        model = mlp(dtype=torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        si = SynapticIntelligence(model, opt, importance="onaf", scaler=scaler)
+        si.start_task()
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+        for poison in poisoned:
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            if poison:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            si.before_step()
+            scaler.step(opt)
+            scaler.update()
+            si.after_step()
+        return [r.clone() for r in si._groups[0].running]
+
+    with_skip, without = run([False, True, False]), run([False, False])
+    assert all(torch.equal(a, b) for a, b in zip(with_skip, without))
+    assert not all(torch.equal(a, b) for a, b in zip(with_skip, run([False])))

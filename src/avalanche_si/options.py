@@ -23,9 +23,9 @@ __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_
            "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError", "LIVE_OPTIONS",
            "FIXED_OPTIONS", "refuse_attribute"]
 
-IMPORTANCE_MODES = ("total", "task", "delta_params", "siu", "sib", "sos")
-"""The values of the `importance` option: which gradient and step measure ω (the last three:
-Benzing 2022's variants of SI)."""
+IMPORTANCE_MODES = ("total", "task", "delta_params", "siu", "sib", "sos", "onaf")
+"""The values of the `importance` option: which gradient and step measure ω (the last four:
+Benzing 2022's variants of SI; `avalanche_si.estimators` has one object for each)."""
 CLAMP_MODES = ("task", "total", "none")
 """The values of the `clamp` option: where the consolidation's max(0, ·) goes."""
 

@@ -8,6 +8,7 @@ r"""Importance estimators: how SI measures each weight's importance, one object 
 | `"siu"` | `SIU()` | ω −= g_u ⊙ Δθ (an independent mini-batch) | the same |
 | `"sib"` | `SIB()` | ω += (g_u − g) ⊙ Δθ | the same |
 | `"sos"` | `SOS()`, `SOS(alpha=1)` | v ← β v + (1 − β) (g − α g_u)² | Ω += √v |
+| `"onaf"` | `OnAF()` | a ← a + \|g\| | Ω += a |
 
 `importance=` takes the string or an object (`SOS(alpha=1.0)`, or an `Estimator` of your
 own); `make_estimator()` turns either into an object. Each estimator lives in its own module
@@ -22,6 +23,7 @@ from typing import Any
 from ..options import IMPORTANCE_MODES, OptionTypeError
 from .base import Estimator
 from .delta_params import DeltaParams
+from .onaf import OnAF
 from .path import PathIntegral
 from .sib import SIB
 from .si import Task, Total
@@ -29,12 +31,12 @@ from .siu import SIU
 from .sos import SOS
 
 __all__ = ["Estimator", "PathIntegral", "Total", "Task", "DeltaParams", "SIU", "SIB", "SOS",
-           "ESTIMATORS", "make_estimator"]
+           "OnAF", "ESTIMATORS", "make_estimator"]
 
 #: the estimator each `importance=` string names (`avalanche_si.options.IMPORTANCE_MODES`
 #: lists the same names without importing torch)
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (Total, Task, DeltaParams, SIU, SIB, SOS)}
+    cls.name: cls for cls in (Total, Task, DeltaParams, SIU, SIB, SOS, OnAF)}
 
 
 def make_estimator(value: Any) -> Estimator:
