@@ -1,4 +1,4 @@
-"""SI, SIU, SIB and SOS (Benzing 2022) compared on accuracy, each with its own strength c chosen
+"""SI, SIU, SIB and SOS (Benzing 2022; SOS also with α = 1) compared on accuracy, each with its own strength c chosen
 on held-out training data, at two batch sizes.
 
 For every batch size, scenario and method: a sweep of c over a grid, each value trained on
@@ -20,7 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = {"SI": "task", "SIU": "siu", "SIB": "sib", "SOS": "sos"}
+#: each method's importance= and SOS's α (SOS-alpha1: Benzing's batch-2048 SOS)
+METHODS = {"SI": ("task", 0.0), "SIU": ("siu", 0.0), "SIB": ("sib", 0.0), "SOS": ("sos", 0.0),
+           "SOS-alpha1": ("sos", 1.0)}
 
 
 def _runs(out: Path, configs, log, command: str) -> list[dict]:
@@ -63,9 +65,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     ap.add_argument("--scale-lr", action="store_true",
                     help="multiply --lr by batch/256 at each batch size, as Benzing's code does")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS)[:4],
+                    help="SI and the estimators to compare with it (default: SI SIU SIB SOS; "
+                         "SOS-alpha1 is SOS of g − g_u, Benzing's batch-2048 setting)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if "SI" not in args.methods:
+        ap.error("--methods must include SI: every other method is compared with it")
+    methods = {m: METHODS[m] for m in METHODS if m in args.methods}
     shown = without_options(argv if argv is not None else sys.argv[1:])
     command = rerun_command("experiments.family", shown)
     out = Path(args.out)
@@ -81,12 +89,12 @@ def main(argv=None) -> int:
         for scenario in args.scenario:
             common = dict(base, scenario=scenario, batch_size=batch, lr=lr_of(batch))
             best = {}
-            for name, importance in METHODS.items():
+            for name, (importance, alpha) in methods.items():
                 scores = {}
                 for c in args.grid:
                     runs = _runs(out / "sweep" / f"batch{batch}" / f"c{c:g}", [
                         RunConfig(**common, method="si", si_importance=importance, si_lambda=c,
-                                  seed=s, validation=args.validation)
+                                  sos_alpha=alpha, seed=s, validation=args.validation)
                         for s in args.sweep_seeds], log, command)
                     scores[c] = sum(r["final_average_accuracy"] for r in runs) / len(runs)
                 best[name] = max(scores, key=scores.get)
@@ -96,19 +104,23 @@ def main(argv=None) -> int:
             test = out / "test" / f"batch{batch}"
             finals = {"Naive": _runs(test, [RunConfig(**common, method="naive", seed=s)
                                             for s in args.seeds], log, command)}
-            for name, importance in METHODS.items():
+            for name, (importance, alpha) in methods.items():
                 finals[name] = _runs(test, [
-                    RunConfig(**common, method="si", si_importance=importance,
+                    RunConfig(**common, method="si", si_importance=importance, sos_alpha=alpha,
                               si_lambda=best[name], seed=s) for s in args.seeds], log, command)
             acc = {m: [100 * r["final_average_accuracy"] for r in rs] for m, rs in finals.items()}
             for m in acc:
                 curves.setdefault((scenario, m), []).append((batch, *mean_sem(acc[m])))
             rows.append(f"| {batch} | {scenario} | "
-                        + " | ".join(_pm(*mean_sem(acc[m])) for m in ["Naive", *METHODS])
+                        + " | ".join(_pm(*mean_sem(acc[m])) for m in ["Naive", *methods])
                         + " |")
-            for m in ["SIU", "SIB", "SOS"]:
-                diffs = [a - b for a, b in zip(acc[m], acc["SI"])]
-                paired.append(f"| {batch} | {scenario} | {m} − SI | {_pm(*mean_sem(diffs))} |")
+            pairs = [(m, "SI") for m in methods if m != "SI"]
+            if "SOS" in methods and "SOS-alpha1" in methods:
+                pairs.append(("SOS-alpha1", "SOS"))
+            for m, minus in pairs:
+                diffs = [a - b for a, b in zip(acc[m], acc[minus])]
+                paired.append(f"| {batch} | {scenario} | {m} − {minus} | "
+                              f"{_pm(*mean_sem(diffs))} |")
     text = "\n".join([
         f"{args.benchmark}, {'-'.join(map(str, args.hidden))} hidden units, Adam (lr "
         + (f"{args.lr:g} × batch/256" if args.scale_lr else f"{args.lr:g}")
@@ -117,7 +129,8 @@ def main(argv=None) -> int:
         f"mean ± SEM over seeds {', '.join(map(str, args.seeds))} on the test set, each "
         f"method at the c it scored best with on held-out training data "
         f"({args.validation:g} of each task, seeds {', '.join(map(str, args.sweep_seeds))}):\n",
-        "| batch | scenario | Naive | SI | SIU | SIB | SOS |", "|---|---|---|---|---|---|---|",
+        "| batch | scenario | Naive | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
         *rows, "",
         "Paired differences on the same seeds, points:\n",
         "| batch | scenario | pair | difference |", "|---|---|---|---|", *paired, "",
@@ -126,7 +139,7 @@ def main(argv=None) -> int:
         + " | chosen |", "|---|---|---|" + "---|" * (len(args.grid) + 1), *chosen, "",
         f"Rerun: `{command}`", ""])
     (out / "summary.md").write_text(text)
-    _plot(curves, args.scenario, out / "batch-size.png")
+    _plot(curves, args.scenario, ["Naive", *methods], out / "batch-size.png")
     (out / "family.json").write_text(json.dumps({"argv": shown,
                                                  "args": {k: v for k, v in vars(args).items()
                                                           if k != "data_root"},
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plot(curves: dict, scenarios: list[str], path: Path) -> None:
+def _plot(curves: dict, scenarios: list[str], methods: list[str], path: Path) -> None:
     """Accuracy against batch size, per method, one panel per scenario."""
     import matplotlib
 
@@ -146,7 +159,7 @@ def _plot(curves: dict, scenarios: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6),
                              squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
-        for m in ["Naive", *METHODS]:
+        for m in methods:
             pts = curves.get((scenario, m), [])
             if pts:
                 b, mean, sem = zip(*pts)

@@ -1,6 +1,6 @@
 """Host time in SI's step hooks by the number of parameter tensors.
 
-``python -m experiments.host_cost [--device cuda] [--save NAME]``
+``python -m experiments.host_cost [--device cuda] [--baseline REV] [--save NAME]``
 
 SI's per-step work is a few elementwise passes; on a GPU what a step costs is mostly the
 host's time to issue them. This drives the engine's two step hooks (``before_step()`` after
@@ -51,23 +51,25 @@ class _StandIn:
 
 
 @contextlib.contextmanager
-def _stand_in_graphs():
-    from avalanche_si import graphs
+def _stand_in_graphs(packages):
+    import importlib
 
-    real = graphs.backend_for
-    graphs.backend_for = lambda device: _StandIn
+    modules = [importlib.import_module(f"{p.__name__}.graphs") for p in packages]
+    real = [m.backend_for for m in modules]
+    for m in modules:
+        m.backend_for = lambda device: _StandIn
     try:
         yield
     finally:
-        graphs.backend_for = real
+        for m, r in zip(modules, real):
+            m.backend_for = r
 
 
 class _Case:
     """One MLP with `tensors` parameter tensors, its optimizer and an engine, penalty on."""
 
-    def __init__(self, tensors: int, options: dict, device: str, width: int):
-        from avalanche_si import SynapticIntelligence
-
+    def __init__(self, tensors: int, options: dict, device: str, width: int, package):
+        SynapticIntelligence = package.SynapticIntelligence
         layers = []
         for _ in range(tensors // 2):
             layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
@@ -105,7 +107,14 @@ class _Case:
         return summary(self.si)
 
 
-def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool) -> None:
+def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool,
+           baseline=None) -> None:
+    import avalanche_si
+
+    variants = {label: (options, avalanche_si) for label, options in VARIANTS.items()}
+    if baseline is not None:  # the same variants of another avalanche_si, side by side
+        variants.update({f"{label} (baseline)": (options, baseline)
+                         for label, options in VARIANTS.items()})
     gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else "none"
     if not device.startswith("cuda"):  # one thread: the arithmetic of the eager rows
         torch.set_num_threads(1)
@@ -113,23 +122,30 @@ def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool) ->
           f"{torch.get_num_threads()} thread(s); host µs per step in before_step() + "
           f"after_step(), MLPs of {width}x{width} layers; median of {repeats} interleaved "
           f"chunks of {chunk} steps\n")
-    with _stand_in_graphs() if stand_in else contextlib.nullcontext():
-        cases = {(n, label): _Case(n, options, device, width)
-                 for n in TENSORS for label, options in VARIANTS.items()}
+    packages = {package for _, package in variants.values()}
+    with _stand_in_graphs(packages) if stand_in else contextlib.nullcontext():
+        cases = {(n, label): _Case(n, options, device, width, package)
+                 for n in TENSORS for label, (options, package) in variants.items()}
         medians: dict = {key: [] for key in cases}
         for _ in range(repeats):
             for key, case in cases.items():
                 medians[key].append(statistics.median(case.run(chunk)))
     cell = {key: statistics.median(m) for key, m in medians.items()}
     labels = [f"{label} (stand-in replay)" if stand_in and "graphs" in label else label
-              for label in VARIANTS]
+              for label in variants]
     print("| parameter tensors | " + " | ".join(labels) + " |")
-    print("|---" * (len(VARIANTS) + 1) + "|")
+    print("|---" * (len(variants) + 1) + "|")
     for n in TENSORS:
-        print(f"| {n} | " + " | ".join(f"{cell[(n, label)]:.1f}" for label in VARIANTS) + " |")
+        print(f"| {n} | " + " | ".join(f"{cell[(n, label)]:.1f}" for label in variants) + " |")
     lo, hi = TENSORS[0], TENSORS[-1]
     print(f"| {hi} / {lo} | " + " | ".join(f"{cell[(hi, label)] / cell[(lo, label)]:.2f}×"
-                                           for label in VARIANTS) + " |")
+                                           for label in variants) + " |")
+    if baseline is not None:
+        for label in VARIANTS:
+            ratios = ", ".join(f"{n} tensors {cell[(n, label)] / cell[(n, label + ' (baseline)')]:.2f}"
+                               for n in TENSORS)
+            print(f"\n{label}: this code / baseline: {ratios}", end="")
+        print()
     notes = [f"{label}: {cases[(hi, label)].graph_note()}" for label in VARIANTS
              if VARIANTS[label].get("cuda_graphs")]
     print(f"\nCUDA graphs at {hi} tensors: {'; '.join(notes)}."
@@ -147,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save", metavar="NAME", default=None,
                     help="also write the output to results/bench_overhead/NAME.txt (the "
                          "performance page shows every file there)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="another avalanche_si timed beside this one, in the same run: a git "
+                         "revision of this repository or the folder of a package")
     args = ap.parse_args(argv)
     if args.chunk < 1 or args.repeats < 1 or args.width < 1:
         ap.error("--chunk, --repeats and --width must be at least 1")
@@ -157,8 +176,13 @@ def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     with printed_and_saved("experiments.host_cost", argv, args.save,
                            Path(__file__).resolve().parents[1] / "results" / "bench_overhead"):
+        baseline = None
+        if args.baseline:
+            from .bench_overhead import load_baseline
+
+            baseline = load_baseline(args.baseline)
         report(args.device, args.width, args.chunk, args.repeats,
-               stand_in=not args.device.startswith("cuda"))
+               stand_in=not args.device.startswith("cuda"), baseline=baseline)
     return 0
 
 

@@ -199,12 +199,14 @@ def boundaries_of(cfg, stream: Stream) -> list[int]:
 
 def si_plugin(cfg) -> Optional[RecordingSIPlugin]:
     """The SI plugin of an online method (None for naive)."""
+    from .run import si_importance
+
     if cfg.method == "naive":
         return None
     consolidate = {"si-experience": "experience", "si-boundary": "boundary",
                    "si-k": cfg.consolidate_every,
                    "si-plateau": LossPlateau(*cfg.plateau)}[cfg.method]
-    return RecordingSIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance,
+    return RecordingSIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=si_importance(cfg),
                              clamp=cfg.si_clamp, consolidate=consolidate)
 
 

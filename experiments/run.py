@@ -34,6 +34,7 @@ class RunConfig:
     si_lambda: float = 1.0          # c
     si_eps: float = 0.1             # xi
     si_importance: str = "total"
+    sos_alpha: float = 0.0          # si_importance "sos": α of (g − α g_u)² (Benzing: 0, or 1)
     si_clamp: str = "task"          # where Omega is clamped at 0: task / total / none
     task_head: str = "separate"     # Task-IL output: a head per task, or one masked layer
     class_order: str = "seeded"     # split benchmarks: torch-seeded, or van de Ven's numpy orders
@@ -67,6 +68,8 @@ class RunConfig:
         method = self.method
         if self.method == "si" and self.si_importance != "total":
             method += f"-{self.si_importance}"
+        if self.method == "si" and self.si_importance == "sos" and self.sos_alpha:
+            method += f"-alpha{self.sos_alpha:g}"
         if self.method == "si" and self.si_clamp != "task":
             method += f"-clamp_{self.si_clamp}"
         if self.scenario == "task" and self.task_head == "shared" and self.stream == "tasks":
@@ -123,13 +126,22 @@ class FixedAvalancheSI(SynapticIntelligencePlugin):
             super().after_training_exp(strategy, **kwargs)
 
 
+def si_importance(cfg: RunConfig):
+    """SIPlugin's `importance=`: the name, or SOS with its α where one is set."""
+    if cfg.si_importance == "sos" and cfg.sos_alpha:
+        from avalanche_si.estimators import SOS
+
+        return SOS(alpha=cfg.sos_alpha)
+    return cfg.si_importance
+
+
 def method_plugins(cfg: RunConfig) -> list:
     """The regularization plugins of a method (the data loader is added by :func:`run`;
     online methods' SI plugin by :func:`experiments.online.run_online`)."""
     if cfg.method in ("naive", "joint") or cfg.stream != "tasks":
         return []
     if cfg.method == "si":
-        return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=cfg.si_importance,
+        return [SIPlugin(cfg.si_lambda, eps=cfg.si_eps, importance=si_importance(cfg),
                          clamp=cfg.si_clamp)]
     if cfg.method == "avalanche-si":  # its penalty is (λ/2)·Σ Ω(θ−θ*)²: λ = 2c is the same c
         return [SynapticIntelligencePlugin(si_lambda=2 * cfg.si_lambda, eps=cfg.si_eps)]

@@ -908,3 +908,14 @@ def test_bench_overhead_without_mnist_times_the_graph_variants_and_says_where_th
     assert "| MLP H=400 | 0.48M | 6 | SIPlugin total, CUDA graphs |" in out
     assert "MLP H=400, SIPlugin total, CUDA graphs: not used on this device" in out
     assert "split MNIST" not in out and "online" not in out and "End to end" not in out
+
+
+def test_sos_with_alpha_runs_have_their_own_id_and_estimator():
+    from avalanche_si.estimators import SOS
+    from experiments.run import RunConfig, method_plugins
+
+    cfg = RunConfig(method="si", si_importance="sos", sos_alpha=1.0)
+    assert "/si-sos-alpha1/" in cfg.run_id()
+    assert "/si-sos/" in RunConfig(method="si", si_importance="sos").run_id()
+    (plugin,) = method_plugins(cfg)
+    assert plugin.estimator == SOS(alpha=1.0) and plugin.importance == "sos"
