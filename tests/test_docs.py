@@ -124,11 +124,11 @@ def test_copied_blocks_of_the_docs_are_current():
 
 def test_every_public_name_is_in_the_api_reference(site):
     import avalanche_si
-    from avalanche_si import amp, consolidation, functional, lightning
+    from avalanche_si import amp, consolidation, estimators, functional, lightning
 
     reference = " ".join(p.read_text() for p in (site / "reference").rglob("*.html"))
     names = set(avalanche_si.__all__) - {"__version__"}
-    for module in (amp, consolidation, functional, lightning):
+    for module in (amp, consolidation, estimators, functional, lightning):
         names |= set(module.__all__)
     for cls in (avalanche_si.SIPlugin, avalanche_si.SynapticIntelligence):
         names |= {f"{cls.__name__}.{n}" for n, v in vars(cls).items()

@@ -16,7 +16,7 @@ with the callback), and `import avalanche_si` alone loads nothing at all.
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "SynapticIntelligence",
