@@ -93,3 +93,37 @@ def train_rank_family(rank, world_size, port, out_dir, importance):
         torch.save({"omega": si.importances(),
                     "weights": {n: p.detach() for n, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def train_rank_no_sync(rank, world_size, port, out_dir, importance):
+    """A plain loop under DDP(gradient_as_bucket_view=True), two micro-batches per step, the
+    first under no_sync(), SI's calls around each: after the synchronising backward pass DDP
+    hands out new gradient tensors (views of its buckets)."""
+    import torch
+
+    from conftest import make_tasks, mlp
+    from avalanche_si import SynapticIntelligence
+
+    with _process_group(rank, world_size, port):
+        model = mlp()
+        net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        si = SynapticIntelligence(net, opt, si_lambda=2.0, eps=0.1, importance=importance)
+        ce = torch.nn.CrossEntropyLoss()
+        for x, y, _ in make_tasks():
+            x, y = x[rank::world_size], y[rank::world_size]
+            si.start_task()
+            for i in range(0, len(x), 4):
+                opt.zero_grad()
+                with net.no_sync():
+                    (ce(net(x[i:i + 2]), y[i:i + 2]) / 2).backward()
+                si.before_step()
+                si.after_step()  # no step: accumulating
+                (ce(net(x[i + 2:i + 4]), y[i + 2:i + 4]) / 2).backward()
+                si.before_step()
+                opt.step()
+                si.after_step()
+            si.end_task()
+        torch.save({"omega": si.importances(),
+                    "weights": {n: p.detach() for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))

@@ -93,3 +93,35 @@ def test_ddp_with_benzings_variants_equals_a_single_process_run(tmp_path, import
             torch.testing.assert_close(r["omega"][n], o, rtol=1e-9, atol=1e-12, msg=n)
         for n, p in model.named_parameters():
             torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_accumulation_under_no_sync_with_bucket_views_equals_the_whole_batch(tmp_path,
+                                                                             importance):
+    # before: DDP's new bucket-view gradients after the synchronising backward looked like new
+    # gradients, and "total" added the penalty a second time
+    from _ddp_worker import train_rank_no_sync
+    from avalanche_si import SynapticIntelligence
+    from conftest import train_loop
+
+    mp.start_processes(train_rank_no_sync, args=(2, _free_port(), str(tmp_path), importance),
+                       nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    si = SynapticIntelligence(model, opt, si_lambda=2.0, eps=0.1, importance=importance)
+    # one process, the ranks' micro-batches together: (x[0], x[1]) and (x[2], x[3]) of each
+    # group of four, each half of the step's mean
+    tasks = []
+    for x, y, t in make_tasks():
+        order = torch.tensor([j for i in range(0, len(x), 8)
+                              for j in (i, i + 2, i + 1, i + 3, i + 4, i + 6, i + 5, i + 7)])
+        tasks.append((x[order], y[order], t))
+    train_loop(model, opt, tasks, si, mb=8, epochs=1, accumulate=2)
+    for r in ranks:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["weights"][n], p.detach(), rtol=1e-9, atol=1e-12,
+                                       msg=n)
+            torch.testing.assert_close(r["omega"][n], si.importances()[n], rtol=1e-9,
+                                       atol=1e-12, msg=n)

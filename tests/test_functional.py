@@ -154,3 +154,61 @@ def test_kernels_against_a_plain_loop(shapes, steps, eps, c, seed):
         torch.testing.assert_close(omega[k], ref_omega[k])
         assert (omega[k] >= 0).all()
         assert torch.equal(prev[k], params[k]) and not running[k].any()
+
+
+def test_si_regularizer_refuses_the_same_parameters_in_another_order():
+    # before: same-shaped parameters in another order paired each with another's state, and
+    # the penalty's value was silently wrong
+    net = torch.nn.Module()
+    a = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    F.si_pre_optim_step(net, [a, b])
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    F.si_post_optim_step(net, [a, b])
+    F.si_compute_importance(net, [a, b])
+    F.si_regularizer(net, [a, b])  # the same order: fine
+    with pytest.raises(ValueError, match="another order"):
+        F.si_regularizer(net, [b, a])
+
+
+def test_a_parameter_on_the_meta_device_is_a_clear_error():
+    from avalanche_si import SynapticIntelligence
+
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="on the meta device .*to_empty"):
+        F.si_pre_optim_step(torch.nn.Module(), list(model.parameters()))
+    si = SynapticIntelligence(model)
+    with pytest.raises(ValueError, match="'weight' is on the meta device"):
+        si.start_task()
+
+
+def test_a_diverged_run_names_the_strength_beside_the_learning_rate():
+    # before: a strength of 1e30 failed at the consolidation with a message that blamed the
+    # learning rate alone
+    from avalanche_si import SynapticIntelligence
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, si_lambda=1e30)
+    for _ in range(2):
+        si.start_task()
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            si.before_step()
+            opt.step()
+            si.after_step()
+        with pytest.raises(NonFiniteImportanceError, match="strength c") if si.consolidations \
+                else _nothing():
+            si.end_task()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -39,7 +39,8 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from .options import OptionTypeError
 
-__all__ = ["unscale_", "zero_nonfinite_", "find_scaler", "check_scaler", "stepped", "rescale_"]
+__all__ = ["unscale_", "zero_nonfinite_", "find_scaler", "check_scaler", "stepped", "rescale_",
+           "unscaled_optimizers"]
 
 
 def check_scaler(value: Any) -> Optional[GradScaler]:
@@ -118,6 +119,13 @@ def zero_nonfinite_(grads: Sequence[Tensor]) -> None:
     gradients SI reads; SI's CUDA graphs do it inside their replay instead)."""
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def unscaled_optimizers(scaler: GradScaler) -> set[int]:
+    """The ids of the optimizers whose gradients `scaler` has unscaled for the step under way
+    (`scaler.unscale_(optimizer)` before `scaler.step`)."""
+    return {key for key, state in getattr(scaler, "_per_optimizer_states", {}).items()
+            if state.get("stage") is OptState.UNSCALED}
 
 
 def stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:

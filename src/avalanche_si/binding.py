@@ -21,7 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import amp
+from .functional import check_not_meta
 from .groups import canonical_name, select, unwrap
+from .observe import unwrap_optimizer
 from .options import OptionTypeError, check_eps_for_dtype
 from .state import SIState
 
@@ -39,11 +41,15 @@ class Binding:
     """
 
     __slots__ = ("model", "optimizer", "scaler", "signature", "built", "current", "state_model",
-                 "patterns_checked", "strict")
+                 "patterns_checked", "strict", "inner", "wrapper_scaler")
 
     def __init__(self, *, patterns_checked: bool = False, strict: bool = True) -> None:
         self.model: Optional[torch.nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        #: the torch optimizer that really steps (`optimizer`, or the one a wrapper holds), and
+        #: the GradScaler a wrapper holds (Accelerate's)
+        self.inner: Optional[torch.optim.Optimizer] = None
+        self.wrapper_scaler: Optional[torch.amp.GradScaler] = None
         self.scaler: Optional[torch.amp.GradScaler] = None   # found by an adapter
         self.signature: tuple = ()
         self.built = False
@@ -63,7 +69,8 @@ class Binding:
         # pickled by avalanche_si 0.3: (None, {slot: value}) with the first seven slots
         for name, value in (state[1] if isinstance(state, tuple) else state).items():
             setattr(self, name, value)
-        for name, default in (("patterns_checked", False), ("strict", True)):
+        for name, default in (("patterns_checked", False), ("strict", True), ("inner", None),
+                              ("wrapper_scaler", None)):
             if not hasattr(self, name):
                 setattr(self, name, default)
 
@@ -76,10 +83,11 @@ class Binding:
         if not isinstance(model, torch.nn.Module):
             raise OptionTypeError(f"bind() needs the torch.nn.Module to regularize, got "
                                   f"{type(model).__name__}.")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise OptionTypeError(f"bind() needs a torch.optim.Optimizer (or None), got "
-                                  f"{type(optimizer).__name__}.")
-        if isinstance(optimizer, torch.optim.LBFGS):
+        inner, wrapper_scaler = unwrap_optimizer(optimizer)
+        if optimizer is not None and not isinstance(inner, torch.optim.Optimizer):
+            raise OptionTypeError(f"bind() needs a torch.optim.Optimizer, a wrapper of one "
+                                  f"(.optimizer), or None; got {type(optimizer).__name__}.")
+        if isinstance(inner, torch.optim.LBFGS):
             raise ValueError("SI does not support torch.optim.LBFGS: it re-evaluates a closure "
                              "several times per step, without the penalty's gradient. Add "
                              "c·Σ Ω(θ − θ*)² to the closure's loss with avalanche_si.functional.")
@@ -93,7 +101,14 @@ class Binding:
         scaler = amp.check_scaler(scaler)
         if model is not self.model or optimizer is not self.optimizer or scaler is not self.scaler:
             self.model, self.optimizer, self.scaler = model, optimizer, scaler
+            self.inner, self.wrapper_scaler = inner, wrapper_scaler
             self.current = False
+
+    def adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer SI was not bound to steps its parameters (made without `bind()`): it
+        is SI's optimizer from now on."""
+        self.optimizer = self.inner = optimizer
+        self.current = False
 
     def require_model(self, call: str, who: str) -> torch.nn.Module:
         if self.model is None:
@@ -102,7 +117,7 @@ class Binding:
         return self.model
 
     def signature_now(self) -> tuple:
-        opt, model = self.optimizer, self.model
+        opt, model = self.inner, self.model
         return (id(model), id(opt),
                 tuple(id(g) for g in getattr(opt, "param_groups", ())),
                 tuple((id(p), p.requires_grad) for p in model.parameters()))
@@ -155,6 +170,7 @@ class Binding:
             warnings.warn("SI regularizes no parameter of this model: excluded_parameters and "
                           "the groups leave out every trainable one, so SI is off.", stacklevel=5)
         for g, name, p in selected:
+            check_not_meta(p, f"parameter {name!r}")
             i = state.track(g.key, name, p)
             g.names.append(name)
             g.params.append(p)
@@ -167,7 +183,7 @@ class Binding:
             if g.omega:
                 check_eps_for_dtype(eps_of(g), g.omega[0].dtype,
                                     "eps" if g.eps is None else f"groups[{g.key!r}].eps")
-            g.helper = estimator.prepare(self.optimizer, g.params) if g.params else None
+            g.helper = estimator.prepare(self.inner, g.params) if g.params else None
         self.signature = self.signature_now()
         self.current = self.built = True
         self.state_model = weakref.ref(unwrap(model))

@@ -40,6 +40,7 @@ consolidate, `avalanche_si.consolidation`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -57,7 +58,6 @@ from .options import (
     CLAMP_MODES,
     IMPORTANCE_MODES,
     LIVE_OPTIONS,
-    OptionTypeError,
     Strength,
     check_choice,
     check_eps,
@@ -68,7 +68,8 @@ from .options import (
     strength_at,
 )
 from .state import KINDS, SIState
-from .step import Stepper, count_steps, independent_gradients
+from .observe import install as observe_steps
+from .step import Stepper, independent_gradients
 
 __all__ = ["SynapticIntelligence", "GroupOptions", "ParamGroup", "IMPORTANCE_MODES",
            "CLAMP_MODES"]
@@ -76,6 +77,15 @@ __all__ = ["SynapticIntelligence", "GroupOptions", "ParamGroup", "IMPORTANCE_MOD
 # what pickles of avalanche_si 0.2 and 0.3 name (`avalanche_si.engine._Group`, `._Binding`)
 _Group = GroupLists
 _Binding = Binding
+
+
+#: the safety net's warning: a consolidation after which the weights had moved but no Ω grew
+UNMEASURED = (
+    "{who}: the weights moved since the last consolidation, but no importance Ω grew: SI "
+    "measured none of this period's steps, or only steps that increased the loss. Likely "
+    "causes: after_step() called before the optimizer step, an update SI cannot see (a "
+    "hand-written one between other calls, an optimizer that is no torch.optim.Optimizer), "
+    "or an optimizer that maximizes. See the conventions page, 'What SI observes'.")
 
 
 def _every_parameter(name: str, param: torch.nn.Parameter) -> bool:
@@ -487,7 +497,7 @@ class SynapticIntelligence:
         """
         self._binding.bind(model, optimizer, scaler, carry_state=carry_state, who=self._who,
                            consolidations=self._consolidations)
-        count_steps()
+        observe_steps()
         return self
 
     def reset(self) -> None:
@@ -528,9 +538,11 @@ class SynapticIntelligence:
         self._binding.sync(self._groups, self._state, self._estimator, excluded=self._excluded,
                            norms=self._norms, eps_of=self._eps_of, who=self._who)
         self._stepper.keep_graphs(self._groups, kept)
+        self._stepper.watch.track(p for g in self._groups for p in g.params)
 
     def _scaler_in_use(self) -> Optional[torch.amp.GradScaler]:
-        return self._scaler_option or self._binding.scaler
+        b = self._binding
+        return self._scaler_option or b.scaler or b.wrapper_scaler
 
     # ------------------------------------------------------------------ the loop's calls
 
@@ -549,7 +561,7 @@ class SynapticIntelligence:
     def _start_task(self, experience: Any) -> bool:
         self._binding.require_model("start_task", type(self).__name__)
         if self._estimator.predicted_step:  # it needs the optimizer: say so at once
-            self._estimator.prepare(self._binding.optimizer, ())
+            self._estimator.prepare(self._binding.inner, ())
         b = self._binding
         if not b.current or b.changed():
             self._sync()
@@ -568,7 +580,7 @@ class SynapticIntelligence:
         if not self._binding.current:
             self._binding.require_model("before_step", type(self).__name__)
             self._sync()
-        self._stepper.before(self._groups, self._binding.optimizer, self._scaler_in_use(),
+        self._stepper.before(self._groups, self._binding, self._scaler_in_use(),
                              self._state.consolidated)
 
     @torch.no_grad()
@@ -582,7 +594,8 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def _after_step(self, loss: Optional[Tensor]) -> bool:
-        if not self._stepper.after(self._groups, self._binding.optimizer, self._who):
+        if not self._stepper.after(self._groups, self._binding, self._scaler_in_use(),
+                                   self._who):
             return False
         return self._policy.at_step(loss)
 
@@ -598,10 +611,6 @@ class SynapticIntelligence:
             raise ValueError(f"record_independent_gradient() is for importance='siu' or "
                              f"'sib' (estimators that need an independent gradient); this SI "
                              f"measures with importance={self.importance!r}.")
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise OptionTypeError(f"record_independent_gradient() takes the loss (a 0-d "
-                                  f"tensor with a graph), got {type(loss).__name__}"
-                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
         if not self._binding.current:
             self._binding.require_model("record_independent_gradient", type(self).__name__)
             self._sync()
@@ -616,6 +625,7 @@ class SynapticIntelligence:
     def _end_task(self, experience: Any) -> bool:
         b = self._binding
         b.require_model("end_task", type(self).__name__)
+        self._stepper.check_no_step_outside("end_task()")
         if not b.current:
             self._sync()
         if b.changed():
@@ -648,8 +658,8 @@ class SynapticIntelligence:
                 "load_state_dict() or unpickling. Call it after training on what should be "
                 "consolidated; nothing was changed.")
         try:
-            self._state.consolidate(groups, contribution=self._estimator.contribution,
-                                    clamp=self._clamp, eps_of=self._eps_of)
+            unmeasured = self._state.consolidate(groups, contribution=self._estimator.contribution,
+                                                 clamp=self._clamp, eps_of=self._eps_of)
         except NonFiniteImportanceError:
             for g in groups:  # the step in flight is dropped with the task's ω
                 g.measure = None
@@ -660,6 +670,8 @@ class SynapticIntelligence:
                 # a step between before_step() and after_step() stays pending: it belongs to
                 # the next period, whose θ* is the weights before it
                 g.value, g.penalty = None, None
+        if unmeasured:
+            warnings.warn(UNMEASURED.format(who=self._who), stacklevel=2)
         self._consolidations += 1
         self._policy.consolidated()
         self._resolve_strengths()
@@ -680,13 +692,9 @@ class SynapticIntelligence:
                 belongs to a path from θ*. Call it between the consolidation and the first
                 step; nothing was changed.
         """
-        b, st = self._binding, self._stepper
+        b = self._binding
         b.require_model("restart_path", type(self).__name__)
-        if st.in_step or st.accumulating or st.steps_since or st.pending(self._groups):
-            raise RuntimeError(
-                f"{self._who}.restart_path() after this period's training began: ω already "
-                "holds steps of a path that started at θ*. Call it after the consolidation "
-                "and before the first step (at a task's start); nothing was changed.")
+        self._stepper.check_period_not_begun(self._groups, f"{self._who}.restart_path()")
         if not b.current or b.changed():
             self._sync()
         if self._estimator.path_length:  # else the consolidation does not read a start
@@ -707,6 +715,16 @@ class SynapticIntelligence:
     def _steps_since(self) -> int:
         """Optimizer steps since the last consolidation."""
         return self._stepper.steps_since
+
+    def _skip_step(self) -> None:
+        """For an adapter: the optimizer step about to come moves nothing SI regularizes (no
+        gradient): no need to measure it."""
+        self._stepper.watch.skip()
+
+    def _step_taken(self) -> bool:
+        """For an adapter: `before_step()` ran and an optimizer has stepped SI's parameters
+        since, `after_step()` still to come."""
+        return self._stepper.watch.taken()
 
     # ------------------------------------------------------------------ saving and loading
 

@@ -408,14 +408,16 @@ def _why_not_finite(running: Tensor, param: Tensor, prev: Tensor, eps: float) ->
     bad_run = int((~torch.isfinite(running)).sum())
     if bad_run:
         return (f"its running importance ω has {bad_run} non-finite entries of "
-                f"{running.numel()}: training diverged (lower the learning rate), or a step "
+                f"{running.numel()}: training diverged (lower the learning rate, or SI's "
+                "strength c if it is large), or a step "
                 "that torch.amp.GradScaler skipped was counted (pass scaler=..., or call "
                 "avalanche_si.amp.unscale_ with the functional API; see the guide 'Recovering "
                 "from divergence').")
     bad_w = int((~torch.isfinite(param)).sum())
     if bad_w:
         return (f"{bad_w} of its weights are not finite: training diverged; lower the "
-                "learning rate.")
+                "learning rate, or SI's strength c if it is large (the penalty's gradient "
+                "2cΩ(θ − θ*) grows with it).")
     dtype = torch.promote_types(running.dtype, prev.dtype)
     return (f"ω is finite (max |ω| = {float(running.abs().max()):.3g}) but ω / ((θ − θ*)² + ξ) "
             f"overflows {dtype} (largest {torch.finfo(dtype).max:.3g}) where the weights barely "
@@ -502,6 +504,14 @@ def _check_fits(buffer: Optional[Tensor], p: Tensor, i: int, name: str) -> None:
                          "order, to every call for this net and params_name.")
 
 
+def check_not_meta(p: Tensor, what: str) -> None:
+    """SI needs the weights' values: a parameter on the meta device has none yet."""
+    if p.is_meta:
+        raise ValueError(f"SI: {what} is on the meta device (not materialized yet): give SI the "
+                         "model after its weights exist (model.to_empty(device=...) and their "
+                         "initialisation, or loading a checkpoint).")
+
+
 def _check_order(net: torch.nn.Module, params: Sequence[Tensor],
                  params_name: Optional[str]) -> None:
     """The same parameter objects in another order would pair each with another's state: refuse
@@ -534,6 +544,7 @@ def si_pre_optim_step(net: torch.nn.Module, params: Sequence[Tensor],
             One call is still needed before the first update of the first task.
     """
     for i, p in _active(params):  # every check before anything is written
+        check_not_meta(p, f"parameter #{i}")
         prev_name = si_buffer_names(i, params_name)[1]
         _check_fits(getattr(net, prev_name, None), p, i, prev_name)
     _check_order(net, params, params_name)
@@ -655,6 +666,7 @@ def si_regularizer(net: torch.nn.Module, params: Sequence[Tensor],
     Raises:
         ValueError: `si_compute_importance()` was never called.
     """
+    _check_order(net, params, params_name)
     reg: Tensor | float = 0.0
     for i, p in _active(params):
         om_name, prev_name, _, _ = si_buffer_names(i, params_name)

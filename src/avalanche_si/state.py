@@ -200,9 +200,13 @@ class SIState:
 
     @torch.no_grad()
     def consolidate(self, groups: list[Any], *, contribution: Any, clamp: str,
-                    eps_of: Any) -> None:
+                    eps_of: Any) -> bool:
         """Every group at once: Ω ← Ω + the clamped `contribution` of the period (an
         estimator's), θ* ← θ, ω ← 0, through the groups' lists (views of these buffers).
+
+        Returns:
+            Whether the period looks unmeasured: the weights moved since its start, but no
+            importance grew (read with the one host synchronisation the check of Ω makes).
 
         Raises:
             NonFiniteImportanceError: a new Ω would not be finite. Nothing is stored; every
@@ -223,10 +227,26 @@ class SIState:
                 f"{exc} Nothing was stored: Ω and θ* of earlier tasks are kept and this "
                 "task's running importance ω is reset. Restore the weights from before "
                 "this task and train it again.") from None
+        unmeasured = self._unmeasured(groups, new)
         for g, omega in zip(groups, new):
             commit_consolidation(g.omega, g.prev, g.running, g.params, omega)
             self.consolidated[g.key] = self.consolidated[g.key] or bool(g.params)
         self.clear_path_starts()
+        return unmeasured
+
+    def _unmeasured(self, groups: list[Any], new: list[list[Tensor]]) -> bool:
+        """The weights moved since the period's start (θ* or a restart), yet Ω grew nowhere."""
+        grew, moved = [], []
+        for g, omega in zip(groups, new):
+            start = self.starts(g.key, g.names, g.prev) or g.prev
+            for old, now, p, s in zip(g.omega, omega, g.params, start):
+                grew.append((now - old).max() if now.numel() else now.new_zeros(()))
+                moved.append((p.detach() - s).abs().max() if p.numel() else now.new_zeros(()))
+        if not grew:
+            return False
+        flags = torch.stack([torch.stack([t.float().cpu() for t in grew]).max() > 0,
+                             torch.stack([t.float().cpu() for t in moved]).max() > 0]).tolist()
+        return flags[1] and not flags[0]
 
     def reset_running(self, key: Optional[str]) -> None:
         """ω ← 0 for every parameter of the group (a diverged task's path integral)."""

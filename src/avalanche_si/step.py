@@ -9,9 +9,10 @@ consolidation and c the group's strength:
   fused C kernel on CPU float32) or one CUDA-graph replay (`graphs`). An estimator that
   measures with the task gradient (`task_gradient`) gets it kept apart: eagerly the optimizer
   steps on other tensors (the last step's, reused), under a graph g is copied into SI's own.
-- `Stepper.after()`, after the optimizer step: whether it stepped at all (gradient
-  accumulation if not: the step is carried to the next backward pass, for estimators that
-  allow it), then the estimator folds the step into ω.
+- `Stepper.after()`, after the optimizer step: whether an optimizer holding SI's parameters
+  stepped at all (`avalanche_si.observe`; gradient accumulation if not: the step is carried to
+  the next backward pass, for estimators that allow it), then the estimator folds the step
+  into ω.
 
 No step synchronises with the device: whether a GradScaler skipped the step stays a 0-d tensor
 (`found_inf`), folded into the arithmetic. Nothing here imports a training framework.
@@ -20,7 +21,6 @@ No step synchronises with the device: whether a GradScaler skipped the step stay
 from __future__ import annotations
 
 import operator
-import weakref
 from itertools import repeat
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,28 +30,12 @@ from torch import Tensor
 from . import amp
 from . import graphs as _graphs
 from .functional import deferred_penalty_value, penalty_step
+from .observe import Watch
+from .options import OptionTypeError
 
 __all__ = ["Stepper", "independent_gradients"]
 
-#: optimizer steps taken, per optimizer, counted by a global step hook (registered once, at the
-#: first bind): SI checks that the optimizer stepped between before_step() and after_step()
-_STEPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
-_counting = False
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
-
-
-def count_steps() -> None:
-    """Count every optimizer's steps from now on (idempotent)."""
-    global _counting
-    if not _counting:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(_count_step)
-        _counting = True
-
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 def _spare_for(g, grads: list[Tensor]) -> Optional[list[Tensor]]:
     """The group's spare tensors if they can take this step's gradients, else None (they are
@@ -112,21 +96,28 @@ class Stepper:
         self.estimator = estimator
         self.cuda_graphs = cuda_graphs
         self.steps_since = 0
+        self.watch = Watch()  # which optimizer steps SI's parameters (avalanche_si.observe)
         self.start_task()
 
     def start_task(self) -> None:
         self.task_steps = 0
         self.in_step = self.accumulating = False
-        #: the optimizer's step count at before() (None: not checked, a scaler may skip)
-        self.steps_before: Optional[int] = None
-        #: the scaler before() unscaled with, and what it found (inf/NaN: 1)
+        if hasattr(self, "watch"):
+            self.watch.restart()
+        #: the scaler before() unscaled with, and what it found (inf/NaN: 1); the ids of the
+        #: optimizers whose gradients were unscaled for the step
         self.unscaled_by: Optional[torch.amp.GradScaler] = None
         self.found_inf: Optional[Tensor] = None
+        self.unscaled_ids: set = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # a step in flight is not part of the state
-        return dict(self.__dict__, in_step=False, unscaled_by=None, found_inf=None,
-                    steps_before=None)
+        return dict(self.__dict__, in_step=False, unscaled_by=None, found_inf=None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("watch", Watch())
+        self.__dict__.pop("steps_before", None)
 
     @staticmethod
     def pending(groups: Sequence[Any]) -> bool:
@@ -134,10 +125,20 @@ class Stepper:
         the real optimizer step): its path starts in the period it will be measured in."""
         return any(g.measure is not None and g.pre for g in groups)
 
+    def check_period_not_begun(self, groups: Sequence[Any], call: str) -> None:
+        """Refuse `call` once this period's training began (an optimizer step, or a backward
+        pass waiting for one, since the last consolidation)."""
+        if self.in_step or self.accumulating or self.steps_since or self.pending(groups):
+            raise RuntimeError(
+                f"{call} after this period's training began: ω already holds steps of a path "
+                "that started at θ*. Call it after the consolidation and before the first step "
+                "(at a task's start); nothing was changed.")
+
     def enter(self, who: str, between: str) -> None:
         """`before()` is about to run: refuse a second one without `after()` in between."""
         if self.in_step:
             self.in_step = False
+            self.watch.close()  # the refused step is dropped; the loop may go on
             raise RuntimeError(
                 f"{who}: before_step() was called twice without after_step() in between "
                 f"({between}), so the step in between would be counted wrongly. Call "
@@ -145,54 +146,79 @@ class Stepper:
 
     # ------------------------------------------------------------------ before the step
 
-    def before(self, groups: Sequence[Any], optimizer: Optional[torch.optim.Optimizer],
+    def check_no_step_outside(self, call: str) -> None:
+        """Refuse an optimizer step of SI's parameters taken since the last `after_step()` (in
+        this task): SI measured none of it."""
+        if self.watch.stepped_after_close():
+            self.watch.restart()
+            self.accumulating = False
+            raise RuntimeError(
+                f"{call}: an optimizer stepped SI's parameters after the last after_step(), "
+                "outside before_step() and after_step(), so SI measured nothing of that step ("
+                "after_step() called before optimizer.step(), or a step of its own, such as "
+                "a last step for gradients left over). Call before_step() and after_step() "
+                "around every optimizer step of a task.")
+
+    def before(self, groups: Sequence[Any], binding: Any,
                scaler: Optional[torch.amp.GradScaler], consolidated: dict) -> None:
         est = self.estimator
+        self.check_no_step_outside("before_step()")
         found_inf = None
         # to see after the step whether the optimizer stepped (gradient accumulation if not):
-        # its step count, or with a scaler (which may skip the step) the scaler's record
-        self.steps_before = self.unscaled_by = None
+        # the optimizer steps observed, or with a scaler (which may skip the step) its record
+        self.unscaled_by = None
         if scaler is not None:  # a graphed group zeroes non-finite entries in its replay
-            found_inf = amp.unscale_(scaler, optimizer,
+            if binding.inner is None:
+                raise ValueError("SI was given a GradScaler but no optimizer: it unscales the "
+                                 "optimizer's gradients, so bind(model, optimizer) too.")
+            # the optimizers whose gradients are unscaled for this step: SI's, and those the
+            # loop unscaled itself (`scaler.unscale_(other)` before before_step())
+            self.unscaled_ids = amp.unscaled_optimizers(scaler) | {id(binding.inner)}
+            found_inf = amp.unscale_(scaler, binding.inner,
                                      [p for g in groups if g.graphs is None for p in g.params])
             if found_inf is not None:
                 self.unscaled_by, self.found_inf = scaler, found_inf
-        if optimizer is not None and self.unscaled_by is None:
-            self.steps_before = _STEPS.get(optimizer, 0)
         if est.independent_gradient and any(g.params and g.indep is None for g in groups):
             raise RuntimeError(
                 f"importance={est.name!r} measures each step with the gradient of an "
                 "independent mini-batch: call record_independent_gradient(loss) before "
                 "before_step(), once per optimizer step.")
+        entries = []
         for g in groups:
             if g.params:
-                self._before_group(g, found_inf, consolidated[g.key])
+                params = self._before_group(g, found_inf, consolidated[g.key])
+                if params:
+                    handed = [p.grad for p in params]  # what the step is to use
+                    entries.append((params, handed, handed[0]._version, params[0]._version,
+                                    params[0].data_ptr()))
             g.indep = None  # used: the next step needs its own
+        if not entries and any(g.params for g in groups) and binding.model is not None and \
+                not any(p.grad is not None for p in binding.model.parameters()):
+            raise RuntimeError(
+                "before_step() found no gradient at all: call it after loss.backward() (and "
+                "before the optimizer step), once per optimizer step.")
         self.in_step = True
+        self.watch.open(entries)
 
-    def _before_group(self, g, found_inf: Optional[Tensor], consolidated: bool) -> None:
+    def _before_group(self, g, found_inf: Optional[Tensor], consolidated: bool) -> list:
+        """One group's step work; returns its parameters in the step (none: no gradient)."""
         est = self.estimator
         grads = [p.grad for p in g.params]
         idx = None
-        if any(map(operator.is_, grads, repeat(None))):
-            # Parameters without a gradient this step (another task's head) are skipped:
-            # the optimizer does not move them, so neither their importance nor their
-            # penalty changes, and giving them a zero gradient would let a stateful
-            # optimizer move them on old momentum.
-            idx = [k for k, gr in enumerate(grads) if gr is not None]
+        if any(map(operator.is_, grads, repeat(None))) or \
+                not all(map(_REQUIRES_GRAD, g.params)):
+            # Parameters without a gradient this step (another task's head), or frozen since
+            # the lists were built, are skipped: the optimizer does not move them, so neither
+            # their importance nor their penalty changes, and giving them a gradient would let
+            # a stateful optimizer move them on old momentum.
+            idx = [k for k, (gr, p) in enumerate(zip(grads, g.params))
+                   if gr is not None and p.requires_grad]
             grads = [grads[k] for k in idx]
         zero = found_inf is not None and g.graphs is not None  # unscale_() left it to us
-        held = g.measure
-        if self.accumulating and held is not None and not est.task_gradient and \
-                idx == g.step_idx and len(grads) == len(held) and \
-                all(a is b for a, b in zip(grads, held)):
-            if zero:
-                amp.zero_nonfinite_(grads)
-            return  # accumulating into the same .grad: the penalty is in it, θ has not moved
         g.step_idx, g.measure, g.value, g.penalty = idx, None, None, None
         g.step_key, g.step_kept = None, False
         if not grads:
-            return
+            return []
         params = g.pick(g.params)
         # The weights before the step are recorded here, in the pass that reads them for
         # the penalty anyway (the optimizer step is what follows; whatever moves the
@@ -233,29 +259,47 @@ class Stepper:
             for p, t in zip(params, spare):
                 p.grad = t
         g.measure = measure
+        return params
 
     # ------------------------------------------------------------------ after the step
 
-    def after(self, groups: Sequence[Any], optimizer: Optional[torch.optim.Optimizer],
-              who: str) -> bool:
-        """The loop's `after_step()`: True when the optimizer stepped and the step was
-        measured, False when it did not (gradient accumulation: the step is carried over)."""
+    def after(self, groups: Sequence[Any], binding: Any,
+              scaler: Optional[torch.amp.GradScaler], who: str) -> bool:
+        """The loop's `after_step()`: True when an optimizer stepped SI's parameters and the
+        step was measured, False when none did (gradient accumulation: the step is carried
+        over).
+
+        Raises:
+            RuntimeError: a GradScaler SI was not given stepped them, or (with a scaler, or
+                an estimator that predicts the step) another optimizer than SI's did.
+        """
+        if not self.in_step:
+            raise RuntimeError(
+                f"{who}: after_step() without before_step() before it: SI did not prepare this "
+                "step (no penalty, no weights before it), so it cannot measure it. Call "
+                "before_step() after the backward pass of every step.")
         self.in_step = False
         self.task_steps += 1  # the loop's calls, optimizer step or not
-        if self.steps_before is not None:
-            before, self.steps_before = self.steps_before, None
-            if _STEPS.get(optimizer, 0) == before:
-                self._hold_for_accumulation(groups, who)
-                return False
-        elif self.unscaled_by is not None:
-            scaler, self.unscaled_by = self.unscaled_by, None
-            if not amp.stepped(scaler, optimizer):
+        watch = self.watch
+        watch.close()
+        seen = watch.stepped()
+        for optimizer, stepping_scaler in seen:
+            self._check_scaler(optimizer, stepping_scaler, scaler, who)
+        if seen and all(optimizer is not binding.inner for optimizer, _ in seen):
+            self._follow(seen[0][0], binding, who)  # another optimizer than SI's stepped
+        if self.unscaled_by is not None:  # the scaler's record: stepped, skipped, or neither
+            unscaled, self.unscaled_by = self.unscaled_by, None
+            if not amp.stepped(unscaled, binding.inner):
                 self._hold_for_accumulation(groups, who)
                 # the next backward pass adds scaled gradients: scale these back
-                amp.rescale_(scaler, optimizer, self.found_inf,
+                amp.rescale_(unscaled, binding.inner, self.found_inf,
                              [p for g in groups for p in g.params])
                 self.found_inf = None
                 return False
+        elif not seen and (binding.inner is not None or watch.seen_any):
+            self._hold_for_accumulation(groups, who)
+            return False
+        # (no optimizer given and none seen: a hand-written update, each call a step)
         self.accumulating = False
         est = self.estimator
         for g in groups:
@@ -276,6 +320,34 @@ class Stepper:
             g.measure = None
         return True
 
+    def _check_scaler(self, optimizer, stepping_scaler, scaler, who: str) -> None:
+        """An optimizer holding SI's parameters stepped: refuse a step whose gradients SI found
+        scaled."""
+        if stepping_scaler is not None and stepping_scaler is not scaler:
+            raise RuntimeError(
+                f"{who}: a GradScaler stepped the optimizer, but SI was not given it: the "
+                "gradients SI saw were scaled by the loss scale, so its penalty acted that "
+                "many times too weakly and ω measured that many times too much. Pass the "
+                "scaler to SI (scaler=... or bind(model, optimizer, scaler=...)).")
+        if stepping_scaler is not None and id(optimizer) not in self.unscaled_ids:
+            raise RuntimeError(
+                f"{who}: the GradScaler stepped {type(optimizer).__name__}, whose gradients "
+                "were still scaled when before_step() used them: SI unscales those of the "
+                "optimizer it is bound to only. With several optimizers, call "
+                "scaler.unscale_(optimizer) for each of the others before before_step().")
+
+    def _follow(self, optimizer, binding, who: str) -> None:
+        """Only an optimizer SI is not bound to stepped its parameters (made without
+        `bind()`): follow it, unless this step was prepared for the bound one."""
+        if self.unscaled_by is not None or self.estimator.predicted_step:
+            raise RuntimeError(
+                f"{who}: {type(optimizer).__name__} stepped SI's parameters, but SI is bound "
+                f"to another optimizer ({type(binding.inner).__name__}), whose "
+                + ("gradients it unscaled" if self.unscaled_by is not None else
+                   "step it predicted") + " for this step. Call bind(model, optimizer) "
+                "whenever you make a new optimizer.")
+        binding.adopt(optimizer)
+
     def _hold_for_accumulation(self, groups: Sequence[Any], who: str) -> None:
         """The optimizer did not step after this backward pass: gradients accumulate over
         several backward passes (a template or loop that steps every k mini-batches). The
@@ -291,19 +363,32 @@ class Stepper:
                 f"accumulation?), and importance={est.name!r} measures each step from "
                 "the whole gradient: use importance='total' or 'task', or call before_step() "
                 "once per optimizer step, after the last backward pass.")
+        if not self.watch.gradients_untouched():
+            for g in groups:
+                g.measure = None
+            raise RuntimeError(
+                f"{who}: the optimizer did not step, and the gradients were changed after "
+                "before_step() added SI's penalty to them (zero_grad() to drop a mini-batch, "
+                "or clipping between accumulated ones): SI cannot tell what is left of its "
+                "penalty in them. Drop or clip gradients before before_step(), or only on "
+                "the mini-batches that step.")
         self.accumulating = True
-        if not est.task_gradient:
-            return
         for g in groups:
-            params = g.pick(g.params)
-            if g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
-                if g.measure:
-                    torch._foreach_copy_([p.grad for p in params], g.measure)
+            if g.measure is None:
                 continue
-            if g.measure:  # the step's, now free
+            params = g.pick(g.params)
+            if not est.task_gradient:  # the penalty comes out of .grad: the next backward
+                if g.value is not None:  # pass adds to the task gradient, and the real step
+                    d = torch._foreach_sub(params, g.pick(g.prev))  # adds the penalty once
+                    torch._foreach_addcmul_([p.grad for p in params], g.pick(g.omega), d,
+                                            value=-2.0 * g.c)
+            elif g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
+                torch._foreach_copy_([p.grad for p in params], g.measure)
+            else:  # the step's g' tensors are free; .grad holds the task gradient again
                 g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
-            for p, gr in zip(params, g.measure or ()):
-                p.grad = gr
+                for p, gr in zip(params, g.measure):
+                    p.grad = gr
+            g.measure = None
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -337,8 +422,20 @@ def independent_gradients(groups: Sequence[Any], loss: Tensor) -> None:
     """Each group's g_u (`group.indep`): the gradient of `loss` with respect to its
     parameters, `.grad` left as it is; under DDP averaged over the ranks, as the step's is;
     non-finite entries (an overflow of the independent pass) zeroed."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise OptionTypeError(f"record_independent_gradient() takes the loss (a 0-d tensor "
+                              f"with a graph), got {type(loss).__name__}"
+                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
     params = [p for g in groups for p in g.params]
+    if params and not loss.requires_grad:
+        raise ValueError("record_independent_gradient(): the loss has no graph (computed under "
+                         "torch.no_grad(), or detached); compute it with gradients enabled.")
     grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+    if params and all(gr is None for gr in grads):
+        raise ValueError(
+            "record_independent_gradient(): the loss reaches none of the parameters SI "
+            "regularizes (was it computed by a copy of the model, or under no_grad?). Compute "
+            "it with the model SI is bound to.")
     grads = [torch.zeros_like(p) if gr is None else gr.detach()
              for p, gr in zip(params, grads)]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and \
