@@ -224,3 +224,148 @@ def test_benzings_variants_in_lightning_match_their_definitions(tasks, importanc
     got = _omegas(callback.engine)
     for n, o in ref.items():
         torch.testing.assert_close(got[n], o, rtol=1e-9, atol=1e-12, msg=n)
+
+
+# ------------------------------------------------ checkpoints written by anyone, at any time
+
+
+class SaveAt(L.Callback):
+    """Saves a checkpoint at a given global step, from its own on_train_batch_end."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_a_checkpoint_holds_si_as_it_is_at_that_step_whatever_the_callback_order(
+        tasks, tmp_path, importance):
+    # before: a callback listed before SICallback saved SI one step behind the weights
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    module, callback = Module(mlp(), adam), SICallback(si_lambda=5.0, eps=0.1,
+                                                       importance=importance)
+    _fit_tasks(module, callback, tasks[:1])
+    first, last = SaveAt(5, tmp_path / "first.ckpt"), SaveAt(5, tmp_path / "last.ckpt")
+    _trainer([first, callback, last]).fit(module, _loader(tasks[1], 8))
+    a = torch.load(tmp_path / "first.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert_same(a["state_dict"], b["state_dict"])
+    sa, sb = a["callbacks"]["SICallback"], b["callbacks"]["SICallback"]
+    assert sa["steps_since"] == sb["steps_since"] == 5
+    assert_same(sa["buffers"], sb["buffers"])
+
+
+def test_the_fits_last_checkpoint_holds_its_consolidation_and_a_next_task_starts_from_it(
+        tasks, tmp_path):
+    # before: ModelCheckpoint's last.ckpt was written before on_train_end consolidated, so a
+    # next task started from it had 1 consolidation where the uninterrupted run had 2
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    full, full_cb = Module(mlp(), adam), SICallback(si_lambda=5.0, eps=0.1)
+    _fit_tasks(full, full_cb, tasks[:3])
+
+    module, callback = Module(mlp(), adam), SICallback(si_lambda=5.0, eps=0.1)
+    _fit_tasks(module, callback, tasks[:1])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer([callback, ckpt], enable_checkpointing=True, default_root_dir=tmp_path).fit(
+        module, _loader(tasks[1], 8))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["SICallback"]
+    assert saved["consolidations"] == 2 == callback.engine.consolidations
+
+    # task 3 from last.ckpt, in a new process's objects: two more epochs of the same fit loop
+    resumed, resumed_cb = Module(mlp(seed=5), adam), SICallback(si_lambda=5.0, eps=0.1)
+    resumed.opt = adam(resumed.net.parameters())
+    _trainer([resumed_cb], max_epochs=4, default_root_dir=tmp_path).fit(
+        resumed, _loader(tasks[2], 8), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed_cb.engine.consolidations == 3
+    assert_same(weights(resumed.net), weights(full.net))
+    assert_same(_omegas(resumed_cb.engine), _omegas(full_cb.engine))
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def test_spawning_strategies_are_refused():
+    # before: strategy="ddp_spawn" trained in child processes and returned no SI state, so the
+    # next fit trained as with c = 0, bit for bit
+    module = Module(mlp(), _sgd)
+    trainer = _trainer([SICallback()], strategy="ddp_spawn", devices=2)
+    with pytest.raises(Exception, match="cannot bring SI's state back"):
+        trainer.fit(module, _loader(make_tasks(1)[0], 8))
+
+
+class ManualModule(Module):
+    """Manual optimization, SI driven from training_step and bound to self.optimizers() (a
+    LightningOptimizer), as the guide's own-loop recipe reads inside Lightning."""
+
+    def __init__(self, net, make_opt, si):
+        super().__init__(net, make_opt)
+        self.automatic_optimization = False
+        self.si = si
+
+    def on_train_start(self):
+        self.si.bind(self, self.optimizers())
+        self.si.start_task()
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        self.si.before_step()
+        opt.step()
+        self.si.after_step()
+
+    def on_train_end(self):
+        self.si.end_task()
+
+
+@pytest.mark.parametrize("importance", ["total", "task"])
+def test_manual_optimization_bound_to_the_lightning_optimizer_matches_the_definition(
+        tasks, importance):
+    # before: bound to the LightningOptimizer, SI saw no step and Ω stayed 0
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    si = SynapticIntelligence(si_lambda=123.0, eps=5.0, importance=importance, groups={
+        n: ParamGroup(params=[f"net.{x}" for x in names], si_lambda=c, eps=xi)
+        for n, (names, c, xi) in GROUPS.items()})
+    module = ManualModule(mlp(), adam, si)
+    for task in tasks:
+        _trainer([]).fit(module, _loader(task, 8))
+    ref_model = mlp()
+    ref_omega, ref_model = reference_si(ref_model, adam(ref_model.parameters()), tasks,
+                                        list(GROUPS.values()), importance=importance)
+    for (n, p), (_, q) in zip(module.net.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-12, msg=n)
+    got = _omegas(si)
+    for n, o in ref_omega.items():
+        torch.testing.assert_close(got[n], o, rtol=1e-9, atol=1e-12, msg=n)
+
+
+class SkippingModule(Module):
+    """Returns None from training_step on every third batch: Lightning skips it."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 3 == 2 else super().training_step(batch, batch_idx)
+
+
+def test_a_batch_that_training_step_skips_is_skipped_by_si_too(tasks):
+    # before: SI's before_step() found no gradient and the fit crashed
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    callback = SICallback(si_lambda=5.0, eps=0.1)
+    module = SkippingModule(mlp(), adam)
+    _fit_tasks(module, callback, tasks[:2])
+    assert callback.engine.consolidations == 2
+    # the same as training on the batches that were not skipped (Adam leaves a parameter
+    # without a gradient as it is)
+    kept = [(torch.cat([x[i:i + 8] for i in range(0, len(x), 8) if (i // 8) % 3 != 2]),
+             torch.cat([y[i:i + 8] for i in range(0, len(x), 8) if (i // 8) % 3 != 2]), t)
+            for x, y, t in tasks[:2]]
+    plain_cb = SICallback(si_lambda=5.0, eps=0.1)
+    plain = Module(mlp(), adam)
+    _fit_tasks(plain, plain_cb, kept)
+    assert_same(weights(module.net), weights(plain.net))
+    assert_same(_omegas(callback.engine), _omegas(plain_cb.engine))

@@ -77,6 +77,9 @@ class ConsolidationPolicy:
     def at_experience_start(self, experience) -> bool:
         return False
 
+    #: whether `at_step()` needs the step's training loss
+    needs_loss = False
+
     def at_step(self, loss: Optional[torch.Tensor]) -> bool:
         return False
 
@@ -228,6 +231,8 @@ class LossPlateau(ConsolidationPolicy):
         self.seen = 0
         self.peak = True              # a first plateau needs no peak
         self.last_mean = self.last_var = math.inf
+
+    needs_loss = True
 
     def at_step(self, loss) -> bool:
         if loss is None:

@@ -13,12 +13,16 @@ Lightning hook                engine call
 `on_train_batch_end`        `after_step(loss)`, after a batch whose optimizer step ran
 `on_train_end`              `end_task()`: consolidation, by the policy (after each fit by
                               default)
-`state_dict`                the engine's, in Lightning checkpoints
+`state_dict`                the engine's, in Lightning checkpoints; written during a fit, it
+                              is the state at that moment of the fit, whatever callback asks
+                              for it first (a step taken is measured), and the fit's last
+                              checkpoint holds the fit's consolidation
 ============================  ===============================================================
 
-Needs `lightning` (or the older `pytorch_lightning`) 2.x: `pip install
-"avalanche-si[lightning]"`. Automatic optimization with one optimizer; with manual
-optimization, drive the engine from `training_step` as in a plain loop.
+Needs `lightning` (or the older `pytorch_lightning`) 2.x: `pip install lightning`.
+Automatic optimization with one optimizer; with manual optimization, drive the engine from
+`training_step` as in a plain loop. Strategies that train in processes they spawn
+(`"ddp_spawn"`) cannot bring SI's state back to the trainer's process: refused; `"ddp"` works.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ except ImportError:  # pragma: no cover - depends on what is installed
     try:
         from pytorch_lightning import Callback
     except ImportError as exc:
-        raise ImportError("avalanche_si.lightning needs Lightning 2.x: pip install "
-                          "\"avalanche-si[lightning]\" (or lightning).") from exc
+        raise ImportError("avalanche_si.lightning needs Lightning 2.x: pip install lightning "
+                          "(or, from a clone of avalanche_si, pip install -e \".[lightning]\")."
+                          ) from exc
 
 __all__ = ["SICallback"]
 
@@ -70,6 +75,7 @@ class SICallback(Callback):
         self.engine = engine if engine is not None else SynapticIntelligence(**options)
         self.engine._owner = "SICallback"
         self._stepped = False
+        self._trainer = None  # during a fit: the trainer fitting
 
     @property
     def state_key(self) -> str:
@@ -87,12 +93,27 @@ class SICallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.engine.bind(pl_module, optimizers[0], scaler=scaler)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if type(launcher).__name__ == "_MultiProcessingLauncher":
+            raise ValueError(
+                "SICallback cannot bring SI's state back from the processes that this strategy "
+                "spawns (ddp_spawn, or a start_method other than 'popen'): the trainer's process "
+                "would keep the state it had before the fit. Use strategy='ddp', which runs "
+                "your script on every rank.")
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._bind(trainer, pl_module)
         self._stepped = False
+        self._trainer = trainer
         self.engine.start_task()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not any(p.grad is not None for p in pl_module.parameters()):
+            # training_step returned None (Lightning's way to skip a batch): nothing to
+            # measure, and the optimizer's step moves nothing
+            self.engine._skip_step()
+            return
         self.engine.before_step()
         self._stepped = True
 
@@ -103,10 +124,47 @@ class SICallback(Callback):
             self.engine.after_step(loss if hasattr(loss, "detach") else None)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._trainer = None
         self.engine.end_task()
 
     def state_dict(self) -> dict[str, Any]:
+        """SI's state, for a Lightning checkpoint. Asked for during a fit (a `ModelCheckpoint`,
+        or any callback, in any order), it is the state at that point of the fit: a step the
+        optimizer took but this callback has not yet seen end is measured now (unless the
+        policy is a `LossPlateau`, which needs the step's loss), and when the fit takes no
+        more steps (its last epoch or step is done), the task is ended now, as it would be
+        when the fit ends, so that a next task started from this checkpoint starts from the
+        consolidated state."""
+        trainer = self._trainer
+        if trainer is not None:
+            if self._stepped and self.engine._step_taken() and \
+                    not self.engine.consolidate.needs_loss:
+                self._stepped = False
+                self.engine.after_step()
+            if not self._stepped and _fit_takes_no_more_steps(trainer):
+                self.engine.end_task()
         return self.engine.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `state_dict()` into the engine (checked; see
+        `SynapticIntelligence.load_state_dict`)."""
         self.engine.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _trainer=None)
+
+
+def _fit_takes_no_more_steps(trainer) -> bool:
+    """Whether the fit in progress will take no more optimizer steps: its step limit reached,
+    or its last epoch's batches all trained, or it was told to stop and may (Lightning's own
+    loop state; False where it cannot be read)."""
+    try:
+        loop = trainer.fit_loop
+        epochs = loop.epoch_loop
+        if loop.done or (epochs.global_step >= loop.max_steps != -1):
+            return True
+        last_epoch = loop.max_epochs not in (None, -1) and \
+            trainer.current_epoch + 1 >= loop.max_epochs  # (the epoch under way)
+        return bool(last_epoch and epochs._num_ready_batches_reached())
+    except AttributeError:  # pragma: no cover - another Lightning
+        return False
