@@ -8,9 +8,8 @@ ones `before_step()` saw. They are read here from the optimizers themselves:
 
 - torch calls two global hooks around every `torch.optim.Optimizer.step()` in the process
   (`register_optimizer_step_pre_hook` / `..._post_hook`). The post-hook counts the steps and
-  notes, for each optimizer, the count at its last step and the `GradScaler` that called it,
-  if one did (read from the calling frames: `GradScaler.step` is the only way a scaler steps
-  an optimizer). A step counts for SI when the optimizer that took it holds one of SI's
+  keeps the last few (the optimizer, and the `GradScaler` that called it if one did, read from
+  the calling frames: `GradScaler.step` is the only way a scaler steps an optimizer). A step counts for SI when the optimizer that took it holds one of SI's
   parameters, whatever object SI was bound to: a wrapper (Accelerate's
   `AcceleratedOptimizer`, Lightning's `LightningOptimizer`) steps the optimizer it wraps, and
   that one is seen; so is a new optimizer made without `bind()`.
@@ -25,6 +24,7 @@ synchronisation. Nothing here imports a training framework.
 
 from __future__ import annotations
 
+import collections
 import operator
 import sys
 import weakref
@@ -35,12 +35,13 @@ from torch.amp.grad_scaler import GradScaler
 
 __all__ = ["install", "unwrap_optimizer", "Watch", "steps_taken"]
 
-#: optimizer steps taken in this process (any optimizer), and each optimizer's last one:
-#: (the count after it, the GradScaler that called it or None)
+#: optimizer steps taken in this process (any optimizer), and the last few: (the count after
+#: it, the optimizer, the GradScaler that called it or None), newest last; a bounded list, so
+#: that it keeps no optimizer alive for long
 _count = 0
-_LAST: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+_RECENT: "collections.deque[tuple]" = collections.deque(maxlen=64)
 #: the watches whose engine is between before_step() and after_step()
-_OPEN: "weakref.WeakSet[Watch]" = weakref.WeakSet()
+_OPEN: list = []
 _installed = False
 #: the code of the GradScaler methods that call optimizer.step()
 _SCALER_CODE = frozenset(f.__code__ for f in (GradScaler.step, GradScaler._maybe_opt_step))
@@ -54,7 +55,7 @@ def steps_taken() -> int:
 def _scaler_calling() -> Optional[GradScaler]:
     """The enabled GradScaler whose `step()` called the optimizer step in progress, if any."""
     frame = sys._getframe(2)
-    for _ in range(8):
+    for _ in range(6):
         if frame is None:
             return None
         if frame.f_code in _SCALER_CODE:
@@ -67,17 +68,14 @@ def _scaler_calling() -> Optional[GradScaler]:
 def _post(optimizer, args, kwargs) -> None:
     global _count
     _count += 1
-    _LAST[optimizer] = (_count, _scaler_calling())
-    for watch in list(_OPEN):  # an optimizer step moves weights: no change to refuse later
-        if watch.holds(optimizer):
-            watch.stepped_in()
+    _RECENT.append((_count, optimizer, _scaler_calling()))
 
 
 def _pre(optimizer, args, kwargs):
     if not _OPEN:
         return None
     given = closure = args[1] if len(args) > 1 else kwargs.get("closure")
-    for watch in list(_OPEN):
+    for watch in tuple(_OPEN):
         closure = watch.check_before_update(optimizer, closure)
     if closure is given:
         return None
@@ -170,18 +168,13 @@ class Watch:
         weight's version and address)."""
         self._since = _count
         self._open = entries
-        _OPEN.add(self)
+        if self not in _OPEN:
+            _OPEN.append(self)
 
     def close(self) -> None:
-        _OPEN.discard(self)
+        if self in _OPEN:
+            _OPEN.remove(self)
         self._closed = _count
-
-    def stepped_in(self) -> None:
-        """An optimizer stepped SI's parameters in the step under way: what it changed (the
-        weights; a fused optimizer's unscaled gradients) is no change to refuse at the next
-        optimizer's step (several optimizers in one step)."""
-        self._open = [(params, handed, handed[0]._version, params[0]._version,
-                       params[0].data_ptr()) for params, handed, _, _, _ in self._open]
 
     def gradients_untouched(self) -> bool:
         """Whether the gradients are still those `before_step()` handed to the step, unchanged
@@ -214,8 +207,14 @@ class Watch:
     def _stepped_since(self, count: int) -> list:
         if _count == count:
             return []
-        return [(optimizer, scaler) for optimizer, (at, scaler) in list(_LAST.items())
-                if at > count and self.holds(optimizer)]
+        found, seen = [], set()
+        for at, optimizer, scaler in reversed(_RECENT):
+            if at <= count:
+                break
+            if id(optimizer) not in seen and self.holds(optimizer):
+                seen.add(id(optimizer))
+                found.append((optimizer, scaler))
+        return found
 
     def check_before_update(self, optimizer: torch.optim.Optimizer, closure: Any) -> Any:
         """The pre-hook: an optimizer is about to step; refuse it if it holds SI's parameters
@@ -240,8 +239,9 @@ class Watch:
                     "gradient it uses. Change gradients in place (p.grad.clamp_(...)), or "
                     "before before_step(); see the guide 'SI in your own training loop', SAM "
                     "and closures.")
-            weight = params[0]
-            if weight.data_ptr() != ptr or weight._version != version:
+            weight = params[0]  # (changed by an optimizer's step already taken: several
+            if _count == self._since and (  # optimizers in one step, fine)
+                    weight.data_ptr() != ptr or weight._version != version):
                 self.close()
                 raise RuntimeError(
                     "SI: the weights changed between before_step() and the optimizer step (p.data "

@@ -186,9 +186,8 @@ class Stepper:
         entries = []
         for g in groups:
             if g.params:
-                params = self._before_group(g, found_inf, consolidated[g.key])
-                if params:
-                    handed = [p.grad for p in params]  # what the step is to use
+                params, handed = self._before_group(g, found_inf, consolidated[g.key])
+                if params:  # what the step is to use, checked when an optimizer steps
                     entries.append((params, handed, handed[0]._version, params[0]._version,
                                     params[0].data_ptr()))
             g.indep = None  # used: the next step needs its own
@@ -200,8 +199,9 @@ class Stepper:
         self.in_step = True
         self.watch.open(entries)
 
-    def _before_group(self, g, found_inf: Optional[Tensor], consolidated: bool) -> list:
-        """One group's step work; returns its parameters in the step (none: no gradient)."""
+    def _before_group(self, g, found_inf: Optional[Tensor], consolidated: bool) -> tuple:
+        """One group's step work; returns its parameters in the step (none: no gradient) and
+        the gradient tensors the optimizer is to step them with."""
         est = self.estimator
         grads = [p.grad for p in g.params]
         idx = None
@@ -218,7 +218,7 @@ class Stepper:
         g.step_idx, g.measure, g.value, g.penalty = idx, None, None, None
         g.step_key, g.step_kept = None, False
         if not grads:
-            return []
+            return [], []
         params = g.pick(g.params)
         # The weights before the step are recorded here, in the pass that reads them for
         # the penalty anyway (the optimizer step is what follows; whatever moves the
@@ -258,8 +258,9 @@ class Stepper:
         if spare is not None and not keep:
             for p, t in zip(params, spare):
                 p.grad = t
+            grads = spare
         g.measure = measure
-        return params
+        return params, grads
 
     # ------------------------------------------------------------------ after the step
 
