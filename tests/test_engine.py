@@ -295,7 +295,7 @@ def test_importing_the_engine_and_the_core_loads_no_framework():
 #: the package's layers, bottom up (docs/guide/architecture.md draws them); `estimators` is a
 #: subpackage, one module per estimator
 LAYERS = {"core": ["options", "_fused", "_compat", "functional", "groups", "state", "optim_step",
-                   "amp", "consolidation", "graphs", "observe"],
+                   "amp", "consolidation", "graphs", "observe", "sharding"],
           "estimators": ["estimators"], "rooms": ["lists", "binding", "step", "legacy"],
           "engine": ["engine"], "adapter": ["plugin", "lightning"], "logger": ["wandb_logger"]}
 

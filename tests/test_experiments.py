@@ -919,3 +919,15 @@ def test_sos_with_alpha_runs_have_their_own_id_and_estimator():
     assert "/si-sos/" in RunConfig(method="si", si_importance="sos").run_id()
     (plugin,) = method_plugins(cfg)
     assert plugin.estimator == SOS(alpha=1.0) and plugin.importance == "sos"
+
+
+def test_sharded_memory_counts_each_ranks_shard(capsys):
+    from experiments.sharded_memory import main
+
+    assert main(["--widths", "6", "8", "2", "--worlds", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 1 ") or
+            line.startswith("| 2 ")]
+    assert len(rows) == 2
+    one, two = (int(r[2].replace(",", "")) for r in rows)
+    assert one == 4 * 4 * (6 * 8 + 8 + 8 * 2 + 2) and two == one // 2

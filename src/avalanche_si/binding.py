@@ -24,6 +24,7 @@ from . import amp
 from .functional import check_not_meta
 from .groups import canonical_name, select, unwrap
 from .observe import unwrap_optimizer
+from .sharding import check_estimator, check_group, check_model, is_sharded, local
 from .options import OptionTypeError, check_eps_for_dtype
 from .state import SIState
 
@@ -116,6 +117,13 @@ class Binding:
                                "SI does not know which model to regularize.")
         return self.model
 
+    def require_built(self, call: str, noun: str) -> None:
+        if not self.built:
+            raise RuntimeError(
+                f"{call} was called before the {noun} has the model's parameters: it finds "
+                "them when training starts, and again after load_state_dict() or unpickling. "
+                "Call it after training on what should be consolidated; nothing was changed.")
+
     def signature_now(self) -> tuple:
         opt, model = self.inner, self.model
         return (id(model), id(opt),
@@ -144,19 +152,20 @@ class Binding:
         state.check_loaded_names(self.model_names(self.model), strict=strict)
         for g, name, p in select(self.model, groups, excluded, regularize_norm_layers=norms,
                                  check_patterns=False):
-            state.check_shape(g.key, name, p)
+            state.check_shape(g.key, name, local(p))
 
     # ------------------------------------------------------------------ the lists
 
     def sync(self, groups: Sequence[Any], state: SIState, estimator: Any, *,
              excluded: Sequence[str], norms: bool, eps_of: Callable[[Any], float],
-             who: str) -> None:
+             who: str, scalers: Sequence[Any] = ()) -> None:
         """Match the model's parameters to groups and state; build the per-step lists.
 
         New parameters get Ω = 0 and θ* = their current value; a grown one keeps its state for
         the old slice.
         """
         model = self.model
+        check_model(model)
         selected = select(model, groups, excluded, regularize_norm_layers=norms,
                           check_patterns=not self.patterns_checked)
         self.patterns_checked = True
@@ -169,11 +178,21 @@ class Binding:
         if not selected and any(p.requires_grad for p in model.parameters()):
             warnings.warn("SI regularizes no parameter of this model: excluded_parameters and "
                           "the groups leave out every trainable one, so SI is off.", stacklevel=5)
-        for g, name, p in selected:
+        sharded = [name for _, name, p in selected if is_sharded(p)]
+        for _, name, p in selected:
             check_not_meta(p, f"parameter {name!r}")
-            i = state.track(g.key, name, p)
+            if is_sharded(p):
+                check_group(name, p)
+        check_estimator(estimator, sharded)
+        if sharded and any(s is not None for s in scalers):
+            raise ValueError("SI does not support a GradScaler with a sharded model (FSDP2) "
+                             "yet: use a bf16 mixed precision policy, which needs none.")
+        for g, name, p in selected:
+            i = state.track(g.key, name, local(p))
             g.names.append(name)
-            g.params.append(p)
+            g.owners.append(p)
+            g.params.append(local(p))
+            g.sharded = g.sharded or is_sharded(p)
             g.omega.append(state.get(g.key, "omega", i))
             g.prev.append(state.get(g.key, "prev_theta", i))
             g.running.append(state.get(g.key, "running_omega", i))
@@ -183,7 +202,7 @@ class Binding:
             if g.omega:
                 check_eps_for_dtype(eps_of(g), g.omega[0].dtype,
                                     "eps" if g.eps is None else f"groups[{g.key!r}].eps")
-            g.helper = estimator.prepare(self.inner, g.params) if g.params else None
+            g.helper = estimator.prepare(self.inner, g.owners) if g.params else None
         self.signature = self.signature_now()
         self.current = self.built = True
         self.state_model = weakref.ref(unwrap(model))

@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 
 __all__ = ["ConsolidationPolicy", "AfterEachExperience", "AtTaskBoundaries", "EveryKSteps",
-           "LossPlateau", "make_policy", "HiddenBoundariesError"]
+           "LossPlateau", "make_policy", "check_policy_state", "HiddenBoundariesError"]
 
 
 class HiddenBoundariesError(ValueError):
@@ -75,24 +75,34 @@ class ConsolidationPolicy:
     consolidate now. Subclass to write your own; keep its state in `state_dict()`."""
 
     def at_experience_start(self, experience) -> bool:
+        """Called as a task (an experience) starts; `experience` is Avalanche's, or None
+        in a plain loop. True: consolidate now (a task boundary seen as the next task
+        starts)."""
         return False
 
     #: whether `at_step()` needs the step's training loss
     needs_loss = False
 
     def at_step(self, loss: Optional[torch.Tensor]) -> bool:
+        """Called after every optimizer step SI measured; `loss` is the step's training
+        loss (None where the loop gave none). True: consolidate now."""
         return False
 
     def at_experience_end(self, experience) -> bool:
+        """Called as a task (an experience) ends. True: consolidate now."""
         return False
 
     def consolidated(self) -> None:
         """Told after every consolidation, whoever asked for it."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The policy's state, saved in SI's `state_dict()` (counts, windows): plain
+        values."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` of this policy (checked: raise `ValueError` for
+        another policy's)."""
         pass
 
     def __repr__(self) -> str:
@@ -109,6 +119,7 @@ class AfterEachExperience(ConsolidationPolicy):
     """After every experience (the paper's algorithm on an ordinary stream of tasks)."""
 
     def at_experience_end(self, experience) -> bool:
+        """Every experience's end consolidates."""
         return True
 
 
@@ -128,6 +139,8 @@ class AtTaskBoundaries(ConsolidationPolicy):
         self.origin: Any = None
 
     def at_experience_start(self, experience) -> bool:
+        """On an online stream, the first sub-experience of a new task consolidates what
+        the last task left (a stream that ends a task without a last sub-experience)."""
         b = _boundaries(experience)
         if b is None:
             return False
@@ -137,20 +150,26 @@ class AtTaskBoundaries(ConsolidationPolicy):
         return new_task and self.pending
 
     def at_step(self, loss) -> bool:
+        """Notes that the task trained (no consolidation per step)."""
         self.pending = True
         return False
 
     def at_experience_end(self, experience) -> bool:
+        """An ordinary experience's end, or an online stream's last sub-experience of a
+        task, consolidates."""
         b = _boundaries(experience)
         return True if b is None else (b[1] and self.pending)
 
     def consolidated(self) -> None:
+        """Nothing is pending after a consolidation."""
         self.pending = False
 
     def state_dict(self):
+        """Whether a task's steps wait for a consolidation, and the task they belong to."""
         return {"pending": self.pending, "origin": self.origin}
 
     def load_state_dict(self, state):
+        """Restore `state_dict()`."""
         self.pending, self.origin = bool(state["pending"]), state["origin"]
 
 
@@ -168,13 +187,16 @@ class EveryKSteps(ConsolidationPolicy):
         self.k, self.steps = k, 0
 
     def at_step(self, loss) -> bool:
+        """Every k-th step consolidates (counted across experience ends)."""
         self.steps += 1
         return self.steps % self.k == 0
 
     def state_dict(self):
+        """k and the steps counted so far."""
         return {"k": self.k, "steps": self.steps}
 
     def load_state_dict(self, state):
+        """Restore `state_dict()`; a state saved with another k is refused."""
         if state["k"] != self.k:
             raise ValueError(f"the saved policy consolidated every {state['k']} steps, this one "
                              f"every {self.k}; build the plugin with consolidate={state['k']}.")
@@ -235,6 +257,8 @@ class LossPlateau(ConsolidationPolicy):
     needs_loss = True
 
     def at_step(self, loss) -> bool:
+        """Adds the step's loss to the window and, every `check_every` steps,
+        consolidates on a plateau after a peak (see the class)."""
         if loss is None:
             raise ValueError("LossPlateau needs the training loss: strategy.loss was not set "
                              "at this step.")
@@ -259,11 +283,13 @@ class LossPlateau(ConsolidationPolicy):
         return False
 
     def state_dict(self):
+        """The window of losses and the statistics of the last plateau."""
         return {"window": self.window, "seen": self.seen, "peak": self.peak,
                 "last_mean": self.last_mean, "last_var": self.last_var,
                 "losses": None if self.losses is None else self.losses.detach().cpu().clone()}
 
     def load_state_dict(self, state):
+        """Restore `state_dict()`; a state saved with another window is refused."""
         if state["window"] != self.window:
             raise ValueError(f"the saved LossPlateau had window={state['window']}, this one "
                              f"{self.window}.")
@@ -285,6 +311,17 @@ def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
+
+
+def check_policy_state(policy: ConsolidationPolicy, saved: Optional[dict],
+                       who: str) -> Optional[dict]:
+    """`saved`, a policy's entry of a saved state, if `policy` can load it (None: a state saved
+    before policies were)."""
+    if saved is not None and saved["type"] != type(policy).__name__:
+        raise ValueError(f"{who} state was saved with consolidation policy {saved['type']}, "
+                         f"this one has {type(policy).__name__}; build it with the same "
+                         "consolidate= option.")
+    return saved
 
 
 def make_policy(value: Union[None, str, int, ConsolidationPolicy]) -> ConsolidationPolicy:

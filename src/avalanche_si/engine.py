@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import amp
 from .binding import Binding
-from .consolidation import ConsolidationPolicy, make_policy
+from .consolidation import ConsolidationPolicy, check_policy_state, make_policy
 from .estimators import Estimator, make_estimator
 from .functional import DEFAULT_EPS, NonFiniteImportanceError
 from .groups import Matcher, ParamGroup, as_patterns
@@ -64,6 +64,7 @@ from .options import (
     check_flag,
     check_state_dtype,
     check_strength,
+    positional,
     refuse_attribute,
     strength_at,
 )
@@ -285,6 +286,7 @@ class SynapticIntelligence:
     """
 
 
+    @positional("model", "optimizer")
     def __init__(self, model: Optional[torch.nn.Module] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, *,
                  si_lambda: Strength = 1.0, eps: float = DEFAULT_EPS,
@@ -448,9 +450,9 @@ class SynapticIntelligence:
 
         The tensors are the live state: read, do not modify them.
         """
-        key = self._group(group).key
-        return {name: self._state.get(key, "omega", i)
-                for name, i in self._state.index[key].items()}
+        g = self._group(group)
+        return {name: g.globalize(name, self._state.get(g.key, "omega", i))
+                for name, i in self._state.index[g.key].items()}
 
     def _group(self, key: Optional[str]) -> GroupLists:
         for g in self._groups:
@@ -536,9 +538,15 @@ class SynapticIntelligence:
         tensors the new lists hold again."""
         kept = self._stepper.graphs_of(self._groups)
         self._binding.sync(self._groups, self._state, self._estimator, excluded=self._excluded,
-                           norms=self._norms, eps_of=self._eps_of, who=self._who)
+                           norms=self._norms, eps_of=self._eps_of, who=self._who,
+                           scalers=(self._scaler_in_use(),))
         self._stepper.keep_graphs(self._groups, kept)
-        self._stepper.watch.track(p for g in self._groups for p in g.params)
+        self._stepper.watch.track(p for g in self._groups for p in g.owners)
+
+    def _read_model(self) -> None:
+        """Build the lists if SI is bound to a model it has not read (after a load)."""
+        if self._binding.model is not None and not self._binding.built:
+            self._sync()
 
     def _scaler_in_use(self) -> Optional[torch.amp.GradScaler]:
         b = self._binding
@@ -651,12 +659,7 @@ class SynapticIntelligence:
         groups, stepper = self._groups, self._stepper
         if stepper.steps_since == 0 and not stepper.pending(groups) and self._binding.built:
             return  # nothing trained since the last consolidation: Ω, θ*, the count stay
-        if not self._binding.built:
-            raise RuntimeError(
-                f"{self._who}.consolidate_now() was called before the {self._noun} has the model's "
-                "parameters: it finds them when training starts, and again after "
-                "load_state_dict() or unpickling. Call it after training on what should be "
-                "consolidated; nothing was changed.")
+        self._binding.require_built(f"{self._who}.consolidate_now()", self._noun)
         try:
             unmeasured = self._state.consolidate(groups, contribution=self._estimator.contribution,
                                                  clamp=self._clamp, eps_of=self._eps_of)
@@ -730,8 +733,13 @@ class SynapticIntelligence:
 
     def state_dict(self) -> dict[str, Any]:
         """SI's state: every group's buffers and parameter index (tensors cloned), the number of
-        consolidations and the consolidation policy's state."""
-        return dict(self._state.state_dict(), importance=self.importance,
+        consolidations and the consolidation policy's state. On a sharded model the buffers are
+        DTensors laid out like their parameters, for `torch.distributed.checkpoint`; SI bound
+        to a model it has not yet read reads it first, so that the state has every buffer
+        (what `torch.distributed.checkpoint.load` loads into)."""
+        self._read_model()
+        return dict(self._state.state_dict(lambda key, name, t: self._group(key).globalize(
+                        name, t)), importance=self.importance,
                     consolidations=self._consolidations, steps_since=self._stepper.steps_since,
                     policy={"type": type(self._policy).__name__,
                             "state": self._policy.state_dict()})
@@ -755,11 +763,7 @@ class SynapticIntelligence:
         """
         new = SIState(self._state.index, self._state.kinds, self._state_dtype)
         new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
-        policy = state_dict.get("policy")
-        if policy is not None and policy["type"] != type(self._policy).__name__:
-            raise ValueError(f"{self._who} state was saved with consolidation policy "
-                             f"{policy['type']}, this one has {type(self._policy).__name__}; "
-                             "build it with the same consolidate= option.")
+        policy = check_policy_state(self._policy, state_dict.get("policy"), self._who)
         b = self._binding
         b.check_loaded(new, self._groups, excluded=self._excluded, norms=self._norms,
                        strict=strict)

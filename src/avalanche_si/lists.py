@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import graphs as _graphs
 from .groups import matches
+from .sharding import global_like
 
 __all__ = ["GroupLists"]
 
@@ -38,7 +39,11 @@ class GroupLists:
 
     def clear_lists(self) -> None:
         self.names: list[str] = []
-        self.params: list[torch.nn.Parameter] = []
+        #: the model's parameters, and what SI's arithmetic reads as θ: the same objects, or on
+        #: a sharded model (FSDP2) each parameter's local shard (`avalanche_si.sharding`)
+        self.owners: list[torch.nn.Parameter] = []
+        self.params: list[Tensor] = []
+        self.sharded = False
         self.omega: list[Tensor] = []
         self.prev: list[Tensor] = []
         self.running: list[Tensor] = []
@@ -82,6 +87,19 @@ class GroupLists:
     def tensors(self) -> list[Tensor]:
         """Every tensor of the per-step lists: what the group's graphs were captured on."""
         return [*self.params, *self.omega, *self.prev, *self.running, *self.pre]
+
+    def globalize(self, name: str, t: Tensor) -> Tensor:
+        """`t`, state kept for parameter `name` (its local shard on a sharded model), as a
+        tensor laid out like the parameter (a DTensor there; `t` itself otherwise)."""
+        if self.sharded and name in self.names:
+            return global_like(t, self.owners[self.names.index(name)])
+        return t
+
+    def grads(self) -> list:
+        """The gradients of the parameters that take part in this step, as SI's arithmetic
+        reads them (local shards on a sharded model)."""
+        grads = [p.grad for p in self.pick(self.owners)]
+        return [gr._local_tensor for gr in grads] if self.sharded else grads
 
     def pick(self, values: list) -> list:
         """The entries of a per-parameter list for the parameters that take part in this step."""

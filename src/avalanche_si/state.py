@@ -31,6 +31,7 @@ from torch import Tensor
 from .functional import (NonFiniteImportanceError, commit_consolidation, consolidated_omega,
                          si_buffer_names)
 from .groups import canonical_name
+from .sharding import local
 
 __all__ = ["SIState", "STATE_FORMAT", "KINDS", "state_dtype_for"]
 
@@ -74,7 +75,9 @@ def _fitted(old: Tensor, p: Tensor, dtype: torch.dtype, *, from_param: bool) -> 
 
 
 def _saved_tensor(t, what: str, name: str, shape: Optional[torch.Size]) -> Tensor:
-    """`t` if it is a finite tensor (of `shape`, unless None), else the error of a load."""
+    """`t` (its local shard, for a DTensor) if it is a finite tensor (of `shape`, unless
+    None), else the error of a load."""
+    t = local(t) if isinstance(t, Tensor) else t
     if not isinstance(t, Tensor):
         raise ValueError(f"SIPlugin state: {what} of parameter {name!r} is missing or not a "
                          "tensor.")
@@ -255,19 +258,27 @@ class SIState:
 
     # ------------------------------------------------------------- saving, loading
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, wrap=None) -> dict[str, Any]:
+        """The state, tensors cloned; `wrap(key, name, tensor)`, if given, turns each saved
+        tensor into what the state dict holds (a DTensor for a sharded parameter's)."""
+        wrap = wrap or (lambda key, name, t: t)
         return {
             "format": STATE_FORMAT,
             "groups": {k: {"index": dict(ix), "consolidated": self.consolidated[k]}
                        for k, ix in self.index.items()},
-            "buffers": {self.name(k, kind, i): self.get(k, kind, i).detach().clone()
-                        for k, ix in self.index.items() for i in ix.values() for kind in _SAVED},
+            "buffers": {self.name(k, kind, i): wrap(k, n, self.get(k, kind, i).detach().clone())
+                        for k, ix in self.index.items() for n, i in ix.items()
+                        for kind in _SAVED},
             # only while a restart_path() waits for its consolidation
-            **({"path_start": {self.path_start_name(k, i): t.detach().clone()
+            **({"path_start": {self.path_start_name(k, i): wrap(k, self._name_of(k, i),
+                                                                 t.detach().clone())
                                for k, marked in self.path_start.items()
                                for i, t in marked.items()}}
                if any(self.path_start.values()) else {}),
         }
+
+    def _name_of(self, key: Optional[str], i: int) -> str:
+        return next(n for n, j in self.index[key].items() if j == i)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, clamp: str, labels) -> None:
         """Replace the state by a checked copy of `state_dict` (nothing changes on error).
@@ -284,6 +295,11 @@ class SIState:
         groups, buffers = state_dict.get("groups"), state_dict.get("buffers")
         if not isinstance(groups, Mapping) or not isinstance(buffers, Mapping):
             raise ValueError("SIPlugin state is missing its 'groups' or 'buffers' entry.")
+        if None in self.index and "None" in groups and "None" not in self.index:
+            # torch.distributed.checkpoint writes the default group's key None as "None"
+            groups = {**{k: v for k, v in groups.items() if k is not None},
+                      None: groups["None"]}
+            groups.pop("None")
         if set(groups) != set(self.index):
             raise ValueError(f"SIPlugin state has groups {sorted(groups, key=str)} but this plugin "
                              f"has {sorted(self.index, key=str)}; build the plugin with the same "
@@ -339,7 +355,7 @@ class SIState:
                     continue
                 unknown.discard(bname)
                 omega = buffers[self.name(key, "omega", i)]
-                _saved_tensor(t, f"path start {bname!r}", name, omega.shape)
+                t = _saved_tensor(t, f"path start {bname!r}", name, omega.shape)
                 starts[key][i] = t.detach().to(omega.dtype, copy=True)
         if unknown:
             raise ValueError(f"SIPlugin state: path starts {sorted(unknown)} belong to no "

@@ -203,15 +203,16 @@ class Stepper:
         """One group's step work; returns its parameters in the step (none: no gradient) and
         the gradient tensors the optimizer is to step them with."""
         est = self.estimator
-        grads = [p.grad for p in g.params]
+        owners = g.owners
+        grads = [p.grad for p in owners]
         idx = None
         if any(map(operator.is_, grads, repeat(None))) or \
-                not all(map(_REQUIRES_GRAD, g.params)):
+                not all(map(_REQUIRES_GRAD, owners)):
             # Parameters without a gradient this step (another task's head), or frozen since
             # the lists were built, are skipped: the optimizer does not move them, so neither
             # their importance nor their penalty changes, and giving them a gradient would let
             # a stateful optimizer move them on old momentum.
-            idx = [k for k, (gr, p) in enumerate(zip(grads, g.params))
+            idx = [k for k, (gr, p) in enumerate(zip(grads, owners))
                    if gr is not None and p.requires_grad]
             grads = [grads[k] for k in idx]
         zero = found_inf is not None and g.graphs is not None  # unscale_() left it to us
@@ -219,6 +220,9 @@ class Stepper:
         g.step_key, g.step_kept = None, False
         if not grads:
             return [], []
+        handed = grads  # what the optimizer is to step with, as the model holds it
+        if g.sharded:  # SI's arithmetic on the local shards, in place
+            grads = [gr._local_tensor for gr in grads]
         params = g.pick(g.params)
         # The weights before the step are recorded here, in the pass that reads them for
         # the penalty anyway (the optimizer step is what follows; whatever moves the
@@ -232,7 +236,9 @@ class Stepper:
         # copied into SI's own tensors and .grad gets the penalty in place (no per-tensor swap
         # of .grad on the host, and no addresses that change per step)
         spare = None
-        g.step_kept = keep = graphed and est.task_gradient
+        # (a sharded model's .grad cannot be swapped for other tensors: as under a graph, the
+        # task gradient is copied into SI's own and .grad gets the penalty in place)
+        g.step_kept = keep = (graphed or g.sharded) and est.task_gradient
         if keep:
             if g.task_grads is None:
                 g.task_grads = [torch.empty_like(p) for p in g.params]
@@ -258,9 +264,9 @@ class Stepper:
         if spare is not None and not keep:
             for p, t in zip(params, spare):
                 p.grad = t
-            grads = spare
+            handed = spare
         g.measure = measure
-        return params, grads
+        return g.pick(owners), handed
 
     # ------------------------------------------------------------------ after the step
 
@@ -381,10 +387,9 @@ class Stepper:
             if not est.task_gradient:  # the penalty comes out of .grad: the next backward
                 if g.value is not None:  # pass adds to the task gradient, and the real step
                     d = torch._foreach_sub(params, g.pick(g.prev))  # adds the penalty once
-                    torch._foreach_addcmul_([p.grad for p in params], g.pick(g.omega), d,
-                                            value=-2.0 * g.c)
+                    torch._foreach_addcmul_(g.grads(), g.pick(g.omega), d, value=-2.0 * g.c)
             elif g.step_kept:  # graphed: .grad kept its tensors; the penalty leaves them
-                torch._foreach_copy_([p.grad for p in params], g.measure)
+                torch._foreach_copy_(g.grads(), g.measure)
             else:  # the step's g' tensors are free; .grad holds the task gradient again
                 g.spare, g.spare_idx = [p.grad for p in params], g.step_idx
                 for p, gr in zip(params, g.measure):
