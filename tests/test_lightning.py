@@ -290,9 +290,15 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.1)
 
 
-def test_spawning_strategies_are_refused():
+def test_spawning_strategies_are_refused(monkeypatch):
     # before: strategy="ddp_spawn" trained in child processes and returned no SI state, so the
     # next fit trained as with c = 0, bit for bit
+    import socket
+
+    with socket.socket() as s:  # (a port of our own: Lightning's choice may be taken)
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     module = Module(mlp(), _sgd)
     trainer = _trainer([SICallback()], strategy="ddp_spawn", devices=2)
     with pytest.raises(Exception, match="cannot bring SI's state back"):

@@ -88,3 +88,18 @@ def test_assignments_are_checked_and_fixed_options_refuse():
         si.group().lr = 1
     with pytest.raises(KeyError, match="no SI group 'x'"):
         si.group("x")
+
+
+def test_options_given_by_position_say_they_are_keyword_only():
+    # before: Python's "takes from 1 to 2 positional arguments but 3 were given"
+    import torch
+
+    from avalanche_si import SIPlugin, SynapticIntelligence
+
+    with pytest.raises(TypeError, match=r"SIPlugin\(\) takes si_lambda by position; its "
+                                        r"options are keyword-only, as in SIPlugin\(si_lambda, "
+                                        r"eps=0.1"):
+        SIPlugin(10, 0.1)
+    with pytest.raises(TypeError, match=r"takes model, optimizer by position"):
+        SynapticIntelligence(torch.nn.Linear(2, 2), None, 1.0)
+    assert SIPlugin(10, eps=0.1).si_lambda == 10.0  # as documented

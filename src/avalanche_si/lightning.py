@@ -55,6 +55,21 @@ class SICallback(Callback):
     each step once. With `precision="16-mixed"` the precision plugin's `GradScaler` is used:
     steps it skips add nothing.
 
+    Args:
+        engine: an existing `SynapticIntelligence` to drive (its options and state), instead
+            of a new one.
+        **options: the options of a new `SynapticIntelligence`, by keyword, each as the
+            engine documents it: `si_lambda` (c, default 1.0), `eps` (ξ, default 1e-3),
+            `excluded_parameters`, `groups`, `importance` (default `"total"`), `clamp`
+            (default `"task"`), `regularize_norm_layers`, `state_dtype`, `consolidate`
+            (default: as each fit ends), `scaler` (default: the precision plugin's) and
+            `cuda_graphs`. The model and optimizer are the fit's.
+
+    Attributes:
+        engine: the `SynapticIntelligence` behind the callback: its options
+            (`callback.engine.si_lambda = 5.0`), `importances()`, `penalty`,
+            `consolidate_now()`, `record_independent_gradient()`.
+
     Example:
         ```python
         import lightning as L

@@ -12,6 +12,7 @@ experiments' `--help` reads the modes below without loading either.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Strength", "as_number", "check_strength", "check_eps", "check_state_dtype",
            "strength_at", "IMPORTANCE_MODES", "CLAMP_MODES", "OptionTypeError", "LIVE_OPTIONS",
-           "FIXED_OPTIONS", "refuse_attribute"]
+           "FIXED_OPTIONS", "refuse_attribute", "positional"]
 
 IMPORTANCE_MODES = ("total", "task", "delta_params", "siu", "sib", "sos", "onaf")
 """The values of the `importance` option: which gradient and step measure ω (the last four:
@@ -179,3 +180,21 @@ def refuse_attribute(owner: type, name: str) -> None:
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise AttributeError(f"{cls} has no option {name!r}{hint} Options that may change during "
                          f"training: {', '.join(LIVE_OPTIONS)}.")
+
+
+def positional(*names: str):
+    """A constructor taking `names` positionally and every option by keyword only: too many
+    positional arguments is a `TypeError` that says so and shows the call to write, instead of
+    Python's count of arguments."""
+    def decorate(init):
+        @functools.wraps(init)
+        def checked(self, *args, **kwargs):
+            if len(args) > len(names):
+                cls = type(self).__name__
+                given = ", ".join(names) or "no argument"
+                raise TypeError(f"{cls}() takes {given} by position; its options are "
+                                f"keyword-only, as in {cls}({', '.join(names)}{', ' if names else ''}"
+                                "eps=0.1, importance='task').")
+            return init(self, *args, **kwargs)
+        return checked
+    return decorate

@@ -44,7 +44,7 @@ from .estimators import Estimator
 from .functional import DEFAULT_EPS
 from .groups import Matcher
 from .legacy import fields_from_v01
-from .options import LIVE_OPTIONS, Strength, refuse_attribute
+from .options import LIVE_OPTIONS, Strength, positional, refuse_attribute
 
 __all__ = ["SIPlugin", "ParamGroup", "GroupOptions", "IMPORTANCE_MODES", "CLAMP_MODES"]
 
@@ -149,6 +149,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         ```
     """
 
+    @positional("si_lambda")
     def __init__(self, si_lambda: Strength = 1.0, *, eps: float = DEFAULT_EPS,
                  excluded_parameters: Union[str, Sequence[str], None] = None,
                  groups: Optional[Mapping[str, Union[ParamGroup, Matcher]]] = None,
