@@ -181,6 +181,17 @@ def run(rank, world, port, out_dir, case):
                            "weights": {n: p.full_tensor().detach().clone()
                                        for n, p in module.net.named_parameters()},
                            "consolidations": callback.engine.consolidations}
+        elif case == "from_single":  # a checkpoint one process wrote, loaded by the ranks
+            import torch.distributed.checkpoint as dcp
+
+            model = shard(mlp(), mesh)
+            si = SynapticIntelligence(model, adam(model), si_lambda=2.0, eps=0.1,
+                                      importance="task")
+            dcp.load({"si": si}, checkpoint_id=os.path.join(out_dir, "single"))
+            si.start_task()  # reads the model: Ω as DTensors laid out like the parameters
+            out["omega"] = {n: o.full_tensor() for n, o in si.importances().items()}
+            out["local_numel"] = {n: o.to_local().numel() for n, o in si.importances().items()}
+            out["consolidations"] = si.consolidations
         elif case == "refuse":
             from torch.distributed.tensor import Shard, distribute_tensor
 

@@ -105,6 +105,18 @@ def test_a_distributed_checkpoint_resumes_bit_for_bit_and_loads_into_one_process
     assert si.consolidations == 1
 
 
+def test_a_checkpoint_of_one_process_loads_into_two_sharded_ranks(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model, si = _single("task")
+    dcp.save({"si": si}, checkpoint_id=str(tmp_path / "single"))
+    ranks = _ranks(tmp_path, "from_single")
+    assert ranks["consolidations"] == 3
+    for n, o in si.importances().items():
+        assert torch.equal(ranks["omega"][n], o), n
+        assert ranks["local_numel"][n] == o.numel() // 2  # rank 0 holds its shard only
+
+
 def test_what_si_cannot_serve_on_a_shard_is_refused_when_it_binds(tmp_path):
     errors = _ranks(tmp_path, "refuse")["errors"]
     for importance in ("delta_params", "siu", "sib"):
