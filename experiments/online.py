@@ -35,6 +35,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche_si import SIPlugin
 from avalanche_si.consolidation import LossPlateau
 
+from .options import si_importance
 from .streams import Stream, tensor_dataset
 
 
@@ -199,8 +200,6 @@ def boundaries_of(cfg, stream: Stream) -> list[int]:
 
 def si_plugin(cfg) -> Optional[RecordingSIPlugin]:
     """The SI plugin of an online method (None for naive)."""
-    from .run import si_importance
-
     if cfg.method == "naive":
         return None
     consolidate = {"si-experience": "experience", "si-boundary": "boundary",

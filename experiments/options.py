@@ -92,3 +92,13 @@ def printed_and_saved(module: str, argv: list[str], save, folder):
 def default_data_root() -> str:
     """``$AVALANCHE_SI_DATA`` if set, else ``./data``."""
     return os.environ.get(DATA_ENV, "data")
+
+
+def si_importance(cfg):
+    """SIPlugin's `importance=` for a run config: the name, or SOS with its α where one is
+    set (the estimator loads torch: imported when called)."""
+    if cfg.si_importance == "sos" and cfg.sos_alpha:
+        from avalanche_si.estimators import SOS
+
+        return SOS(alpha=cfg.sos_alpha)
+    return cfg.si_importance

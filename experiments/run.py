@@ -20,7 +20,7 @@ from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
 
 from avalanche_si import SIPlugin
 from .models import ActiveUnits, accuracy, build_model, init_linear_, make_criterion
-from .options import CLASS_ORDER_SUFFIX, METHODS
+from .options import CLASS_ORDER_SUFFIX, METHODS, si_importance
 from .streams import FastTensorLoader, Stream, make_stream
 
 
@@ -124,15 +124,6 @@ class FixedAvalancheSI(SynapticIntelligencePlugin):
     def after_training_exp(self, strategy, **kwargs):
         with self._fixed():
             super().after_training_exp(strategy, **kwargs)
-
-
-def si_importance(cfg: RunConfig):
-    """SIPlugin's `importance=`: the name, or SOS with its α where one is set."""
-    if cfg.si_importance == "sos" and cfg.sos_alpha:
-        from avalanche_si.estimators import SOS
-
-        return SOS(alpha=cfg.sos_alpha)
-    return cfg.si_importance
 
 
 def method_plugins(cfg: RunConfig) -> list:

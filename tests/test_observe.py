@@ -56,6 +56,16 @@ def _loop(model, opt, tasks, si, *, step=None, mb=8, epochs=2, micro=None, new_o
     return opt
 
 
+def _started(**options):
+    """An MLP, SGD, and SI bound to both with its first task started; a task's data."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, **options)
+    si.start_task()
+    x, y, _ = make_tasks(1)[0]
+    return model, opt, si, x, y
+
+
 # ------------------------------------------------------------ 1. who steps the parameters
 
 
@@ -194,11 +204,7 @@ def test_a_hand_written_update_counts_each_call_as_a_step():
 
 
 def test_a_closure_after_before_step_is_refused_before_the_step():
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    si = SynapticIntelligence(model, opt)
-    si.start_task()
-    x, y, _ = make_tasks(1)[0]
+    model, opt, si, x, y = _started()
 
     def closure():
         opt.zero_grad()
@@ -540,11 +546,7 @@ def test_sam_that_puts_the_weights_back_in_place_is_refused_too():
 
 def test_a_gradient_replaced_for_one_parameter_only_is_refused():
     # before: only the first parameter's gradient was checked, and ω used the old tensors
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    si = SynapticIntelligence(model, opt)
-    si.start_task()
-    x, y, _ = make_tasks(1)[0]
+    model, opt, si, x, y = _started()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     si.before_step()
     model[2].weight.grad = model[2].weight.grad * 3
@@ -591,11 +593,7 @@ def test_a_step_outside_before_and_after_step_is_an_error():
 def test_a_mini_batch_dropped_after_before_step_is_an_error(importance, set_to_none):
     # before: "task" put the dropped gradient back into .grad (a NaN batch made the weights
     # NaN), or crashed inside SI with set_to_none; "total" lost the next step's penalty
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    si = SynapticIntelligence(model, opt, importance=importance)
-    si.start_task()
-    x, y, _ = make_tasks(1)[0]
+    model, opt, si, x, y = _started(importance=importance)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     si.before_step()
     opt.zero_grad(set_to_none=set_to_none)  # dropped: no step
