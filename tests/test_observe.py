@@ -634,3 +634,39 @@ def test_a_parameter_group_added_to_the_optimizer_is_seen():
         _loop(model, opt, tasks, si)
     assert si._steps_since == 0 and si.consolidations == 2
     assert all(float(o.sum()) > 0 for o in si.importances().values())
+
+
+def test_a_state_saved_mid_period_by_another_estimator_is_refused():
+    # found by trying: a state saved in the middle of a task loaded into an SI with another
+    # estimator, whose running measure it then read as its own (Ω off by up to 85 times)
+    from avalanche_si.estimators import SOS
+
+    tasks = make_tasks(2)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si = SynapticIntelligence(model, opt, importance=SOS(alpha=1.0))
+    ce = torch.nn.functional.cross_entropy
+    x, y, _ = tasks[0]
+    si.start_task()
+    si.record_independent_gradient(ce(model(x.flip(0)), y.flip(0)))
+    ce(model(x), y).backward()
+    si.before_step()
+    opt.step()
+    si.after_step()
+    mid = si.state_dict()
+    for other in ("sos", "task", SOS(alpha=1.0, decay=0.5)):
+        with pytest.raises(ValueError, match="saved in the middle of a period measured by "
+                                             "SOS\\(alpha=1.0, decay=0.999\\)"):
+            SynapticIntelligence(importance=other).load_state_dict(mid)
+    SynapticIntelligence(importance=SOS(alpha=1.0)).load_state_dict(mid)  # the same: fine
+    si.end_task()
+    SynapticIntelligence(importance="task").load_state_dict(si.state_dict())  # between tasks
+
+
+def test_a_task_that_ends_with_gradients_waiting_for_a_step_warns():
+    model, opt, si, x, y = _started()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    si.before_step()
+    si.after_step()  # no step: accumulating
+    with pytest.warns(UserWarning, match="the task ends while gradients accumulate"):
+        si.end_task()

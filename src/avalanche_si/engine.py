@@ -49,7 +49,7 @@ from torch import Tensor
 from . import amp
 from .binding import Binding
 from .consolidation import ConsolidationPolicy, check_policy_state, make_policy
-from .estimators import Estimator, make_estimator
+from .estimators import Estimator, check_estimator_state, estimator_record, make_estimator
 from .functional import DEFAULT_EPS, NonFiniteImportanceError
 from .groups import Matcher, ParamGroup, as_patterns
 from .legacy import upgraded_engine_state
@@ -633,7 +633,7 @@ class SynapticIntelligence:
     def _end_task(self, experience: Any) -> bool:
         b = self._binding
         b.require_model("end_task", type(self).__name__)
-        self._stepper.check_no_step_outside("end_task()")
+        self._stepper.check_task_end(self._who)
         if not b.current:
             self._sync()
         if b.changed():
@@ -740,6 +740,7 @@ class SynapticIntelligence:
         self._read_model()
         return dict(self._state.state_dict(lambda key, name, t: self._group(key).globalize(
                         name, t)), importance=self.importance,
+                    estimator=estimator_record(self._estimator),
                     consolidations=self._consolidations, steps_since=self._stepper.steps_since,
                     policy={"type": type(self._policy).__name__,
                             "state": self._policy.state_dict()})
@@ -759,10 +760,12 @@ class SynapticIntelligence:
         Raises:
             ValueError: not an SI state, other groups, missing, inconsistent or non-finite
                 buffers, negative Ω under a clamp that forbids it, names the model lacks
-                (`strict`), or shapes that do not fit the model's.
+                (`strict`), shapes that do not fit the model's, or a period in progress
+                measured by another estimator (its running measure is that estimator's).
         """
         new = SIState(self._state.index, self._state.kinds, self._state_dtype)
         new.load_state_dict(state_dict, clamp=self._clamp, labels=lambda k: self._group(k).label)
+        check_estimator_state(self._estimator, state_dict, self._who)
         policy = check_policy_state(self._policy, state_dict.get("policy"), self._who)
         b = self._binding
         b.check_loaded(new, self._groups, excluded=self._excluded, norms=self._norms,

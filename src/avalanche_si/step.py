@@ -21,6 +21,7 @@ No step synchronises with the device: whether a GradScaler skipped the step stay
 from __future__ import annotations
 
 import operator
+import warnings
 from itertools import repeat
 from typing import Any, Callable, Optional, Sequence
 
@@ -158,6 +159,17 @@ class Stepper:
                 "after_step() called before optimizer.step(), or a step of its own, such as "
                 "a last step for gradients left over). Call before_step() and after_step() "
                 "around every optimizer step of a task.")
+
+    def check_task_end(self, who: str) -> None:
+        """At `end_task()`: refuse a step outside SI's calls; warn of gradients accumulated
+        for a step that has not happened (they join the next task's first step)."""
+        self.check_no_step_outside("end_task()")
+        if self.accumulating:
+            warnings.warn(
+                f"{who}: the task ends while gradients accumulate for an optimizer step that "
+                "has not happened (a last micro-batch not stepped): unless you zero them, they "
+                "join the next task's first step. Step or zero the gradients before "
+                "end_task().", stacklevel=4)
 
     def before(self, groups: Sequence[Any], binding: Any,
                scaler: Optional[torch.amp.GradScaler], consolidated: dict) -> None:

@@ -31,7 +31,7 @@ from .siu import SIU
 from .sos import SOS
 
 __all__ = ["Estimator", "PathIntegral", "Total", "Task", "DeltaParams", "SIU", "SIB", "SOS",
-           "OnAF", "ESTIMATORS", "make_estimator"]
+           "OnAF", "ESTIMATORS", "make_estimator", "estimator_record", "check_estimator_state"]
 
 #: the estimator each `importance=` string names (`avalanche_si.options.IMPORTANCE_MODES`
 #: lists the same names without importing torch)
@@ -48,3 +48,33 @@ def make_estimator(value: Any) -> Estimator:
     kind = OptionTypeError if not isinstance(value, str) else ValueError
     raise kind(f"importance must be one of {IMPORTANCE_MODES} or an "
                f"avalanche_si.estimators.Estimator, got {type(value).__name__} {value!r}.")
+
+
+def estimator_record(estimator: Estimator) -> dict:
+    """What a saved state says of the estimator that measured it: its class and options."""
+    return {"type": type(estimator).__name__, "name": estimator.name,
+            "options": dict(estimator.options())}
+
+
+def check_estimator_state(estimator: Estimator, state: Any, who: str) -> None:
+    """Refuse a saved state whose period in progress (steps since its last consolidation)
+    another estimator measured: its running measure (ω, SOS's v, OnAF's a) is that
+    estimator's, and would be read as this one's. Between tasks the state (Ω, θ*) is the same
+    whatever measured it, and loads into any estimator."""
+    saved = state.get("estimator") if hasattr(state, "get") else None
+    if saved is None:  # saved by 0.3 or earlier: the name alone
+        name = state.get("importance") if hasattr(state, "get") else None
+        saved = None if name is None else estimator_record(make_estimator(name)) \
+            if name in ESTIMATORS else {"type": name, "name": name, "options": {}}
+    if saved is None or not int(state.get("steps_since", 1)):
+        return
+    mine = estimator_record(estimator)
+    if (saved.get("type"), saved.get("options")) != (mine["type"], mine["options"]):
+        def label(r):
+            args = ", ".join(f"{k}={v!r}" for k, v in r.get("options", {}).items())
+            return f"{r.get('type')}({args})"
+        raise ValueError(
+            f"{who} state was saved in the middle of a period measured by {label(saved)}, and "
+            f"this one measures with {label(mine)}: the running measure it holds is the other "
+            "estimator's. Load it into an SI built with the same importance=, or save it right "
+            "after a consolidation (end_task()).")
