@@ -1,5 +1,5 @@
-"""SI, SIU, SIB and SOS (Benzing 2022; SOS also with α = 1) compared on accuracy, each with its own strength c chosen
-on held-out training data, at two batch sizes.
+"""SI, SIU, SIB and SOS (Benzing 2022; SOS also with α = 1) compared on accuracy, each with its
+own strength c chosen on held-out training data, at two batch sizes.
 
 For every batch size, scenario and method: a sweep of c over a grid, each value trained on
 the tasks with a fraction of every task's training data held out (`--validation`), scored by

@@ -142,7 +142,8 @@ def report(device: str, width: int, chunk: int, repeats: int, stand_in: bool,
                                            for label in variants) + " |")
     if baseline is not None:
         for label in VARIANTS:
-            ratios = ", ".join(f"{n} tensors {cell[(n, label)] / cell[(n, label + ' (baseline)')]:.2f}"
+            base = f"{label} (baseline)"
+            ratios = ", ".join(f"{n} tensors {cell[(n, label)] / cell[(n, base)]:.2f}"
                                for n in TENSORS)
             print(f"\n{label}: this code / baseline: {ratios}", end="")
         print()

@@ -8,15 +8,17 @@ ones `before_step()` saw. They are read here from the optimizers themselves:
 
 - torch calls two global hooks around every `torch.optim.Optimizer.step()` in the process
   (`register_optimizer_step_pre_hook` / `..._post_hook`). The post-hook counts the steps and
-  keeps the last few (the optimizer, and the `GradScaler` that called it if one did, read from
-  the calling frames: `GradScaler.step` is the only way a scaler steps an optimizer). A step counts for SI when the optimizer that took it holds one of SI's
-  parameters, whatever object SI was bound to: a wrapper (Accelerate's
-  `AcceleratedOptimizer`, Lightning's `LightningOptimizer`) steps the optimizer it wraps, and
-  that one is seen; so is a new optimizer made without `bind()`.
+  keeps the last few: the optimizer, and the `GradScaler` that called it if one did (read from
+  the calling frames: `GradScaler.step` is the only way a scaler steps an optimizer). A step
+  counts for SI when the optimizer that took it holds one of SI's parameters, whatever object
+  SI was bound to: a wrapper (Accelerate's `AcceleratedOptimizer`, Lightning's
+  `LightningOptimizer`) steps the optimizer it wraps, and that one is seen; so is a new
+  optimizer made without `bind()`.
 - The pre-hook refuses, before anything moves, a step that would not use what
-  `before_step()` prepared: a closure (`step(closure)` recomputes the gradient, without the
-  penalty), gradients replaced since (`zero_grad()` and another backward pass: SAM's second
-  pass), or weights replaced since (`p.data = ...`: SAM's `second_step`).
+  `before_step()` prepared: gradient tensors replaced since (`zero_grad()` and another
+  backward pass, SAM's second pass; `p.grad = ...`), weights changed since by anything but an
+  optimizer step (`p.data = ...` or in place: SAM's `second_step`), or a closure given to the
+  step that changes the gradients when called (their version counters).
 
 Each check is a few host operations per step and reads no tensor's values: no host
 synchronisation. Nothing here imports a training framework.

@@ -192,9 +192,10 @@ def positional(*names: str):
             if len(args) > len(names):
                 cls = type(self).__name__
                 given = ", ".join(names) or "no argument"
+                example = "".join(f"{n}, " for n in names)
                 raise TypeError(f"{cls}() takes {given} by position; its options are "
-                                f"keyword-only, as in {cls}({', '.join(names)}{', ' if names else ''}"
-                                "eps=0.1, importance='task').")
+                                f"keyword-only, as in {cls}({example}eps=0.1, "
+                                "importance='task').")
             return init(self, *args, **kwargs)
         return checked
     return decorate
