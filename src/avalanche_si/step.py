@@ -237,8 +237,8 @@ class Stepper:
             grads = [gr._local_tensor for gr in grads]
         params = g.pick(g.params)
         # The weights before the step are recorded here, in the pass that reads them for
-        # the penalty anyway (the optimizer step is what follows; whatever moves the
-        # weights between this call and the step has its move counted as part of it).
+        # the penalty anyway (the optimizer step is what follows; anything else that changes
+        # the weights before it is refused when the optimizer steps: avalanche_si.observe).
         pre = g.pick(g.pre) if g.pre else None
         measure = est.before_step(grads, g, found_inf)  # before the penalty joins g
         graphed = g.graphs is not None and pre is not None
