@@ -68,7 +68,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
     value at the last step is `penalty` (computed when read, for logging; it is not
     part of `strategy.loss`). A plugin that rewrites gradients in its own
     `after_backward` sees the penalty's gradient if it comes after this plugin in the
-    strategy's list, not if it comes before.
+    strategy's list, not if it comes before; after it, it must rewrite them in place (new
+    gradient tensors are refused at the step: SI would not measure the step with them).
 
     Memory: Ω, `θ*`, ω and the weights before the
     step, `4n` numbers for `n` regularized weights (`3n` with
