@@ -142,6 +142,9 @@ class SICallback(Callback):
         self._trainer = None
         self.engine.end_task()
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._trainer = None  # a fit that died ends no task; the state stays as it was
+
     def state_dict(self) -> dict[str, Any]:
         """SI's state, for a Lightning checkpoint. Asked for during a fit (a `ModelCheckpoint`,
         or any callback, in any order), it is the state at that point of the fit: a step the
