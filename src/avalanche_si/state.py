@@ -247,9 +247,11 @@ class SIState:
                 moved.append((p.detach() - s).abs().max() if p.numel() else now.new_zeros(()))
         if not grew:
             return False
-        flags = torch.stack([torch.stack([t.float().cpu() for t in grew]).max() > 0,
-                             torch.stack([t.float().cpu() for t in moved]).max() > 0]).tolist()
-        return flags[1] and not flags[0]
+        device = grew[0].device  # every per-tensor maximum on one device: one host sync
+        flags = torch.stack([torch.stack([t.float().to(device) for t in grew]).max() > 0,
+                             torch.stack([t.float().to(device) for t in moved]).max() > 0])
+        grew_any, moved_any = flags.tolist()
+        return moved_any and not grew_any
 
     def reset_running(self, key: Optional[str]) -> None:
         """ω ← 0 for every parameter of the group (a diverged task's path integral)."""
@@ -297,9 +299,8 @@ class SIState:
             raise ValueError("SIPlugin state is missing its 'groups' or 'buffers' entry.")
         if None in self.index and "None" in groups and "None" not in self.index:
             # torch.distributed.checkpoint writes the default group's key None as "None"
-            groups = {**{k: v for k, v in groups.items() if k is not None},
-                      None: groups["None"]}
-            groups.pop("None")
+            groups = {(None if k == "None" else k): v for k, v in groups.items()
+                      if k is not None}
         if set(groups) != set(self.index):
             raise ValueError(f"SIPlugin state has groups {sorted(groups, key=str)} but this plugin "
                              f"has {sorted(self.index, key=str)}; build the plugin with the same "

@@ -103,8 +103,7 @@ class Stepper:
     def start_task(self) -> None:
         self.task_steps = 0
         self.in_step = self.accumulating = False
-        if hasattr(self, "watch"):
-            self.watch.restart()
+        self.watch.restart()
         #: the scaler before() unscaled with, and what it found (inf/NaN: 1); the ids of the
         #: optimizers whose gradients were unscaled for the step
         self.unscaled_by: Optional[torch.amp.GradScaler] = None
