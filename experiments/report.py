@@ -10,7 +10,7 @@ from typing import Optional
 from collections import defaultdict
 from pathlib import Path
 
-from .options import DATA_SUFFIXES, ONLINE_METHODS, PROTOCOL_SUFFIX
+from .options import BENCHMARKS, DATA_SUFFIXES, ONLINE_METHODS, PROTOCOL_SUFFIX
 from .presets import PUBLISHED
 
 METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "avalanche-si-fixed",
@@ -209,11 +209,14 @@ def refresh_readme(readme: Path, root: Optional[Path] = None) -> list[str]:
 def _folders_with_results(out: Path) -> str:
     """For the error on a folder without results (a mistyped --out): the folders beside it,
     and under results/, that have some."""
+    def has_results(folder: Path) -> bool:  # the run command's layout, not a walk of the disk
+        return any(any(folder.glob(f"{b}/*/*/seed*.json")) for b in BENCHMARKS)
+
     near = set()
     for base in (out.parent, Path("results")):
         if base.is_dir():
             near |= {str(child) for child in base.iterdir()
-                     if child.is_dir() and child != out and any(child.rglob("seed*.json"))}
+                     if child.is_dir() and child != out and has_results(child)}
     return f"; folders with results: {', '.join(sorted(near))}" if near else ""
 
 
