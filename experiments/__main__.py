@@ -1,8 +1,13 @@
 import sys
-import warnings
 
-warnings.filterwarnings("ignore")  # avalanche's import-time notices (no QP solver, ...)
+try:
+    import warnings
 
-from .cli import main  # noqa: E402
+    warnings.filterwarnings("ignore")  # avalanche's import-time notices (no QP solver, ...)
 
-sys.exit(main())
+    from .cli import main
+
+    sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C before main() took over: one line, not a traceback
+    print("\ninterrupted.", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -38,9 +38,17 @@ class UsageError(ValueError):
     """Bad command-line input; the message says how to fix it."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse error in one line (argparse prints its whole usage block first, 25 lines
+    for ``run``, which buries the one line that says what was wrong)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = _Help
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m experiments", formatter_class=fmt,
         description="Synaptic Intelligence on continual-learning streams, through Avalanche. "
                     "With no arguments: the main job (SI, Naive and Avalanche's SI on "
@@ -174,8 +182,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configs(args) -> list:
-    from .run import RunConfig
-
+    """The runs these options ask for. Every check that needs no import comes first, so that
+    a wrong value is refused in a fraction of a second rather than after torch and Avalanche
+    have loaded."""
     preset_name = args.preset or ("digits" if args.benchmark in (None, "split-digits") else None)
     preset = dict(PRESETS[preset_name]) if preset_name else {}
     online = preset.get("stream", "tasks") != "tasks"
@@ -202,10 +211,6 @@ def _configs(args) -> list:
                          f"({preset['benchmark']}); drop one of them.")
     if args.iterations is not None and args.epochs is not None:
         raise UsageError("give --iterations or --epochs, not both.")
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
     if "si" not in args.method and args.si_importance is not None:
         raise UsageError("--si-importance applies to --method si only; add si to --method.")
     if "si" not in args.method and args.si_clamp is not None:
@@ -290,6 +295,12 @@ def _configs(args) -> list:
     if args.class_order != "seeded" and not base["benchmark"].startswith("split-"):
         raise UsageError(f"--class-order applies to split benchmarks only, not "
                          f"{base['benchmark']}.")
+    if args.device.startswith("cuda"):  # the one check that loads torch
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
+    from .run import RunConfig
+
     data_root = args.data_root or default_data_root()
     configs = []
     for scenario in args.scenario:
@@ -312,16 +323,19 @@ def _configs(args) -> list:
     return configs
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def cmd_run(args) -> int:
+    configs = _configs(args)
     from .report import write_report
     from .run import result_path
 
-    configs = _configs(args)
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
-    if not args.dry_run:
-        _check_writable(out)
+    created = None if args.dry_run else _check_writable(out)
     todo = [c for c in configs if args.force or not result_path(out, c).exists()]
-    print(f"{len(configs)} runs ({len(configs) - len(todo)} already in {out}); "
+    print(f"{_runs(len(configs))} ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
     def label(cfg):  # the same words in the dry-run listing and the training log
         if cfg.method in ("naive", "joint", "ewc"):
@@ -342,10 +356,16 @@ def cmd_run(args) -> int:
     try:
         _train_all(args, out, todo, label)
     except KeyboardInterrupt:
+        _remove_if_empty(created, out)
         done = sum(result_path(out, c).exists() for c in configs)
-        print(f"\ninterrupted: {done} of {len(configs)} runs are saved in {out}/; the same "
-              "command resumes with the others.", file=sys.stderr, flush=True)
+        print("\ninterrupted: " + (
+            f"{done} of {_runs(len(configs))} {'is' if len(configs) == 1 else 'are'} saved in "
+            f"{out}/; the same command resumes with the others." if done else
+            "no run was saved; the same command starts again."), file=sys.stderr, flush=True)
         return 130
+    except BaseException:  # a data error, a crash: leave no empty results folder behind
+        _remove_if_empty(created, out)
+        raise
     if not args.no_report:
         report = write_report(out)
         if args.wandb:  # one more run that carries the tables and plots of the whole batch
@@ -390,16 +410,38 @@ def _train_all(args, out: Path, todo, label) -> None:
               f"{result['seconds']:.1f} s -> {path}", flush=True)
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse, before any training, a results folder that cannot be written."""
+def _check_writable(out: Path) -> Path | None:
+    """Refuse, before any training, a results folder that cannot be written. Returns the
+    outermost folder this made (None if ``out`` existed), for :func:`_remove_if_empty`."""
+    created = None
+    for p in [out.absolute(), *out.absolute().parents]:
+        if p.exists():
+            break
+        created = p
     probe = out / ".avalanche_si-write-test"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        _remove_if_empty(created, out)
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a "
                          "folder you can write to.") from None
+    return created
+
+
+def _remove_if_empty(created: Path | None, out: Path) -> None:
+    """Remove the folders from ``out`` up to ``created`` that this run made and left empty
+    (a run that failed before saving anything leaves no trace)."""
+    if created is None:
+        return
+    for p in [out.absolute(), *out.absolute().parents]:
+        try:
+            p.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if p == created:
+            return
 
 
 def _save(out: Path, result: dict) -> Path:
@@ -464,3 +506,6 @@ def main(argv=None) -> int:
     except (UsageError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while torch loads, or the report draws: nothing to resume
+        print("\ninterrupted.", file=sys.stderr, flush=True)
+        return 130

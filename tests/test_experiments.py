@@ -309,19 +309,56 @@ def test_mean_sem():
 def test_bad_input_gets_a_one_line_error(argv, message, capsys):
     try:
         code = main(argv)
-    except SystemExit as exc:  # argparse's own errors: usage line, then the error line
+    except SystemExit as exc:  # argparse's own errors, in one line without the usage block
         code = exc.code
     assert code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_cheap_checks_come_before_torch_loads():
+    # a wrong value is refused in a fraction of a second, not after 10-30 s of imports
+    code = ("import sys; from experiments.cli import main; "
+            "codes = [main(a) for a in (['--si-lambda', '-1'], ['--eps', '0'], "
+            "['--hidden', '8', '0'], ['--preset', 'vandeven-taskfree-split-mnist', "
+            "'--reinit'], ['--iterations', '5', '--epochs', '1'])]; "
+            "print(codes, sorted(m for m in ('torch', 'avalanche', 'experiments.run') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[2, 2, 2, 2, 2] []", out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 5
+
+
+@pytest.mark.parametrize("after", [0.5, 1.5, 4.0])
+def test_ctrl_c_at_any_moment_ends_with_one_line(after, tmp_path):
+    # while Python imports torch and Avalanche, while the stream loads, while a run trains:
+    # one line on stderr, no traceback, and no empty results folder left behind
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", "--out",
+                             str(tmp_path / "out"), "--no-report"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and err.strip().startswith("interrupted"), err
+    assert not (tmp_path / "out").exists() or any((tmp_path / "out").rglob("seed*.json"))
 
 
 def test_missing_dataset_names_the_folder(tmp_path, capsys):
     code = main(["run", "--benchmark", "split-fmnist", "--data-root", str(tmp_path / "none"),
-                 "--seeds", "0", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
+                 "--seeds", "0", "--method", "si", "--scenario", "task",
+                 "--out", str(tmp_path / "out" / "fmnist")])
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "none" / "FashionMNIST") in err and "--data-root" in err
     assert not (tmp_path / "none").exists()  # the failed download left no empty folders
+    assert not (tmp_path / "out").exists()  # nor the results folders made for it
+    assert out.startswith("1 run (0 already in")
 
 
 def test_unwritable_out_is_refused_before_training(tmp_path, capsys):
