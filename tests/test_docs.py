@@ -191,3 +191,55 @@ def test_guide_examples_run_as_written(page, capsys):
     assert "consolidations: 5, accuracy per task:" in out, out
     acc = [float(a) for a in out.split("accuracy per task:")[1].split()[:5]]
     assert min(acc) > 0.5  # SI kept every task above chance
+
+
+def _site_checker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_site", ROOT / "tools" / "check_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exe, why = module.find_browser()
+    if exe is None:
+        pytest.skip(f"no browser check: {why}")
+    return module, exe
+
+
+def test_the_browser_check_sees_each_kind_of_problem(tmp_path):
+    # the check below must be able to fail: a page with one of each problem, in Material's
+    # markup, and a clean page
+    checker, exe = _site_checker()
+    wide = "<td>" + "a_long_cell_value " * 40 + "</td>"
+    (tmp_path / "bad.html").write_text(f"""<!doctype html><html><head>
+<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Roboto">
+<style>article {{ width: 600px }} .md-typeset__scrollwrap, pre > code {{ overflow: auto;
+display: block }} td {{ white-space: nowrap }} code {{ word-break: break-all }}</style>
+</head><body>
+<article class="md-content__inner"><h1>Bad</h1>
+<p>raw maths: \\(\\omega_k\\) and $$x$$</p>
+<div class="md-typeset__scrollwrap"><table><tr>{wide}</tr></table></div>
+<pre><code>{"x" * 400}</code></pre>
+<table><tr><td style="min-width: 900px">unwrapped</td></tr></table>
+<p style="width: 120px">some words <code>clamp="total_and_more"</code></p>
+<img src="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' width='2000' height='10'/%3E" style="width: 300px">
+<script>console.error("broken"); undefinedFunction();</script>
+</article></body></html>""")
+    (tmp_path / "good.html").write_text("""<!doctype html><html><body>
+<article class="md-content__inner"><h1>Good</h1><p>plain <code>code</code></p></article>
+</body></html>""")
+    found = checker.check(tmp_path, exe)
+    assert found["good.html"] == []
+    kinds = {p["kind"] for p in found["bad.html"]}
+    assert kinds >= {"outside request", "console error", "script error", "raw maths",
+                     "wide table", "wide code block", "code span broken",
+                     "figure too small", "sticks out"}, found["bad.html"]
+
+
+def test_every_page_reads_offline_at_laptop_width(site):
+    # every built page in Chromium at 1280 px, offline: no outside request, no console
+    # error, no raw maths, no table or code block wider than the column, no code span broken
+    # inside a word, no figure squeezed to illegibility (tools/check_site.py)
+    checker, exe = _site_checker()
+    found = checker.check(site, exe)
+    assert len(found) > 30
+    assert not any(found.values()), checker.report(found)
