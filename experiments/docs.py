@@ -6,7 +6,8 @@
   rerun every row (built from the runs' configurations, so they are valid with today's command
   line), the summary and paired tables, and the plots (copied beside the page);
 - ``docs/reproductions/index.md``: the headline table and the list of pages;
-- ``docs/performance.md``: the benchmark's saved output (``results/bench_overhead/*.txt``);
+- ``docs/performance.md``: the benchmark's saved output (``results/bench_overhead/*.txt``),
+  with figures drawn from its tables (``docs/img/performance/``, by ``perf_plots``);
 - ``results/headline.md``: each published SI number beside ours, which the README copies.
 
 A test regenerates them and fails if a committed page differs.
@@ -18,7 +19,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from .options import ONLINE_METHODS, SCENARIOS
+from .options import ONLINE_METHODS, SCENARIOS, wrap_command
+from .perf_plots import figures
 from .presets import DESCRIPTIONS, HEADLINE, PRESETS, PUBLISHED
 from .report import (load_results, markdown_table, mean_sem, paired, paired_table, summarize,
                      write_plots, _pm)
@@ -93,8 +95,9 @@ def rerun_commands(results: list[dict], folder: str) -> list[str]:
     for (flags, scen, method), seeds in sorted(groups.items(), key=lambda kv: kv[0][1:] + kv[0][:1]):
         head, _, rest = flags.partition(" --")
         rest = (" --" + rest) if rest else ""
-        out.append(f"python -m experiments run {head} --scenario {scen} --method {method}{rest} "
-                   f"--seeds {' '.join(map(str, sorted(seeds)))}")
+        out.append(wrap_command(f"python -m experiments run {head} --scenario {scen} "
+                                f"--method {method}{rest} "
+                                f"--seeds {' '.join(map(str, sorted(seeds)))}"))
     return out
 
 
@@ -309,7 +312,7 @@ def write_docs(docs: Path, results_root: Path = Path("results")) -> list[Path]:
     index += [f"- [{DESCRIPTIONS_TITLES.get(f, f)}]({f}.md)" for f in folders]
     (out_dir / "index.md").write_text("\n".join(index) + "\n")
     written.append(out_dir / "index.md")
-    written.append(write_performance(docs, results_root / "bench_overhead"))
+    written += write_performance(docs, results_root / "bench_overhead")
     written += copy_study_figures(docs, results_root)
     return written
 
@@ -328,15 +331,24 @@ def copy_study_figures(docs: Path, results_root: Path) -> list[Path]:
     return written
 
 
-def write_performance(docs: Path, bench_dir: Path) -> Path:
-    """``docs/performance.md`` from the benchmark's saved output files, as they are."""
+def write_performance(docs: Path, bench_dir: Path) -> list[Path]:
+    """``docs/performance.md`` from the benchmark's saved output files, as they are, each
+    with the figures drawn from its tables (``docs/img/performance/``); returns the page and
+    the figures."""
     parts = [GENERATED, "# Performance\n",
              (bench_dir / "README.md").read_text() if (bench_dir / "README.md").exists() else ""]
+    img_dir, drawn = Path(docs) / "img" / "performance", []
+    for old in img_dir.glob("*.png"):  # a figure of a run no longer saved goes with it
+        old.unlink()
     for f in sorted(bench_dir.glob("*.txt")):
         parts.append(f"\n## {f.stem}\n")  # a blank line first: a table ends before it
+        for fig in figures(f, img_dir):  # drawn from this run's tables below
+            drawn.append(fig)
+            parts.append(f"![{fig.stem}: drawn from the tables below](img/performance/"
+                         f"{fig.name})\n")
         for line in f.read_text().splitlines():
             if line.startswith("$ "):  # the command that made it
-                parts.append(f"```bash\n{line[2:]}\n```\n")
+                parts.append(f"```bash\n{wrap_command(line[2:])}\n```\n")
             elif line.startswith("# "):  # the benchmark's section titles
                 # (outputs saved before the benchmark said "1 thread" read "1 threads")
                 parts.append(f"### {line[2:].replace(', 1 threads,', ', 1 thread,')}\n")
@@ -344,4 +356,4 @@ def write_performance(docs: Path, bench_dir: Path) -> Path:
                 parts.append(line)
     path = Path(docs) / "performance.md"
     path.write_text("\n".join(parts))
-    return path
+    return [path, *drawn]

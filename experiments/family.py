@@ -45,7 +45,7 @@ def _runs(out: Path, configs, log, command: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from .options import default_data_root, rerun_command, without_options
+    from .options import default_data_root, rerun_command, without_options, wrap_command
     from .report import _pm, mean_sem
     from .run import RunConfig
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         "Held-out accuracy (%) per c of the sweep, and the c chosen:\n",
         "| batch | scenario | method | " + " | ".join(f"c = {c:g}" for c in args.grid)
         + " | chosen |", "|---|---|---|" + "---|" * (len(args.grid) + 1), *chosen, "",
-        f"Rerun: `{command}`", ""])
+        "Rerun:\n", "```bash", wrap_command(command), "```", ""])
     (out / "summary.md").write_text(text)
     _plot(curves, args.scenario, ["Naive", *methods], out / "batch-size.png")
     (out / "family.json").write_text(json.dumps({"argv": shown,

@@ -60,6 +60,26 @@ def rerun_command(module: str, argv: list[str], drop: tuple[str, ...] = ("--data
     return " ".join(["python -m", module, *map(shlex.quote, without_options(argv, drop))])
 
 
+def wrap_command(command: str, width: int = 88) -> str:
+    """A shell command on lines of at most ``width`` characters where it can be, broken before
+    an option (``--name values``) with a backslash, so that a page shows it without scrolling
+    and it still pastes into a shell as one command."""
+    import shlex
+
+    groups: list[list[str]] = [[]]
+    for token in shlex.split(command):
+        if token.startswith("--") and groups[-1]:
+            groups.append([])
+        groups[-1].append(shlex.quote(token))
+    lines = [" ".join(groups[0])]
+    for option in map(" ".join, groups[1:]):
+        if len(lines[-1]) + 1 + len(option) <= width - 2:  # room for " \\"
+            lines[-1] += " " + option
+        else:
+            lines.append("    " + option)
+    return " \\\n".join(lines)
+
+
 class Tee(io.StringIO):
     """Keeps what is written (``getvalue()``, for a saved copy) and passes it on to `stream`
     at once, so that a run cut short still shows what it printed."""

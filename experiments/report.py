@@ -324,12 +324,19 @@ def write_plots(out: Path, results: list[dict], *, plot_dir=None) -> list[Path]:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
-        # 2. accuracy matrices, mean over seeds, one panel per method
-        fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.2, 3.4),
-                                 squeeze=False, sharey=True)
-        for p_i, (ax, method) in enumerate(zip(axes[0], names)):
+        # 2. accuracy matrices, mean over seeds, one panel per method, at most three to a
+        # row: a page shows the figure at about 1000 px, where a row of seven panels made
+        # thumbnails with illegible numbers
+        ncols = min(3, len(names))
+        nrows = -(-len(names) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols + 1.3, 3.1 * nrows + 0.5),
+                                 squeeze=False, layout="constrained")
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for p_i, (ax, method) in enumerate(zip(axes.flat, names)):
             rs = methods[method]
             rows, cols = len(rs[0]["accuracy_matrix"]), len(rs[0]["accuracy_matrix"][0])
+            cell_font = 9 if cols <= 5 else 7
             mat = [[float("nan") if rs[0]["accuracy_matrix"][i][j] is None else
                     100 * sum(r["accuracy_matrix"][i][j] for r in rs) / len(rs)
                     for j in range(cols)] for i in range(rows)]
@@ -337,15 +344,17 @@ def write_plots(out: Path, results: list[dict], *, plot_dir=None) -> list[Path]:
             for i in range(rows):
                 for j in range(cols):
                     if not math.isnan(mat[i][j]):
-                        ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                        ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center",
+                                fontsize=cell_font,
                                 color="white" if mat[i][j] < 60 else "black")
-            ax.set(title=f"{method} (n={len(rs)})", xlabel="evaluated on task",
+            ax.set(title=_wrap_name(f"{method} (n={len(rs)})"), xlabel="evaluated on task",
                    xticks=range(cols), xticklabels=range(1, cols + 1), yticks=range(rows),
                    yticklabels=range(1, rows + 1))
             ax.title.set_fontsize(9)
-            if p_i == 0:
+            if p_i % ncols == 0:
                 ax.set_ylabel("after task boundary" if online else "after training task")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy % (mean over seeds)")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8 if nrows == 1 else 0.5,
+                     label="accuracy % (mean over seeds)")
         fig.suptitle(f"{title}: accuracy matrix", fontsize=10)
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_accuracy_matrix.png"))
         # 3. distribution of Ω per layer after each task (SIPlugin runs, first seed)
@@ -373,6 +382,17 @@ def write_plots(out: Path, results: list[dict], *, plot_dir=None) -> list[Path]:
             fig.tight_layout()
             paths.append(_save(fig, plot_dir / f"{bench}_{scen}_{method}_omega.png"))
     return paths
+
+
+def _wrap_name(name: str, width: int = 28) -> str:
+    """A long run name (si-task-clamp_total-init_glorot) on lines of about ``width``
+    characters, broken after a hyphen, so that panel titles side by side do not overlap."""
+    lines = [""]
+    for part in name.replace("-", "-\n").split("\n"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def _mean(xs: list[float]) -> float:

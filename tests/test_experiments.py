@@ -968,3 +968,39 @@ def test_sharded_memory_counts_each_ranks_shard(capsys):
     assert len(rows) == 2
     one, two = (int(r[2].replace(",", "")) for r in rows)
     assert one == 4 * 4 * (6 * 8 + 8 + 8 * 2 + 2) and two == one // 2
+
+
+def test_a_wrapped_command_is_the_same_command_in_a_shell():
+    # the rerun commands on the pages are broken into lines of at most 88 characters before
+    # an option; bash reads them back as the one command
+    import shlex
+
+    from experiments.options import wrap_command
+
+    command = ("python -m experiments.family --benchmark permuted-mnist --scenario domain "
+               "--batch-sizes 256 2048 --grid 0.1 1 10 100 1000 --sweep-seeds 0 --seeds 10 11 "
+               "12 13 14 --hidden 400 400 --epochs 1 --eps 0.1 --scale-lr --methods SI SIU "
+               "SIB SOS 'a --b value' --out results/family/permuted-mnist")
+    wrapped = wrap_command(command)
+    assert len(wrapped.splitlines()) > 1
+    assert all(len(line) <= 88 for line in wrapped.splitlines())
+    echoed = subprocess.run(["bash", "-c", "printf '%s\\n' " + wrapped.split(" ", 3)[3]],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert echoed == shlex.split(command)[3:]
+    assert wrap_command("python -m x --a 1") == "python -m x --a 1"
+
+
+def test_performance_figures_are_drawn_from_each_saved_runs_tables(tmp_path):
+    from experiments.perf_plots import figures, number, tables
+
+    assert (number("0.48M"), number("+11.9%"), number("5.69 (5.28-6.42)")) == (480000.0, 11.9,
+                                                                              5.69)
+    saved = ROOT / "results" / "bench_overhead"
+    per_step = tables((saved / "cpu-1thread.txt").read_text())[0]
+    assert per_step["header"][:4] == ["model", "n weights", "tensors", "variant"]
+    assert len(per_step["rows"]) == 36 and per_step["rows"][0][3] == "no SI"
+    drawn = {f.stem: figures(f, tmp_path) for f in sorted(saved.glob("*.txt"))}
+    assert [p.name for p in drawn["cpu-1thread"]] == ["cpu-1thread.png"]
+    assert [p.name for p in drawn["cpu-1thread-host-cost"]] == ["cpu-1thread-host-cost.png"]
+    assert drawn["cpu-sharded-memory"] == []  # no per-step or host-cost table: no figure
+    assert all(p.stat().st_size > 10_000 for ps in drawn.values() for p in ps)
