@@ -44,6 +44,7 @@ __all__ = ["unscale_", "zero_nonfinite_", "find_scaler", "check_scaler", "steppe
 
 
 def check_scaler(value: Any) -> Optional[GradScaler]:
+    """``value`` if it is a ``torch.amp.GradScaler`` or None; else a clear ``TypeError``."""
     if value is None or isinstance(value, GradScaler):
         return value
     raise OptionTypeError(f"scaler must be a torch.amp.GradScaler (or None: the strategy's own, "

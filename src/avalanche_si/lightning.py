@@ -94,6 +94,7 @@ class SICallback(Callback):
 
     @property
     def state_key(self) -> str:
+        """The key of SI's state in a Lightning checkpoint's ``callbacks`` entry."""
         return "SICallback"
 
     def _bind(self, trainer, pl_module) -> None:
@@ -109,6 +110,8 @@ class SICallback(Callback):
         self.engine.bind(pl_module, optimizers[0], scaler=scaler)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuses a strategy that spawns its processes (``ddp_spawn``): SI's state would stay
+        in them."""
         launcher = getattr(trainer.strategy, "launcher", None)
         if type(launcher).__name__ == "_MultiProcessingLauncher":
             raise ValueError(
@@ -118,12 +121,16 @@ class SICallback(Callback):
                 "your script on every rank.")
 
     def on_train_start(self, trainer, pl_module) -> None:
+        """Binds the engine to the module, its optimizer and the precision plugin's scaler,
+        and starts a task (one ``fit`` is one task)."""
         self._bind(trainer, pl_module)
         self._stepped = False
         self._trainer = trainer
         self.engine.start_task()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """``before_step()``: the penalty's gradient added, θ before the step recorded (a
+        batch that ``training_step`` skipped is skipped here too)."""
         if not any(p.grad is not None for p in pl_module.parameters()):
             # training_step returned None (Lightning's way to skip a batch): nothing to
             # measure, and the optimizer's step moves nothing
@@ -133,16 +140,19 @@ class SICallback(Callback):
         self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """``after_step(loss)`` for a batch whose optimizer stepped: the path integral."""
         if self._stepped:  # under accumulate_grad_batches, only the batches that stepped
             self._stepped = False
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             self.engine.after_step(loss if hasattr(loss, "detach") else None)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """``end_task()``: consolidates Ω and θ* (with the default policy)."""
         self._trainer = None
         self.engine.end_task()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        """Forgets the fit that died; SI's state stays as the last step left it."""
         self._trainer = None  # a fit that died ends no task; the state stays as it was
 
     def state_dict(self) -> dict[str, Any]:

@@ -316,6 +316,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         self._strategy = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
+        """Binds to the strategy's model, optimizer and scaler and starts a task (a policy
+        that consolidates on a new task label does so here)."""
         self._bind(strategy)
         self._first_iteration = self._look_for_scaler = True
         self._independent = None  # "siu"/"sib": a loader of this experience, made when needed
@@ -323,6 +325,7 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             self.consolidate_now()  # a task boundary seen as the next task starts
 
     def after_eval(self, strategy, **kwargs) -> None:
+        """Notes parameters that evaluation replaced (new heads, grown classifiers)."""
         # Evaluation may adapt the model (new heads, grown classifiers): rebuild the
         # lists before the next training step if the parameter objects changed.
         if strategy.model is not self._engine.model:
@@ -331,6 +334,9 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
             self._engine.parameters_replaced()
 
     def after_backward(self, strategy, **kwargs) -> None:
+        """``before_step()``: the penalty's gradient added to ``.grad``, θ before the step
+        recorded (``"siu"``/``"sib"``/``SOS(alpha≠0)``: their independent mini-batch's
+        gradient first)."""
         engine = self._engine
         if strategy.model is not engine.model or strategy.optimizer is not engine.optimizer:
             self._bind(strategy)
@@ -378,6 +384,8 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
         return [t.to(strategy.device, non_blocking=True) for t in next(self._independent)]
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
+        """Refuses, at a task's first iteration, a template that never calls
+        ``after_backward`` and ``after_update`` (SI would measure nothing)."""
         if self._first_iteration:  # once per experience
             self._first_iteration = False
             steps = self._engine._stepper
@@ -395,10 +403,13 @@ class SIPlugin(SupervisedPlugin, supports_distributed=True):
                     "the guide 'SI in your own training loop').")
 
     def after_update(self, strategy, **kwargs) -> None:
+        """``after_step(loss)``: the path integral of the step (and a consolidation, if the
+        policy says so)."""
         if self._engine._after_step(getattr(strategy, "loss", None)):
             self.consolidate_now()
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        """``end_task()``: consolidates Ω and θ* (with the default policy)."""
         if strategy.model is not self._engine.model:
             self._bind(strategy)
         if self._engine._end_task(getattr(strategy, "experience", None)):

@@ -94,6 +94,7 @@ class SIWandBLogger(BaseLogger):
         return data
 
     def log_single_metric(self, name, value, x_plot) -> None:
+        """Logs one of Avalanche's scalar metrics at the current step (others are skipped)."""
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -101,6 +102,7 @@ class SIWandBLogger(BaseLogger):
         self.run.log(self._step({name: value}))
 
     def after_training_iteration(self, strategy, metric_values=None, **kwargs) -> None:
+        """Every ``log_every`` iterations: the training loss and SI's penalty."""
         self.iteration = strategy.clock.train_iterations
         if self.iteration % self.log_every:
             return
@@ -114,6 +116,7 @@ class SIWandBLogger(BaseLogger):
         self.run.log(self._step(data))
 
     def after_training_exp(self, strategy, metric_values=None, **kwargs) -> None:
+        """After each experience: Ω's statistics for every SI plugin of the strategy."""
         self.iteration = strategy.clock.train_iterations
         data: dict[str, Any] = {"train/experience": strategy.clock.train_exp_counter}
         for k, si in enumerate(_si_plugins(strategy)):
@@ -202,6 +205,7 @@ class SIWandBLogger(BaseLogger):
         self.run.log(self._step({key: self._wandb.Table(columns=columns, data=data)}))
 
     def finish(self) -> None:
+        """Ends the wandb run (uploads it, or closes its offline files)."""
         self.run.finish()
 
 

@@ -40,10 +40,12 @@ class DeltaParams(PathIntegral):
 
     @property
     def memory(self) -> int:
+        """3 numbers per weight: no copy of θ before the step."""
         return 3
 
     def prepare(self, optimizer: Optional[torch.optim.Optimizer],
                 params: Sequence[Tensor]) -> Optional[StepPredictor]:
+        """A predictor of the optimizer's next step (SGD, Adam, AdamW and their options)."""
         if optimizer is None:
             raise ValueError("importance='delta_params' predicts the optimizer's steps: bind "
                              "SI to the optimizer too, bind(model, optimizer).")
@@ -51,6 +53,7 @@ class DeltaParams(PathIntegral):
         return StepPredictor(optimizer, params) if params else None
 
     def before_step(self, grads, group, found_inf) -> _Predicted:
+        """g ⊙ Δθ̂, with the learning rates it was predicted with (0 for a skipped step)."""
         predictor = group.helper
         delta = predictor.predict(grads, mask=group.step_idx)
         # what it predicted with, checked after the step (a scheduler or plugin that changes
@@ -64,6 +67,7 @@ class DeltaParams(PathIntegral):
         return _Predicted(delta, lrs)
 
     def check_step(self, group: Any, measure: _Predicted) -> None:
+        """Refuses a step whose learning rate changed after the prediction."""
         for opt_group, lr in measure.lrs:
             now = opt_group["lr"]
             if now is not lr and not (isinstance(now, float) and now == lr):
@@ -74,4 +78,5 @@ class DeltaParams(PathIntegral):
                     "(a scheduler steps after optimizer.step()), or use importance='task'.")
 
     def after_step(self, group: Any, measure: _Predicted) -> None:
+        """ω ← ω − g ⊙ Δθ̂."""
         torch._foreach_sub_(group.pick(group.running), measure.products)  # ω −= g·Δθ̂

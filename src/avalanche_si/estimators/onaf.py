@@ -29,13 +29,15 @@ class OnAF(Estimator):
     path_length = False
 
     def before_step(self, grads, group, found_inf) -> None:
+        """a ← a + |g| (nothing for a step the scaler skips)."""
         size = torch._foreach_abs(grads)
         if found_inf is not None:  # 0 for a step the scaler skips (no host sync)
             torch._foreach_mul_(size, 1.0 - found_inf)
         torch._foreach_add_(group.pick(group.running), size)
 
     def after_step(self, group: Any, measure: None) -> None:
-        pass
+        """Nothing: OnAF needs no weights after the step."""
 
     def contribution(self, running, params, start, *, eps: float):
+        """a itself."""
         return [r.clone() for r in running]  # the sum itself (running is reset afterwards)

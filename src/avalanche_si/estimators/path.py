@@ -34,8 +34,10 @@ class PathIntegral(Estimator):
         accumulate_from_pre(running, measure, pre, params)
 
     def after_step(self, group: Any, measure: Sequence[Tensor]) -> None:
+        """ω ← ω + m ⊙ (θ_pre − θ), m the measure `before_step()` returned."""
         self.accumulate(group.pick(group.running), measure, group.pick(group.pre),
                         group.pick(group.params))
 
     def contribution(self, running, params, start, *, eps: float) -> list[Tensor]:
+        """ω / ((θ − θ_start)² + ξ), SI's normalisation by the period's squared path."""
         return path_contribution(running, params, start, eps=eps)

@@ -25,6 +25,7 @@ class Total(PathIntegral):
     graphable = True
 
     def before_step(self, grads, group, found_inf):
+        """m = g' (the tensors the penalty is then added to in place)."""
         # g gets the penalty in place after this call: ω reads the g' the optimizer steps with
         return grads
 

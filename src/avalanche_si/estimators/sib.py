@@ -23,11 +23,13 @@ class SIB(PathIntegral):
     independent_gradient = True
 
     def before_step(self, grads, group, found_inf):
+        """m = g_u − g, before the penalty joins g."""
         measure = group.pick(group.indep)  # this step's own copy of g_u: free to overwrite
         torch._foreach_sub_(measure, grads)  # g_u − g, before the penalty joins g
         return measure
 
     def after_step(self, group, measure) -> None:
+        """ω ← ω + (g_u − g) ⊙ (θ − θ_pre)."""
         # (g_u − g) ⊙ (θ − θ_pre): the path integral's pass with θ and θ_pre swapped
         self.accumulate(group.pick(group.running), measure, group.pick(group.params),
                         group.pick(group.pre))

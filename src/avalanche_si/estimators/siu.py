@@ -22,4 +22,5 @@ class SIU(PathIntegral):
     independent_gradient = True
 
     def before_step(self, grads, group, found_inf):
+        """m = g_u, so that the path integral adds −g_u ⊙ Δθ."""
         return group.pick(group.indep)

@@ -50,9 +50,11 @@ class SOS(Estimator):
 
     @property
     def independent_gradient(self) -> bool:  # type: ignore[override]
+        """Whether an independent gradient g_u is needed: when α ≠ 0."""
         return self.alpha != 0.0
 
     def before_step(self, grads, group, found_inf) -> None:
+        """v ← β v + (1 − β)(g − α g_u)² (unchanged for a step the scaler skips)."""
         if self.alpha != 0.0:  # g − α g_u
             g = torch._foreach_mul(group.pick(group.indep), -self.alpha)
             torch._foreach_add_(g, grads)
@@ -61,10 +63,12 @@ class SOS(Estimator):
                            weight=None if found_inf is None else 1.0 - found_inf)
 
     def after_step(self, group: Any, measure: None) -> None:
-        pass
+        """Nothing: SOS needs no weights after the step."""
 
     def contribution(self, running, params, start, *, eps: float):
+        """√v (ξ and the path are not used)."""
         return sqrt_contribution(running)
 
     def options(self) -> dict:
+        """α and β, for `repr()` and `state_dict()`."""
         return {"alpha": self.alpha, "decay": self.decay}
