@@ -414,7 +414,9 @@ def _check_writable(out: Path) -> Path | None:
     """Refuse, before any training, a results folder that cannot be written. Returns the
     outermost folder this made (None if ``out`` existed), for :func:`_remove_if_empty`."""
     created = None
-    for p in [out.absolute(), *out.absolute().parents]:
+    # (through "..", a folder's parents on the path are not the folders above it on the
+    # disk: such a path is left as it is rather than risk removing an empty folder of yours)
+    for p in [] if ".." in out.parts else [out.absolute(), *out.absolute().parents]:
         if p.exists():
             break
         created = p

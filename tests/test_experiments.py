@@ -1004,3 +1004,24 @@ def test_performance_figures_are_drawn_from_each_saved_runs_tables(tmp_path):
     assert [p.name for p in drawn["cpu-1thread-host-cost"]] == ["cpu-1thread-host-cost.png"]
     assert drawn["cpu-sharded-memory"] == []  # no per-step or host-cost table: no figure
     assert all(p.stat().st_size > 10_000 for ps in drawn.values() for p in ps)
+
+
+def test_a_failed_run_removes_only_the_empty_folders_it_made(tmp_path, monkeypatch, capsys):
+    from experiments import streams
+    from experiments.options import DataError
+
+    def no_data(*args, **kwargs):
+        raise DataError("no data here")
+
+    monkeypatch.setattr(streams, "make_stream", no_data)
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--method", "naive", "--scenario", "task", "--seeds", "0", "--out"]
+    (tmp_path / "mine").mkdir()  # the user's empty folder, named as --out: kept
+    (tmp_path / "kept").mkdir()
+    for out in ("mine", "kept/new/deeper", "made/../kept/also"):
+        assert main(argv + [out]) == 2
+    capsys.readouterr()
+    assert (tmp_path / "mine").is_dir() and (tmp_path / "kept").is_dir()
+    assert not (tmp_path / "kept" / "new").exists()  # made by the run, empty: removed
+    # through "..", nothing is removed (the folders on the path are not those on the disk)
+    assert (tmp_path / "kept" / "also").is_dir()
