@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -178,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--readme", default=None, metavar="README.md",
                      help="then refresh this file's '<!-- copy of PATH -->' blocks from the "
                           "files they name (how this project's README tables are made)")
+    p.commands = {"run": r, "report": rep}
     return p
 
 
@@ -230,6 +233,12 @@ def _configs(args) -> list:
         raise UsageError("--task-head applies to --scenario task only; add task to --scenario.")
     if any(s < 0 for s in args.seeds):
         raise UsageError("--seeds must be non-negative integers.")
+    for name in ("si_lambda", "ewc_lambda", "eps", "lr", "validation"):
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}.")
+    if not re.fullmatch(r"(cpu|mps|(cuda|xpu)(:\d+)?)", args.device):
+        raise UsageError(f"--device {args.device}: give cpu, cuda, cuda:N, xpu[:N] or mps.")
     for name in ("si_lambda", "ewc_lambda"):
         v = getattr(args, name)
         if v is not None and v < 0:
@@ -263,7 +272,7 @@ def _configs(args) -> list:
                              "--method, or add --no-reinit.")
     if args.plateau is not None:
         w, m, v = args.plateau
-        if w != int(w) or w < 1 or m <= 0 or v <= 0:
+        if not all(map(math.isfinite, (w, m, v))) or w != int(w) or w < 1 or m <= 0 or v <= 0:
             raise UsageError("--plateau takes a whole window length >= 1 and a mean and a "
                              "variance threshold > 0.")
         args.plateau = (int(w), m, v)
@@ -299,7 +308,7 @@ def _configs(args) -> list:
         import torch
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
-    from .run import RunConfig
+    from .config import RunConfig
 
     data_root = args.data_root or default_data_root()
     configs = []
@@ -328,9 +337,10 @@ def _runs(n: int) -> str:
 
 
 def cmd_run(args) -> int:
-    configs = _configs(args)
+    from .config import result_path
     from .report import write_report
-    from .run import result_path
+
+    configs = _configs(args)
 
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
     created = None if args.dry_run else _check_writable(out)
@@ -353,21 +363,33 @@ def cmd_run(args) -> int:
         print(f"wandb: runs are written under {out}/wandb/"
               + (" (offline: upload them later with `wandb sync`)"
                  if os.environ.get("WANDB_MODE") == "offline" else ""), flush=True)
+    finished: list = []
     try:
-        _train_all(args, out, todo, label)
+        _train_all(args, out, todo, label, finished)
     except KeyboardInterrupt:
         _remove_if_empty(created, out)
         done = sum(result_path(out, c).exists() for c in configs)
-        print("\ninterrupted: " + (
-            f"{done} of {_runs(len(configs))} {'is' if len(configs) == 1 else 'are'} saved in "
-            f"{out}/; the same command resumes with the others." if done else
-            "no run was saved; the same command starts again."), file=sys.stderr, flush=True)
+        if args.force:  # the files there may be older runs; --force reruns them all again
+            said = (f"{len(finished)} of {_runs(len(todo))} rerun; without --force the same "
+                    "command resumes with the others.")
+        elif done:
+            said = (f"{done} of {_runs(len(configs))} {'is' if len(configs) == 1 else 'are'} "
+                    f"saved in {out}/; the same command resumes with the others.")
+        else:
+            said = "no run was saved; the same command starts again."
+        print("\ninterrupted: " + said, file=sys.stderr, flush=True)
         return 130
     except BaseException:  # a data error, a crash: leave no empty results folder behind
         _remove_if_empty(created, out)
         raise
     if not args.no_report:
-        report = write_report(out)
+        try:
+            report = write_report(out)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted while writing the report; every run is saved in {out}/, and "
+                  f"`python -m experiments report --out {out}` writes it.", file=sys.stderr,
+                  flush=True)
+            return 130
         if args.wandb:  # one more run that carries the tables and plots of the whole batch
             from avalanche_si.wandb_logger import SIWandBLogger
             lg = SIWandBLogger(project=args.wandb_project, name=f"report {out}", dir=str(out),
@@ -378,9 +400,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _train_all(args, out: Path, todo, label) -> None:
-    """Train and save each run in turn (a Ctrl-C between or inside runs loses only the run in
-    progress)."""
+def _train_all(args, out: Path, todo, label, finished: list) -> None:
+    """Train and save each run in turn, appending each saved one to ``finished`` (a Ctrl-C
+    between or inside runs loses only the run in progress)."""
     from .run import run
 
     streams = {}
@@ -402,6 +424,7 @@ def _train_all(args, out: Path, todo, label) -> None:
         result = run(cfg, stream=streams[key], loggers=loggers,
                      log=lambda m: print(m, flush=True))
         path = _save(out, result)
+        finished.append(cfg)
         for lg in loggers:
             lg.log_result(result)
             lg.finish()
@@ -417,7 +440,11 @@ def _check_writable(out: Path) -> Path | None:
     # (through "..", a folder's parents on the path are not the folders above it on the
     # disk: such a path is left as it is rather than risk removing an empty folder of yours)
     for p in [] if ".." in out.parts else [out.absolute(), *out.absolute().parents]:
-        if p.exists():
+        try:
+            if p.exists():
+                break
+        except OSError:  # a folder we may not look into: not ours to remove
+            created = None
             break
         created = p
     probe = out / ".avalanche_si-write-test"
@@ -449,7 +476,7 @@ def _remove_if_empty(created: Path | None, out: Path) -> None:
 def _save(out: Path, result: dict) -> Path:
     """Save a run's result; if its folder has become unwritable, save it elsewhere and say
     where, rather than lose the run to a traceback."""
-    from .run import save_result
+    from .config import save_result
 
     try:
         return save_result(out, result)
@@ -465,7 +492,7 @@ def _save(out: Path, result: dict) -> Path:
 
 
 def cmd_report(args) -> int:
-    from .report import refresh_readme, write_report
+    from .report import ReportError, refresh_readme, write_report
 
     if args.readme and not Path(args.readme).is_file():
         raise UsageError(f"--readme {args.readme}: no such file.")
@@ -488,8 +515,11 @@ def cmd_report(args) -> int:
     try:
         write_report(Path(args.out))
         changed = refresh_readme(Path(args.readme)) if args.readme else None
-    except FileNotFoundError as exc:  # no results yet, or a README block naming a missing file
-        raise UsageError(str(exc)) from None
+    except (FileNotFoundError, ReportError) as exc:  # no results, mixed results, a README
+        raise UsageError(str(exc)) from None         # block naming a missing file
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot read or write there "
+                         f"({exc.strerror or exc}).") from None
     if changed is not None:
         print(f"{args.readme}: " + (f"refreshed {', '.join(changed)}" if changed
                                      else "its copied tables were current"))
@@ -500,7 +530,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run"] + argv
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name the top-level help; the subcommand's lists the options
+        parser.commands[args.command or "run"].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "report":
             return cmd_report(args)

@@ -45,7 +45,7 @@ def rerun_flags(cfg: dict, folder: str) -> list[str]:
     ``--scenario``, ``--method`` and ``--seeds``), given its preset's defaults."""
     import dataclasses
 
-    from .run import RunConfig
+    from .config import RunConfig
 
     # runs older than an option lack its key: they ran with its default
     cfg = {**dataclasses.asdict(RunConfig()), **cfg}

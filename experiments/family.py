@@ -28,7 +28,8 @@ METHODS = {"SI": ("task", 0.0), "SIU": ("siu", 0.0), "SIB": ("sib", 0.0), "SOS":
 def _runs(out: Path, configs, log, command: str) -> list[dict]:
     """Each config's saved result, training the missing ones; their files record `command`
     (the study's, without where this machine keeps the data) and no data folder."""
-    from .run import result_path, run, save_result
+    from .config import result_path, save_result
+    from .run import run
 
     results = []
     for cfg in configs:
@@ -47,7 +48,7 @@ def _runs(out: Path, configs, log, command: str) -> list[dict]:
 def main(argv=None) -> int:
     from .options import default_data_root, rerun_command, without_options, wrap_command
     from .report import _pm, mean_sem
-    from .run import RunConfig
+    from .config import RunConfig
 
     ap = argparse.ArgumentParser(prog="python -m experiments.family",
                                  description=__doc__.split("\n\n")[0])

@@ -19,8 +19,17 @@ METHOD_ORDER = ("naive", "si", "si-task", "si-delta_params", "avalanche-si", "av
                 *ONLINE_METHODS[1:])
 
 
+class ReportError(ValueError):
+    """Results that make no one report (the message says why and what to do)."""
+
+
 def load_results(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out).rglob("seed*.json"))]
+    """The runs saved in a results folder, in the run command's layout
+    (``<out>/<benchmark>/<scenario>/<method>/seed<k>.json``): a folder is read, not the disk
+    below it."""
+    out = Path(out)
+    return [json.loads(p.read_text())
+            for b in BENCHMARKS for p in sorted(out.glob(f"{b}/*/*/seed*.json"))]
 
 
 def mean_sem(xs: list[float]) -> tuple[float, float]:
@@ -227,6 +236,16 @@ def write_report(out: Path) -> dict:
     if not results:
         raise FileNotFoundError(f"no results (seed*.json) under {out.resolve()}; run `python -m "
                                 f"experiments run --out {out}` first{_folders_with_results(out)}.")
+    kinds = defaultdict(set)  # an online stream's runs and a task stream's make no one plot
+    for r in results:
+        kinds[(r["config"]["benchmark"], r["config"]["scenario"])].add(
+            (r["config"].get("stream", "tasks"), str(r["config"].get("preset"))))
+    mixed = next((k for k, v in sorted(kinds.items()) if len({s for s, _ in v}) > 1), None)
+    if mixed:  # e.g. --out results: every protocol's runs at once
+        presets = sorted({p for _, p in kinds[mixed]})
+        raise ReportError(f"{out} holds runs of {mixed[0]} ({mixed[1]}) on both online and "
+                          f"task streams (presets {', '.join(presets)}); report each results "
+                          "folder on its own (--out results/<preset>).")
     rows = summarize(results)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -226,9 +226,12 @@ def _hold_out(stream: Stream, fraction: float, seed: int) -> Stream:
     if not 0 < fraction < 1:
         raise ValueError(f"validation must be a fraction in (0, 1), got {fraction}.")
     g = torch.Generator().manual_seed(90_000 + seed)
-    for t in stream.tasks:
+    for k, t in enumerate(stream.tasks, 1):
         order = torch.randperm(len(t.x_train), generator=g)
         cut = len(order) - max(1, int(round(fraction * len(order))))
+        if cut < 1:
+            raise DataError(f"--validation {fraction:g} leaves task {k} no training data (it "
+                            f"has {len(order)} examples); hold out a smaller fraction.")
         keep, held = order[:cut], order[cut:]
         t.x_test, t.y_test = t.x_train[held], t.y_train[held]
         t.x_train, t.y_train = t.x_train[keep], t.y_train[keep]

@@ -207,7 +207,7 @@ def test_run_id_protocol_suffixes_are_what_report_reads():
     """run_id writes a suffix for every non-default --init and --loss, and report's pattern
     finds exactly those (so paired() cannot silently mix two protocols)."""
     from experiments.options import INITS, LOSSES, PROTOCOL_SUFFIX
-    from experiments.run import RunConfig
+    from experiments.config import RunConfig
 
     assert PROTOCOL_SUFFIX.findall(RunConfig(method="si", si_importance="task").run_id()) == []
     for init in INITS:
@@ -321,29 +321,44 @@ def test_cheap_checks_come_before_torch_loads():
     code = ("import sys; from experiments.cli import main; "
             "codes = [main(a) for a in (['--si-lambda', '-1'], ['--eps', '0'], "
             "['--hidden', '8', '0'], ['--preset', 'vandeven-taskfree-split-mnist', "
-            "'--reinit'], ['--iterations', '5', '--epochs', '1'])]; "
+            "'--reinit'], ['--iterations', '5', '--epochs', '1'], ['--si-lambda', 'nan'], "
+            "['--lr', 'inf'], ['--device', 'gpu0'], ['--preset', "
+            "'vandeven-taskfree-split-mnist', '--plateau', 'nan', '1', '1'], "
+            "['--out', '/dev/null/results'])]; "
             "print(codes, sorted(m for m in ('torch', 'avalanche', 'experiments.run') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
-    assert out.stdout.strip() == "[2, 2, 2, 2, 2] []", out.stdout + out.stderr
-    assert len(out.stderr.strip().splitlines()) == 5
+    assert out.stdout.strip() == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 10, out.stderr
 
 
-@pytest.mark.parametrize("after", [0.5, 1.5, 4.0])
+def test_an_unknown_option_points_to_its_commands_help(capsys):
+    for command in ("run", "report"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--bogus"])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: unrecognized arguments: --bogus; see `python -m experiments {command} "
+            "--help`")
+
+
+@pytest.mark.parametrize("after", [[0.5], [1.5], [4.0], [4.0, 0.005], [4.0, 0.05, 0.05]])
 def test_ctrl_c_at_any_moment_ends_with_one_line(after, tmp_path):
-    # while Python imports torch and Avalanche, while the stream loads, while a run trains:
-    # one line on stderr, no traceback, and no empty results folder left behind
+    # while Python imports torch and Avalanche, while the stream loads, while a run trains,
+    # and pressed twice or three times: one line on stderr, no traceback, and no empty
+    # results folder left behind
     import signal
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", "--out",
                              str(tmp_path / "out"), "--no-report"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(after)
-    proc.send_signal(signal.SIGINT)
+    for pause in after:
+        time.sleep(pause)
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode in (130, -signal.SIGINT), err  # killed by it during shutdown
     assert len(err.strip().splitlines()) == 1 and err.strip().startswith("interrupted"), err
     assert not (tmp_path / "out").exists() or any((tmp_path / "out").rglob("seed*.json"))
 
@@ -448,7 +463,8 @@ def test_report_and_help_load_neither_torch_nor_avalanche():
 
 def test_si_variants_get_their_own_results(tmp_path):
     """--si-importance x --si-clamp: one results folder per variant, the option reaches SIPlugin."""
-    from experiments.run import RunConfig, method_plugins
+    from experiments.config import RunConfig
+    from experiments.run import method_plugins
 
     out = tmp_path / "out"
     code = main(["run", "--scenario", "domain", "--method", "si", "--si-clamp", "task", "none",
@@ -531,7 +547,8 @@ def test_benzing_preset_runs_the_si_of_his_code_with_adam_reset_per_task(monkeyp
     0.1, c = 0.2, and Adam's moments started afresh at every task (Avalanche keeps them)."""
     import experiments.run as run_module
     from experiments.cli import _configs, _parser
-    from experiments.run import RunConfig, run
+    from experiments.config import RunConfig
+    from experiments.run import run
 
     args = _parser().parse_args(["run", "--preset", "benzing-permuted-mnist", "--scenario",
                                  "domain", "--method", "si", "--seeds", "10"])
@@ -565,7 +582,8 @@ def test_benzing_preset_runs_the_si_of_his_code_with_adam_reset_per_task(monkeyp
 
 def test_reinit_starts_each_later_task_from_fresh_weights_and_restarts_sis_path(monkeypatch):
     from avalanche_si import SynapticIntelligence
-    from experiments.run import RunConfig, run
+    from experiments.config import RunConfig
+    from experiments.run import run
 
     seen = []  # at each restart_path(): the first layer's biases, steps since consolidating
     original = SynapticIntelligence.restart_path
@@ -847,7 +865,7 @@ def test_the_estimator_studies_summaries_are_what_their_runs_give(tmp_path, monk
 
 def _no_training(runs):
     def only_saved(out, configs, *rest):
-        from experiments.run import result_path
+        from experiments.config import result_path
 
         missing = [c.run_id() for c in configs if not result_path(out, c).exists()]
         assert not missing, f"{out}: no saved run for {missing[:3]}"
@@ -949,7 +967,8 @@ def test_bench_overhead_without_mnist_times_the_graph_variants_and_says_where_th
 
 def test_sos_with_alpha_runs_have_their_own_id_and_estimator():
     from avalanche_si.estimators import SOS
-    from experiments.run import RunConfig, method_plugins
+    from experiments.config import RunConfig
+    from experiments.run import method_plugins
 
     cfg = RunConfig(method="si", si_importance="sos", sos_alpha=1.0)
     assert "/si-sos-alpha1/" in cfg.run_id()
@@ -1025,3 +1044,52 @@ def test_a_failed_run_removes_only_the_empty_folders_it_made(tmp_path, monkeypat
     assert not (tmp_path / "kept" / "new").exists()  # made by the run, empty: removed
     # through "..", nothing is removed (the folders on the path are not those on the disk)
     assert (tmp_path / "kept" / "also").is_dir()
+
+
+def test_interrupts_with_force_and_while_reporting_say_what_is_saved(tmp_path, capsys,
+                                                                     monkeypatch):
+    from experiments import report as report_module
+    from experiments import run as run_module
+
+    argv = ["run", "--scenario", "domain", "--method", "naive", "--seeds", "0", "1",
+            "--iterations", "5", "--hidden", "8", "--out", str(tmp_path / "out")]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "write_report", interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted while writing the report; every run is saved in {tmp_path / 'out'}/, and "
+        f"`python -m experiments report --out {tmp_path / 'out'}` writes it.")
+    monkeypatch.setattr(run_module, "run", interrupted)  # --force: both exist, none rerun
+    assert main(argv + ["--force"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted: 0 of 2 runs rerun; without --force the same command resumes with the "
+        "others.")
+
+
+def test_report_refuses_online_and_task_streams_of_one_setting_before_writing(tmp_path):
+    from experiments.report import ReportError, write_report
+
+    for folder in ("vandeven-split-mnist", "vandeven-taskfree-split-mnist"):
+        run = next((ROOT / "results" / folder / "split-mnist" / "domain").rglob("seed*.json"))
+        target = tmp_path / run.relative_to(ROOT / "results" / folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run, target.with_name(f"seed{len(list(tmp_path.rglob('*.json')))}.json"))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ReportError, match="both online and task streams"):
+        write_report(tmp_path)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing half written
+
+
+def test_a_validation_fraction_that_leaves_no_training_data_is_a_clear_error(tmp_path, capsys):
+    code = main(["run", "--method", "naive", "--scenario", "task", "--seeds", "0",
+                 "--iterations", "2", "--hidden", "8", "--validation", "0.999", "--dry-run"])
+    assert code == 0  # listing needs no data
+    code = main(["run", "--method", "naive", "--scenario", "task", "--seeds", "0",
+                 "--iterations", "2", "--hidden", "8", "--validation", "0.999", "--out",
+                 str(tmp_path / "out"), "--no-report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --validation 0.999 leaves task 1 no training"), err
+    assert not (tmp_path / "out").exists()

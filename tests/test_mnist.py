@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.run import RunConfig, run
+from experiments.config import RunConfig
+from experiments.run import run
 from experiments.options import DATA_ENV
 from experiments.streams import make_stream
 
