@@ -157,20 +157,29 @@ def _plot(curves: dict, scenarios: list[str], methods: list[str], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 4.0),
+                             squeeze=False, layout="constrained")
+    markers = "osD^vP*X"
     for ax, scenario in zip(axes[0], scenarios):
-        for m in methods:
+        for k, m in enumerate(methods):
             pts = curves.get((scenario, m), [])
             if pts:
                 b, mean, sem = zip(*pts)
-                ax.errorbar(b, mean, yerr=sem, marker="o", capsize=3, label=m)
+                # each method a little to the side, so that equal points stay visible
+                dodge = 2 ** (0.05 * (k - (len(methods) - 1) / 2))
+                ax.errorbar([x * dodge for x in b], mean, yerr=sem, marker=markers[k % 8],
+                            capsize=3, label=m)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({b for (s, _), pts in curves.items() if s == scenario
+                              for b, *_ in pts}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("batch size")
         ax.set_ylabel("accuracy after the last task, %")
         ax.set_title(f"{scenario}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8,
+               frameon=False)  # below the panels, not over their lines
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -344,18 +344,20 @@ def write_plots(out: Path, results: list[dict], *, plot_dir=None) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, plot_dir / f"{bench}_{scen}_average_accuracy.png"))
         # 2. accuracy matrices, mean over seeds, one panel per method, at most three to a
-        # row: a page shows the figure at about 1000 px, where a row of seven panels made
-        # thumbnails with illegible numbers
-        ncols = min(3, len(names))
+        # row (two for ten tasks): a page shows the figure at about 1000 px, where a row of
+        # seven panels made thumbnails with illegible numbers
+        n_tasks = max(len(rs[0]["accuracy_matrix"][0]) for rs in methods.values())
+        ncols = min(3 if n_tasks <= 5 else 2, len(names))  # ten columns of numbers need room
         nrows = -(-len(names) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols + 1.3, 3.1 * nrows + 0.5),
+        side = 3.1 if n_tasks <= 5 else 4.5
+        fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols + 1.3, side * nrows + 0.5),
                                  squeeze=False, layout="constrained")
         for ax in axes.flat[len(names):]:
             ax.set_visible(False)
         for p_i, (ax, method) in enumerate(zip(axes.flat, names)):
             rs = methods[method]
             rows, cols = len(rs[0]["accuracy_matrix"]), len(rs[0]["accuracy_matrix"][0])
-            cell_font = 9 if cols <= 5 else 7
+            cell_font = 9 if cols <= 5 else 8
             mat = [[float("nan") if rs[0]["accuracy_matrix"][i][j] is None else
                     100 * sum(r["accuracy_matrix"][i][j] for r in rs) / len(rs)
                     for j in range(cols)] for i in range(rows)]

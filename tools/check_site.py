@@ -3,13 +3,14 @@
     python tools/check_site.py            # builds the site into a temporary folder first
     python tools/check_site.py site/      # or checks a site already built
 
-Each page is loaded from a server on 127.0.0.1 in headless Chromium at 1280 x 900 px, and
-the check fails on:
+Each page is loaded from a server on 127.0.0.1 in headless Chromium at 1280 x 900 px (or
+``--width``), and the check fails on:
 
 - a request to any other host (fonts, scripts, images from a CDN): the site must work offline;
 - a console error or an uncaught script error;
 - raw maths: TeX (``\\(``, ``$$``, ``\\frac{``...) in the running text, outside code;
-- a table or code block wider than the content column (it scrolls sideways);
+- a table or code block wider than the content column (it scrolls sideways), anything else
+  that sticks out of the column, or a page that scrolls sideways;
 - an inline code span without a space that wraps onto a second line (``clamp="tota`` / ``l"``);
 - a figure shown at less than half its width in pixels (its labels become illegible).
 
@@ -59,7 +60,9 @@ _INSPECT = r"""
   // anything else that sticks out of the content column
   for (const el of article.querySelectorAll("img, table, pre, .doc-signature, math, code")) {
     const r = el.getBoundingClientRect();
-    if (r.width > 0 && r.right > column.right + 1 && !el.closest(".md-typeset__scrollwrap, pre"))
+    // (an inline code span that wraps may hang its right padding over the edge: not content)
+    const slack = 1 + (el.tagName === "CODE" ? parseFloat(getComputedStyle(el).paddingRight) : 0);
+    if (r.width > 0 && r.right > column.right + slack && !el.closest(".md-typeset__scrollwrap, pre"))
       out.push({kind: "sticks out", where: describe(el),
                 detail: `${Math.round(r.right - column.right)} px past the column`});
   }
@@ -70,6 +73,10 @@ _INSPECT = r"""
     if (!/\s/.test(text) && el.getClientRects().length > 1)
       out.push({kind: "code span broken", where: describe(el), detail: text.slice(0, 60)});
   }
+  // the page itself scrolling sideways
+  if (document.documentElement.scrollWidth > window.innerWidth + 1)
+    out.push({kind: "page scrolls sideways", where: "",
+              detail: `${document.documentElement.scrollWidth} px in ${window.innerWidth} px`});
   // figures squeezed below legibility
   for (const img of article.querySelectorAll("img")) {
     if (img.naturalWidth && img.clientWidth && img.naturalWidth > SHRINK * img.clientWidth)
@@ -80,7 +87,7 @@ _INSPECT = r"""
   const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT, {
     acceptNode: n => n.parentElement.closest("pre, code, math, script, style")
       ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT});
-  const tex = /\\\(|\\\)|\\\[|\\\]|\$\$|\\(frac|mathrm|sum|omega|Omega|theta|lambda|xi|left|right)\b/;
+  const tex = /\\\(|\\\)|\\\[|\\\]|\$\$|\\[a-zA-Z]{2,}(?![a-zA-Z])/;
   for (let n = walker.nextNode(); n; n = walker.nextNode()) {
     const m = n.textContent.match(tex);
     if (m) out.push({kind: "raw maths", where: describe(n.parentElement),
@@ -139,8 +146,9 @@ def _console_errors(problems: list[dict]):
     return on_console
 
 
-def check(site: Path, browser_exe: str) -> dict[str, list[dict]]:
-    """Every page's problems, by page path (an empty list for a clean page)."""
+def check(site: Path, browser_exe: str, width: int = WIDTH) -> dict[str, list[dict]]:
+    """Every page's problems at a window ``width`` px wide, by page path (an empty list for a
+    clean page)."""
     from playwright.sync_api import sync_playwright
 
     site = Path(site)
@@ -154,7 +162,7 @@ def check(site: Path, browser_exe: str) -> dict[str, list[dict]]:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_exe, args=_FLAGS)
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+            context = browser.new_context(viewport={"width": width, "height": HEIGHT})
             for path in pages:
                 problems: list[dict] = []
                 page = context.new_page()
@@ -173,13 +181,13 @@ def check(site: Path, browser_exe: str) -> dict[str, list[dict]]:
     return found
 
 
-def report(found: dict[str, list[dict]]) -> str:
+def report(found: dict[str, list[dict]], width: int = WIDTH) -> str:
     lines = []
     for path, problems in found.items():
         for p in problems:
             lines.append(f"{path}: {p['kind']}: {p['where']} ({p['detail']})")
     bad = sum(1 for p in found.values() if p)
-    lines.append(f"{len(found)} pages at {WIDTH} px, {bad} with problems, "
+    lines.append(f"{len(found)} pages at {width} px, {bad} with problems, "
                  f"{sum(map(len, found.values()))} problems in all")
     return "\n".join(lines)
 
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/check_site.py",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("site", nargs="?", help="a built site (default: build one now)")
+    ap.add_argument("--width", type=int, default=WIDTH,
+                    help=f"the window's width in px (default {WIDTH}, a laptop's)")
     args = ap.parse_args(argv)
     exe, why = find_browser()
     if exe is None:
@@ -197,8 +207,8 @@ def main(argv=None) -> int:
         site = Path(args.site) if args.site else Path(tmp)
         if not args.site:
             build_site(site)
-        found = check(site, exe)
-    print(report(found))
+        found = check(site, exe, args.width)
+    print(report(found, args.width))
     return 1 if any(found.values()) else 0
 
 
