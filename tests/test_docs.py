@@ -220,6 +220,7 @@ display: block }} td {{ white-space: nowrap }} code {{ word-break: break-all }}<
 <div class="md-typeset__scrollwrap"><table><tr>{wide}</tr></table></div>
 <pre><code>{"x" * 400}</code></pre>
 <table><tr><td style="min-width: 900px">unwrapped</td></tr></table>
+<div style="width: 2000px">a banner wider than the window</div>
 <p style="width: 120px">some words <code>clamp="total_and_more"</code></p>
 <img src="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' width='2000' height='10'/%3E" style="width: 300px">
 <script>console.error("broken"); undefinedFunction();</script>
@@ -232,7 +233,7 @@ display: block }} td {{ white-space: nowrap }} code {{ word-break: break-all }}<
     kinds = {p["kind"] for p in found["bad.html"]}
     assert kinds >= {"outside request", "console error", "script error", "raw maths",
                      "wide table", "wide code block", "code span broken",
-                     "figure too small", "sticks out"}, found["bad.html"]
+                     "figure too small", "sticks out", "page scrolls sideways"}, found["bad.html"]
 
 
 def test_every_page_reads_offline_at_laptop_width(site):
