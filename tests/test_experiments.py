@@ -385,9 +385,9 @@ def test_unwritable_out_is_refused_before_training(tmp_path, capsys):
 
 
 def test_a_finished_run_survives_an_unwritable_results_folder(tmp_path, capsys, monkeypatch):
-    import experiments.run as run_module
+    import experiments.config as config_module
 
-    real = run_module.save_result
+    real = config_module.save_result
     out = tmp_path / "res"
 
     def failing(folder, result):
@@ -395,7 +395,7 @@ def test_a_finished_run_survives_an_unwritable_results_folder(tmp_path, capsys, 
             raise PermissionError(13, "Permission denied")
         return real(folder, result)
 
-    monkeypatch.setattr(run_module, "save_result", failing)
+    monkeypatch.setattr(config_module, "save_result", failing)
     code = main(["run", "--out", str(out), "--method", "naive", "--scenario", "task",
                  "--seeds", "0", "--iterations", "5", "--hidden", "8", "--no-report"])
     err = capsys.readouterr().err
