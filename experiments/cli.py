@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import itertools
 import math
 import os
@@ -38,6 +39,29 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 class UsageError(ValueError):
     """Bad command-line input; the message says how to fix it."""
+
+
+def _load(*modules: str) -> None:
+    """Import the heavy modules (torch, Avalanche, matplotlib: seconds) with Ctrl-C ending the
+    process at once, in one line: an import cut short by a KeyboardInterrupt leaves modules
+    half made, which then fail with unrelated errors (numpy's recursing ``__getattr__``)."""
+    import signal
+    import threading
+
+    def leave(signum, frame):
+        os.write(2, b"\ninterrupted.\n")
+        os._exit(130)
+
+    own = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, leave) if own else None
+    try:
+        for name in modules:
+            if name == "matplotlib.pyplot":  # drawn to files: no window, on any machine
+                importlib.import_module("matplotlib").use("Agg")
+            importlib.import_module(name)
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -305,6 +329,7 @@ def _configs(args) -> list:
         raise UsageError(f"--class-order applies to split benchmarks only, not "
                          f"{base['benchmark']}.")
     if args.device.startswith("cuda"):  # the one check that loads torch
+        _load("torch")
         import torch
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
@@ -343,8 +368,16 @@ def cmd_run(args) -> int:
     configs = _configs(args)
 
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
+    if not args.dry_run:  # before anything is made on the disk
+        _can_make(out)
+        _load("experiments.run", "experiments.streams", "matplotlib.pyplot",
+              *(["avalanche_si.wandb_logger"] if args.wandb else []))
     created = None if args.dry_run else _check_writable(out)
-    todo = [c for c in configs if args.force or not result_path(out, c).exists()]
+    try:
+        todo = [c for c in configs if args.force or not result_path(out, c).exists()]
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot read there ({exc.strerror or exc}); choose a "
+                         "folder you can read and write.") from None
     print(f"{_runs(len(configs))} ({len(configs) - len(todo)} already in {out}); "
           f"results go to {out}/", flush=True)
     def label(cfg):  # the same words in the dry-run listing and the training log
@@ -433,6 +466,24 @@ def _train_all(args, out: Path, todo, label, finished: list) -> None:
               f"{result['seconds']:.1f} s -> {path}", flush=True)
 
 
+def _can_make(out: Path) -> None:
+    """Refuse, before anything loads or is made, a results folder under a file or under a
+    folder we may not write in (the nearest one that exists decides)."""
+    folder, why = Path(os.path.abspath(out)), None
+    try:
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            why = "is not a folder"
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            why = "is not writable"
+    except OSError:
+        why = "cannot be read"
+    if why:
+        raise UsageError(f"--out {out}: cannot write there ({folder} {why}); choose a folder "
+                         "you can write to.")
+
+
 def _check_writable(out: Path) -> Path | None:
     """Refuse, before any training, a results folder that cannot be written. Returns the
     outermost folder this made (None if ``out`` existed), for :func:`_remove_if_empty`."""
@@ -493,6 +544,8 @@ def _save(out: Path, result: dict) -> Path:
 
 def cmd_report(args) -> int:
     from .report import ReportError, refresh_readme, write_report
+
+    _load("matplotlib.pyplot")
 
     if args.readme and not Path(args.readme).is_file():
         raise UsageError(f"--readme {args.readme}: no such file.")

@@ -343,7 +343,8 @@ def test_an_unknown_option_points_to_its_commands_help(capsys):
             "--help`")
 
 
-@pytest.mark.parametrize("after", [[0.5], [1.5], [4.0], [4.0, 0.005], [4.0, 0.05, 0.05]])
+@pytest.mark.parametrize("after", [[0.2], [0.5], [1.0], [1.5], [2.5], [4.0], [4.0, 0.005],
+                                   [4.0, 0.05, 0.05]])
 def test_ctrl_c_at_any_moment_ends_with_one_line(after, tmp_path):
     # while Python imports torch and Avalanche, while the stream loads, while a run trains,
     # and pressed twice or three times: one line on stderr, no traceback, and no empty
