@@ -372,7 +372,6 @@ def cmd_run(args) -> int:
         _can_make(out)
         _load("experiments.run", "experiments.streams", "matplotlib.pyplot",
               *(["avalanche_si.wandb_logger"] if args.wandb else []))
-    created = None if args.dry_run else _check_writable(out)
     try:
         todo = [c for c in configs if args.force or not result_path(out, c).exists()]
     except OSError as exc:
@@ -396,7 +395,7 @@ def cmd_run(args) -> int:
         print(f"wandb: runs are written under {out}/wandb/"
               + (" (offline: upload them later with `wandb sync`)"
                  if os.environ.get("WANDB_MODE") == "offline" else ""), flush=True)
-    finished: list = []
+    created, finished = _check_writable(out), []
     try:
         _train_all(args, out, todo, label, finished)
     except KeyboardInterrupt:
