@@ -160,7 +160,8 @@ def figures(saved: Path, img_dir: Path) -> list[Path]:
         head = table["header"]
         path = img_dir / f"{saved.stem}{'-' + str(len(out) + 1) if out else ''}.png"
         if {"model", "n weights", "tensors", "variant"} <= set(head) and \
-                any(h.startswith("ms/iter") for h in head):
+                any(h.startswith("ms/iter") for h in head) and \
+                any(r[head.index("variant")] == "no SI" for r in table["rows"]):  # the base
             out.append(per_step_figure(table, f"{saved.stem}: {table['title']}", path))
         elif head and head[0] == "parameter tensors":
             out.append(host_cost_figure(table, f"{saved.stem}: host time by tensor count",
