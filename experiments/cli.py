@@ -370,7 +370,8 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"results/{configs[0].preset or configs[0].benchmark}")
     if not args.dry_run:  # before anything is made on the disk
         _can_make(out)
-        _load("experiments.run", "experiments.streams", "matplotlib.pyplot",
+        _load("experiments.run", "experiments.streams",
+              *([] if args.no_report else ["matplotlib.pyplot"]),
               *(["avalanche_si.wandb_logger"] if args.wandb else []))
     try:
         todo = [c for c in configs if args.force or not result_path(out, c).exists()]
@@ -542,15 +543,14 @@ def _save(out: Path, result: dict) -> Path:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, refresh_readme, write_report
-
-    _load("matplotlib.pyplot")
+    from .report import ReportError, refresh_readme, run_files, write_report
 
     if args.readme and not Path(args.readme).is_file():
         raise UsageError(f"--readme {args.readme}: no such file.")
     if args.docs:
         from .docs import write_docs
 
+        _load("matplotlib.pyplot")
         written = write_docs(Path(args.docs), Path("results"))
         print(f"{len(written)} files written under {args.docs}/ and results/headline.md")
         if args.readme:
@@ -565,6 +565,8 @@ def cmd_report(args) -> int:
                 print(f"{page}: refreshed {', '.join(changed)}")
         return 0
     try:
+        if next(run_files(Path(args.out)), None):  # there is something to draw
+            _load("matplotlib.pyplot")
         write_report(Path(args.out))
         changed = refresh_readme(Path(args.readme)) if args.readme else None
     except (FileNotFoundError, ReportError) as exc:  # no results, mixed results, a README

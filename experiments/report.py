@@ -23,13 +23,17 @@ class ReportError(ValueError):
     """Results that make no one report (the message says why and what to do)."""
 
 
-def load_results(out: Path) -> list[dict]:
-    """The runs saved in a results folder, in the run command's layout
+def run_files(out: Path):
+    """The run files of a results folder, in the run command's layout
     (``<out>/<benchmark>/<scenario>/<method>/seed<k>.json``): a folder is read, not the disk
     below it."""
-    out = Path(out)
-    return [json.loads(p.read_text())
-            for b in BENCHMARKS for p in sorted(out.glob(f"{b}/*/*/seed*.json"))]
+    for b in BENCHMARKS:
+        yield from sorted(Path(out).glob(f"{b}/*/*/seed*.json"))
+
+
+def load_results(out: Path) -> list[dict]:
+    """The runs saved in a results folder (see :func:`run_files`)."""
+    return [json.loads(p.read_text()) for p in run_files(out)]
 
 
 def mean_sem(xs: list[float]) -> tuple[float, float]:
@@ -218,14 +222,11 @@ def refresh_readme(readme: Path, root: Optional[Path] = None) -> list[str]:
 def _folders_with_results(out: Path) -> str:
     """For the error on a folder without results (a mistyped --out): the folders beside it,
     and under results/, that have some."""
-    def has_results(folder: Path) -> bool:  # the run command's layout, not a walk of the disk
-        return any(any(folder.glob(f"{b}/*/*/seed*.json")) for b in BENCHMARKS)
-
     near = set()
     for base in (out.parent, Path("results")):
         if base.is_dir():
             near |= {str(child) for child in base.iterdir()
-                     if child.is_dir() and child != out and has_results(child)}
+                     if child.is_dir() and child != out and next(run_files(child), None)}
     return f"; folders with results: {', '.join(sorted(near))}" if near else ""
 
 
